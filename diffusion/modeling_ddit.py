@@ -1,0 +1,386 @@
+"""DDiT: a diffusion transformer denoiser for discrete diffusion language models.
+
+Self-contained (imports only torch, transformers and einops) so that the file can be
+shipped beside a checkpoint as Hugging Face remote code.
+
+Architecture (after the DiT / SEDD denoisers): token embedding; ``num_hidden_layers``
+pre-norm blocks of bidirectional rotary self-attention (``scaled_dot_product_attention``)
+and a GELU MLP; optional adaLN-zero conditioning on the total noise ``sigma_bar``; a
+final norm and a linear head over all ``vocab_size`` states (optionally tied to the
+embedding).  Two output parameterisations:
+
+* ``"subs"`` (MDLM/RADD, absorbing only, usually time-free): log-probabilities
+  ``log p_theta(x0 | x_t)``; the MASK state gets probability 0 and every unmasked
+  position carries its token through (log-prob 0 on x_t, -1e6 elsewhere).
+* ``"score"`` (SEDD): log-scores ``log s_theta(x_t)_y``; the entry of the current state is
+  0 (ratio 1); with ``scale_by_sigma`` (absorbing) the raw output is shifted by
+  ``-log(exp(sigma_bar) - 1) - log(N)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+NEG_INF = -1.0e6  # a finite "log 0": exp() underflows to exactly 0 and no inf - inf NaNs appear
+
+_PROCESSES = ("absorbing", "uniform")
+_PARAMETERIZATIONS = ("subs", "score")
+
+
+class DDiTConfig(PretrainedConfig):
+    """Configuration of a :class:`DDiTModel`; it also records the diffusion the model was trained for.
+
+    Args:
+        vocab_size: number of token states the model embeds and predicts (for the absorbing
+            process: the real tokens plus MASK).
+        hidden_size, num_hidden_layers, num_attention_heads: transformer width, depth, heads.
+        mlp_ratio: MLP hidden width as a multiple of ``hidden_size``.
+        cond_dim: width of the noise-level embedding used by adaLN (time-conditioned models).
+        max_position_embeddings: longest sequence the model accepts.
+        dropout: dropout on the attention and MLP outputs.
+        rope_theta: rotary base.
+        layer_norm_eps: LayerNorm epsilon.
+        initializer_range: std of the normal initialisation.
+        process: ``"absorbing"`` or ``"uniform"``.
+        schedule, schedule_kwargs: the noise schedule's name and arguments.
+        parameterization: ``"subs"`` (log p(x0 | x_t), absorbing only) or ``"score"`` (log-scores).
+        time_conditioning: adaLN-zero conditioning on sigma_bar; defaults to on for ``score`` and off
+            for ``subs`` (a time-free network, which makes exact sampler caching possible).
+        scale_by_sigma: shift score outputs by ``-log(e^sigma_bar - 1) - log N`` (absorbing ``score`` only;
+            default on there).
+        mask_token_id: id of MASK (absorbing: must be ``vocab_size - 1``; uniform: None).
+        tie_word_embeddings: share the output head with the token embedding.
+    """
+
+    model_type = "ddit"
+
+    def __init__(
+        self,
+        vocab_size: int = 4097,
+        hidden_size: int = 384,
+        num_hidden_layers: int = 6,
+        num_attention_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        cond_dim: int = 128,
+        max_position_embeddings: int = 1024,
+        dropout: float = 0.0,
+        rope_theta: float = 10000.0,
+        layer_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        process: str = "absorbing",
+        schedule: str = "loglinear",
+        schedule_kwargs: dict | None = None,
+        parameterization: str = "subs",
+        time_conditioning: bool | None = None,
+        scale_by_sigma: bool | None = None,
+        mask_token_id: int | None = None,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ) -> None:
+        if process not in _PROCESSES:
+            raise ValueError(f"process must be one of {_PROCESSES}, got process={process!r}")
+        if parameterization not in _PARAMETERIZATIONS:
+            raise ValueError(
+                f"parameterization must be one of {_PARAMETERIZATIONS}, got parameterization={parameterization!r}"
+            )
+        if parameterization == "subs" and process != "absorbing":
+            raise ValueError(f"parameterization='subs' needs process='absorbing', got process={process!r}")
+        if not (isinstance(vocab_size, int) and vocab_size >= 3):
+            raise ValueError(f"vocab_size must be an int >= 3, got vocab_size={vocab_size!r}")
+        for name, value in (
+            ("hidden_size", hidden_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_attention_heads", num_attention_heads),
+            ("cond_dim", cond_dim),
+            ("max_position_embeddings", max_position_embeddings),
+        ):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads}) "
+                "into an even head dimension (rotary embeddings rotate pairs)"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got dropout={dropout!r}")
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got mlp_ratio={mlp_ratio!r}")
+        if process == "absorbing":
+            if mask_token_id is None:
+                mask_token_id = vocab_size - 1
+            if mask_token_id != vocab_size - 1:
+                raise ValueError(
+                    f"mask_token_id must be the last state (vocab_size - 1 = {vocab_size - 1}) for the absorbing "
+                    f"process, got mask_token_id={mask_token_id!r}"
+                )
+        elif mask_token_id is not None:
+            raise ValueError(f"the uniform process has no MASK state; got mask_token_id={mask_token_id!r}")
+        if time_conditioning is None:
+            time_conditioning = parameterization == "score"
+        if scale_by_sigma is None:
+            scale_by_sigma = parameterization == "score" and process == "absorbing"
+        if scale_by_sigma and not (parameterization == "score" and process == "absorbing"):
+            raise ValueError(
+                "scale_by_sigma=True needs parameterization='score' and process='absorbing', got "
+                f"parameterization={parameterization!r}, process={process!r}"
+            )
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.mlp_ratio = float(mlp_ratio)
+        self.cond_dim = cond_dim
+        self.max_position_embeddings = max_position_embeddings
+        self.dropout = float(dropout)
+        self.rope_theta = float(rope_theta)
+        self.layer_norm_eps = float(layer_norm_eps)
+        self.initializer_range = float(initializer_range)
+        self.process = process
+        self.schedule = schedule
+        self.schedule_kwargs = dict(schedule_kwargs) if schedule_kwargs is not None else {"eps": 1e-3}
+        self.parameterization = parameterization
+        self.time_conditioning = bool(time_conditioning)
+        self.scale_by_sigma = bool(scale_by_sigma)
+        self.mask_token_id = mask_token_id
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @property
+    def num_real_tokens(self) -> int:
+        """N, the number of real (non-MASK) token states."""
+        return self.vocab_size - 1 if self.process == "absorbing" else self.vocab_size
+
+    @property
+    def needs_sigma(self) -> bool:
+        """Whether the forward pass reads the noise level sigma_bar."""
+        return self.time_conditioning or self.scale_by_sigma
+
+
+def _rotary_tables(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``[L, head_dim]`` (each frequency repeated for the two halves), float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding on ``x [B, H, L, D]`` (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _tag(module: nn.Module | None, role: str) -> None:
+    """Record how ``_init_weights`` should initialise a Linear (``zero`` or ``residual``)."""
+    if module is not None:
+        module._ddit_init = role
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1.0 + scale) + shift
+
+
+class NoiseEmbedding(nn.Module):
+    """Sinusoidal features of sigma_bar followed by an MLP: ``[B] -> [B, cond_dim]``."""
+
+    def __init__(self, cond_dim: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+        args = sigma.float()[:, None] * freqs[None]
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class DDiTBlock(nn.Module):
+    """Pre-norm transformer block: x + gate * Attn(mod(LN(x))), then x + gate * MLP(mod(LN(x)))."""
+
+    def __init__(self, config: DDiTConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.norm1 = nn.LayerNorm(hidden, eps=config.layer_norm_eps, bias=False)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.attn_out = nn.Linear(hidden, hidden, bias=False)
+        self.norm2 = nn.LayerNorm(hidden, eps=config.layer_norm_eps, bias=False)
+        mlp_hidden = int(round(config.mlp_ratio * hidden))
+        self.mlp_in = nn.Linear(hidden, mlp_hidden)
+        self.mlp_out = nn.Linear(mlp_hidden, hidden)
+        self.dropout = nn.Dropout(config.dropout)
+        # adaLN-zero: shift, scale and gate for both sub-layers, initialised to zero (identity block).
+        self.modulation = nn.Linear(config.cond_dim, 6 * hidden) if config.time_conditioning else None
+        _tag(self.modulation, "zero")
+        _tag(self.attn_out, "residual")
+        _tag(self.mlp_out, "residual")
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cond: Tensor | None, attn_mask: Tensor | None) -> Tensor:
+        if self.modulation is not None:
+            mod = self.modulation(cond)[:, None, :]  # (B, 1, 6H)
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+            h = _modulate(self.norm1(x), shift1, scale1)
+        else:
+            h = self.norm1(x)
+
+        qkv = rearrange(self.qkv(h), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        q, k, v = qkv.unbind(0)  # each (B, nh, L, hd)
+        q = _rotate(q, cos, sin).to(v.dtype)
+        k = _rotate(k, cos, sin).to(v.dtype)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout.p if self.training else 0.0
+        )
+        attn = self.dropout(self.attn_out(rearrange(attn, "b h l d -> b l (h d)")))
+        x = x + gate1 * attn if self.modulation is not None else x + attn
+
+        h = _modulate(self.norm2(x), shift2, scale2) if self.modulation is not None else self.norm2(x)
+        h = self.dropout(self.mlp_out(F.gelu(self.mlp_in(h), approximate="tanh")))
+        return x + gate2 * h if self.modulation is not None else x + h
+
+
+class DDiTPreTrainedModel(PreTrainedModel):
+    config_class = DDiTConfig
+    base_model_prefix = "ddit"
+    _no_split_modules = ["DDiTBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Called once per leaf module (transformers skips containers without own parameters),
+        # so the role of a Linear is read from the tag its owner gave it.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            role = getattr(module, "_ddit_init", None)
+            if role == "zero":  # adaLN-zero modulation: every block starts as the identity
+                nn.init.zeros_(module.weight)
+            elif role == "residual":  # projections into the residual stream, scaled down with depth (GPT-2)
+                nn.init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+
+
+class DDiTModel(DDiTPreTrainedModel):
+    """The DDiT denoiser. ``forward(input_ids [B, L], sigma [B]) -> logits [B, L, vocab_size]`` (float32).
+
+    ``logits`` holds log-probabilities (``subs``) or log-scores (``score``), see the module docstring.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+
+    def __init__(self, config: DDiTConfig) -> None:
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.noise_embed = NoiseEmbedding(config.cond_dim) if config.time_conditioning else None
+        self.blocks = nn.ModuleList(DDiTBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm_final = nn.LayerNorm(hidden, eps=config.layer_norm_eps, bias=False)
+        self.final_modulation = nn.Linear(config.cond_dim, 2 * hidden) if config.time_conditioning else None
+        _tag(self.final_modulation, "zero")
+        self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def _check_inputs(self, input_ids: Tensor, sigma: Tensor | float | None, attention_mask: Tensor | None) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"input length {input_ids.shape[1]} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        if self.config.needs_sigma and sigma is None:
+            raise ValueError(
+                "this model reads the noise level: pass sigma (total noise sigma_bar, shape [batch]) "
+                f"(time_conditioning={self.config.time_conditioning}, scale_by_sigma={self.config.scale_by_sigma})"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        sigma: Tensor | float | None = None,
+        attention_mask: Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput | tuple[Tensor]:
+        """Denoise a batch.
+
+        Args:
+            input_ids: ``LongTensor[B, L]`` noisy tokens x_t.
+            sigma: total noise sigma_bar, scalar or ``[B]``; needed when ``config.needs_sigma``.
+            attention_mask: optional ``[B, L]``, 1 for real tokens and 0 for padding (padding keys are ignored).
+
+        Returns:
+            ``MaskedLMOutput`` whose ``logits [B, L, vocab_size]`` (float32) are the parameterised outputs.
+        """
+        self._check_inputs(input_ids, sigma, attention_mask)
+        batch, length = input_ids.shape
+        if sigma is not None:
+            sigma = torch.as_tensor(sigma, device=input_ids.device, dtype=torch.float32)
+            sigma = sigma.expand(batch) if sigma.dim() == 0 else sigma.reshape(batch)
+
+        x = self.embed_tokens(input_ids)  # (B, L, H)
+        cond = F.silu(self.noise_embed(sigma)) if self.noise_embed is not None else None
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        cos, sin = _rotary_tables(length, head_dim, self.config.rope_theta, input_ids.device)
+        attn_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B,1,1,L)
+
+        for block in self.blocks:
+            x = block(x, cos, sin, cond, attn_mask)
+
+        h = self.norm_final(x)
+        if self.final_modulation is not None:
+            shift, scale = self.final_modulation(cond)[:, None, :].chunk(2, dim=-1)
+            h = _modulate(h, shift, scale)
+        logits = self._parameterize(self.lm_head(h).float(), input_ids, sigma)
+        if return_dict is False:
+            return (logits,)
+        return MaskedLMOutput(logits=logits)
+
+    def _parameterize(self, raw: Tensor, input_ids: Tensor, sigma: Tensor | None) -> Tensor:
+        """Turn raw head outputs ``[B, L, S]`` into log-probabilities (subs) or log-scores (score)."""
+        ids = input_ids.unsqueeze(-1)
+        if self.config.parameterization == "subs":
+            mask_id = self.config.mask_token_id
+            column_is_mask = torch.arange(raw.shape[-1], device=raw.device) == mask_id
+            log_probs = torch.log_softmax(raw.masked_fill(column_is_mask, NEG_INF), dim=-1)
+            # Carry-over: an unmasked position is certain of its own token.
+            unmasked = (input_ids != mask_id).unsqueeze(-1)
+            log_probs = log_probs.masked_fill(unmasked, NEG_INF)
+            own = torch.where(unmasked, torch.zeros_like(ids, dtype=raw.dtype), log_probs.gather(-1, ids))
+            return log_probs.scatter(-1, ids, own)
+        if self.config.scale_by_sigma:
+            offset = torch.log(torch.expm1(sigma)) + math.log(self.config.num_real_tokens)
+            raw = raw - offset[:, None, None]
+        return raw.scatter(-1, ids, 0.0)

@@ -1,0 +1,120 @@
+"""One training loss from a batch of clean tokens: draw t, corrupt x0, run the denoiser, score it.
+
+:class:`DiffusionObjective` binds a process, a schedule and a loss so that the training loop,
+the likelihood code and the tests share one definition of "the loss of this batch".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .losses import masked_diffusion_loss, sample_t, score_entropy_loss
+from .processes import AbsorbingProcess, Process, get_process
+from .schedules import Schedule, get_schedule
+
+__all__ = ["OBJECTIVES", "DiffusionObjective", "ObjectiveOutput"]
+
+OBJECTIVES = ("score_entropy", "masked_elbo")
+
+
+@dataclass(frozen=True)
+class ObjectiveOutput:
+    """``loss``: mean nats per scored token (what to backpropagate); ``per_sequence``: ``[B]`` nats;
+    ``t``: ``[B]`` the diffusion times used; ``num_tokens``: tokens scored."""
+
+    loss: Tensor
+    per_sequence: Tensor
+    t: Tensor
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class DiffusionObjective:
+    """A diffusion training objective.
+
+    Args:
+        process: the forward process (its ``vocab_size`` is the number of real tokens N).
+        schedule: the noise schedule.
+        objective: ``score_entropy`` (SEDD; absorbing or uniform) or ``masked_elbo`` (MDLM/RADD; absorbing).
+        parameterization: what the model outputs: ``score`` (log-scores) or ``subs`` (log p(x0 | x_t)).
+            A ``subs`` model trained with ``score_entropy`` uses RADD's identity
+            ``log s = log p - log(e^sigma_bar - 1)``.
+        t_eps: smallest diffusion time drawn (t ~ U(t_eps, 1)).
+        antithetic: stratified (low-discrepancy) draws of t across the batch.
+    """
+
+    process: Process
+    schedule: Schedule
+    objective: str
+    parameterization: str
+    t_eps: float = 1e-3
+    antithetic: bool = True
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got objective={self.objective!r}")
+        if self.parameterization not in ("score", "subs"):
+            raise ValueError(f"parameterization must be 'score' or 'subs', got {self.parameterization!r}")
+        absorbing = isinstance(self.process, AbsorbingProcess)
+        if self.objective == "masked_elbo" and not (absorbing and self.parameterization == "subs"):
+            raise ValueError(
+                "objective='masked_elbo' needs the absorbing process and parameterization='subs', got "
+                f"process={self.process.name!r}, parameterization={self.parameterization!r}"
+            )
+        if self.parameterization == "subs" and not absorbing:
+            raise ValueError(f"parameterization='subs' needs the absorbing process, got {self.process.name!r}")
+        if not 0.0 < self.t_eps < 1.0:
+            raise ValueError(f"t_eps must be in (0, 1), got t_eps={self.t_eps!r}")
+
+    @classmethod
+    def from_config(cls, config: Any, objective: str | None = None, **kwargs: Any) -> DiffusionObjective:
+        """Build the objective a :class:`~diffusion.modeling_ddit.DDiTConfig` describes.
+
+        ``objective`` defaults to ``masked_elbo`` for ``subs`` models and ``score_entropy`` otherwise.
+        """
+        process = get_process(config.process, config.num_real_tokens)
+        schedule = get_schedule(config.schedule, **config.schedule_kwargs)
+        if objective is None:
+            objective = "masked_elbo" if config.parameterization == "subs" else "score_entropy"
+        return cls(process, schedule, objective, config.parameterization, **kwargs)
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        x0: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        t: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
+        """Loss of a batch of clean tokens ``x0 [B, L]`` (ids of real tokens, < N).
+
+        ``t`` may be given ``[B]``; otherwise it is drawn with :func:`~diffusion.losses.sample_t`.
+        """
+        if x0.dim() != 2:
+            raise ValueError(f"x0 must be [batch, length], got shape {tuple(x0.shape)}")
+        if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= self.process.vocab_size):
+            raise ValueError(
+                f"x0 holds ids outside the {self.process.vocab_size} real tokens "
+                f"(min {int(x0.min())}, max {int(x0.max())})"
+            )
+        if t is None:
+            t = sample_t(x0.shape[0], eps=self.t_eps, antithetic=self.antithetic, generator=generator, device=x0.device)
+        sigma_bar = self.schedule.total_noise(t)
+        xt = self.process.sample_xt(x0, sigma_bar, generator=generator)
+        output = model(input_ids=xt, sigma=sigma_bar, attention_mask=attention_mask).logits
+
+        if self.objective == "masked_elbo":
+            per_sequence = masked_diffusion_loss(
+                output, x0, xt, t, self.schedule, mask_id=self.process.mask_id, attention_mask=attention_mask
+            )
+        else:
+            if self.parameterization == "subs":
+                output = self.process.log_score_from_log_probs(output, sigma_bar, xt)
+            per_sequence = score_entropy_loss(output, x0, xt, t, self.process, self.schedule, attention_mask)
+        num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
+        return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)

@@ -1,0 +1,321 @@
+"""Forward processes of discrete diffusion: absorbing (masked) and uniform.
+
+Each process is a continuous-time Markov chain on ``num_states`` token states with a
+fixed rate matrix ``Q`` written, as in SEDD, with columns indexed by the *source* state:
+``Q[to, from]``, columns summing to zero, ``dp_t/dt = sigma(t) Q p_t``.  After total
+noise ``sigma_bar`` the transition kernel is ``exp(sigma_bar Q)``, whose column ``x0`` is
+``q(x_t = . | x0)``.
+
+Shapes: token tensors are ``LongTensor[...]`` (usually ``[B, L]``); ``sigma_bar`` is a
+scalar, ``[B]`` (one noise level per sequence) or already broadcastable to the tokens;
+state-valued outputs add a trailing ``num_states`` dimension.
+
+Score conventions (SEDD): the model's *log-score* ``s_hat[..., y]`` at position ``i``
+estimates ``log p_t(x_t with x_t^i -> y) / p_t(x_t)``; the *score* is its exponential.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Process", "AbsorbingProcess", "UniformProcess", "get_process", "PROCESSES"]
+
+
+def _broadcast_noise(sigma_bar: Tensor | float, tokens: Tensor) -> Tensor:
+    """Give ``sigma_bar`` trailing singleton dims so that it broadcasts against ``tokens``.
+
+    A ``[B]`` noise level becomes ``[B, 1]`` for ``[B, L]`` tokens.  The dtype is at least float32;
+    a Python number becomes float64 so that it loses nothing before meeting the caller's dtype.
+    """
+    if not isinstance(sigma_bar, Tensor):
+        sigma_bar = torch.tensor(float(sigma_bar), device=tokens.device, dtype=torch.float64)
+    if not sigma_bar.is_floating_point() or sigma_bar.dtype in (torch.float16, torch.bfloat16):
+        sigma_bar = sigma_bar.float()
+    if sigma_bar.dim() > tokens.dim():
+        raise ValueError(
+            f"sigma_bar has more dims ({tuple(sigma_bar.shape)}) than the tokens ({tuple(tokens.shape)})"
+        )
+    return sigma_bar.reshape(sigma_bar.shape + (1,) * (tokens.dim() - sigma_bar.dim()))
+
+
+def _phi(u: Tensor) -> Tensor:
+    """phi(u) = e^u - 1 - u >= 0, accurate near u = 0 (where the score entropy terms vanish)."""
+    return torch.expm1(u) - u
+
+
+class Process(ABC):
+    """A forward noising process over ``num_states`` token states."""
+
+    name: str
+    vocab_size: int
+    num_states: int
+
+    def __init__(self, vocab_size: int) -> None:
+        if not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"vocab_size must be an int >= 2, got vocab_size={vocab_size!r}")
+        self.vocab_size = vocab_size
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+    def _check_states(self, name: str, tensor: Tensor) -> None:
+        if tensor.shape[-1] != self.num_states:
+            raise ValueError(
+                f"{name} must have a last dimension of num_states={self.num_states}, "
+                f"got shape {tuple(tensor.shape)}"
+            )
+
+    # --- forward process -------------------------------------------------------------
+
+    @abstractmethod
+    def sample_xt(self, x0: Tensor, sigma_bar: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
+        """Draw x_t ~ q(x_t | x0) independently at every position. Returns ``LongTensor`` like ``x0``."""
+
+    @abstractmethod
+    def transition_probs(self, x0: Tensor, sigma_bar: Tensor | float) -> Tensor:
+        """The row ``q(x_t = . | x0) = exp(sigma_bar Q)[:, x0]``. Returns ``Tensor[..., num_states]``."""
+
+    @abstractmethod
+    def sample_limit(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """Draw from the limiting distribution p_1 (all MASK, or uniform tokens)."""
+
+    # --- reverse-process pieces for the samplers ---------------------------------------
+
+    @abstractmethod
+    def rate_into(self, x_t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``Q(x_t, y)`` for every source state y: the forward rate from y into x_t. ``[..., num_states]``."""
+
+    @abstractmethod
+    def reverse_transition(self, x_t: Tensor, dsigma: Tensor | float) -> Tensor:
+        """``exp(dsigma Q)[x_t, y] = q(x_t | x_s = y)`` for every y, with dsigma = sigma_bar(t) - sigma_bar(s)."""
+
+    @abstractmethod
+    def staggered_score(self, score: Tensor, dsigma: Tensor | float) -> Tensor:
+        """``exp(-dsigma Q) s`` applied along the state dimension (SEDD's Tweedie correction)."""
+
+    def reverse_rate(self, x_t: Tensor, score: Tensor) -> Tensor:
+        """Reverse-time rate out of x_t: ``R_y = Q(x_t, y) s_y`` for y != x_t, ``R_{x_t} = -sum_{y != x_t} R_y``.
+
+        Args:
+            x_t: ``LongTensor[...]`` current states.
+            score: ``Tensor[..., num_states]`` the score s (ratios, not logs).
+        """
+        self._check_states("score", score)
+        rate = self.rate_into(x_t, score.dtype) * score
+        rate = rate.scatter(-1, x_t.unsqueeze(-1), 0.0)
+        return rate.scatter(-1, x_t.unsqueeze(-1), -rate.sum(-1, keepdim=True))
+
+    def euler_transition(self, x_t: Tensor, score: Tensor, step_rate: Tensor | float) -> Tensor:
+        """Euler step of the reverse chain: ``onehot(x_t) + dt sigma(t) R(x_t, .)`` (unnormalised, may be < 0).
+
+        Args:
+            step_rate: ``dt * sigma(t)``, scalar or ``[B]``.
+        """
+        step_rate = _broadcast_noise(step_rate, x_t).unsqueeze(-1)
+        onehot = F.one_hot(x_t, self.num_states).to(score.dtype)
+        return onehot + step_rate * self.reverse_rate(x_t, score)
+
+    def analytic_transition(self, x_t: Tensor, score: Tensor, dsigma: Tensor | float) -> Tensor:
+        """Tweedie tau-leaping step: ``p(x_s = y | x_t) ~ [exp(-dsigma Q) s]_y exp(dsigma Q)(x_t, y)``.
+
+        With the exact score of a one-token sequence this is the exact reverse posterior.
+        """
+        self._check_states("score", score)
+        return self.staggered_score(score, dsigma) * self.reverse_transition(x_t, dsigma).to(score.dtype)
+
+    # --- loss ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def score_entropy(self, log_score: Tensor, sigma_bar: Tensor | float, x_t: Tensor, x0: Tensor) -> Tensor:
+        """Denoising score entropy per position (SEDD).
+
+        ``SE = sum_{y != x_t} Q(x_t, y) [s_y - r_y log s_y + K(r_y)]``, ``K(a) = a (log a - 1)``,
+        ``r_y = q(y | x0) / q(x_t | x0)``.  Non-negative, zero iff ``s_y = r_y`` wherever ``Q(x_t, y) > 0``.
+
+        Args:
+            log_score: ``[..., num_states]`` model log-scores (float32 or wider is used internally).
+            sigma_bar: total noise, scalar, ``[B]`` or broadcastable to ``x_t``.
+            x_t, x0: ``LongTensor[...]`` noisy and clean tokens.
+
+        Returns:
+            ``Tensor[...]`` (same shape as ``x_t``).
+        """
+
+
+class AbsorbingProcess(Process):
+    """Absorbing (masked) process: each real token jumps to MASK at rate sigma(t).
+
+    States ``0..vocab_size-1`` are real tokens and ``mask_id = vocab_size`` is MASK.
+    ``q(x_t = x0 | x0) = alpha = exp(-sigma_bar)``, ``q(x_t = MASK | x0) = 1 - alpha``.
+    """
+
+    name = "absorbing"
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__(vocab_size)
+        self.num_states = vocab_size + 1
+        self.mask_id = vocab_size
+
+    def sample_xt(self, x0: Tensor, sigma_bar: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
+        move_chance = -torch.expm1(-_broadcast_noise(sigma_bar, x0))
+        u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=move_chance.dtype)
+        return torch.where(u < move_chance, torch.full_like(x0, self.mask_id), x0)
+
+    def transition_probs(self, x0: Tensor, sigma_bar: Tensor | float) -> Tensor:
+        sigma_bar = _broadcast_noise(sigma_bar, x0)
+        alpha = torch.exp(-sigma_bar).unsqueeze(-1)
+        probs = alpha * F.one_hot(x0, self.num_states).to(alpha.dtype)
+        probs[..., self.mask_id] += (1.0 - alpha[..., 0]).expand(x0.shape)
+        return probs
+
+    def sample_limit(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
+
+    def rate_into(self, x_t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        # Into MASK: rate 1 from every real token (0 from MASK itself). Into a real token x: only the
+        # diagonal -1 (nothing flows into a real token).
+        is_mask = (x_t == self.mask_id).unsqueeze(-1)
+        into_mask = torch.ones(x_t.shape + (self.num_states,), device=x_t.device, dtype=dtype)
+        into_mask[..., self.mask_id] = 0.0
+        diagonal = -F.one_hot(x_t, self.num_states).to(dtype)
+        return torch.where(is_mask, into_mask, diagonal)
+
+    def reverse_transition(self, x_t: Tensor, dsigma: Tensor | float) -> Tensor:
+        # Row x_t of exp(dsigma Q): MASK row = (1 - e^-dsigma, ..., 1 - e^-dsigma, 1); real x row = e^-dsigma e_x.
+        dsigma = _broadcast_noise(dsigma, x_t).unsqueeze(-1)
+        keep = torch.exp(-dsigma)
+        row = keep * F.one_hot(x_t, self.num_states).to(keep.dtype)
+        is_mask = (x_t == self.mask_id).unsqueeze(-1)
+        mask_row = (1.0 - keep).expand(row.shape).clone()
+        mask_row[..., self.mask_id] = 1.0
+        return torch.where(is_mask, mask_row, row)
+
+    def staggered_score(self, score: Tensor, dsigma: Tensor | float) -> Tensor:
+        # exp(-dsigma Q) s: real entries scale by e^dsigma; the MASK entry gains (1 - e^dsigma) sum_real s.
+        self._check_states("score", score)
+        dsigma = _broadcast_noise(dsigma, score[..., 0]).unsqueeze(-1).to(score.dtype)
+        grow = torch.exp(dsigma)
+        out = score * grow
+        real_sum = score[..., : self.mask_id].sum(-1, keepdim=True)
+        mask_col = score[..., self.mask_id :] - torch.expm1(dsigma) * real_sum
+        return torch.cat([out[..., : self.mask_id], mask_col], dim=-1)
+
+    def score_entropy(self, log_score: Tensor, sigma_bar: Tensor | float, x_t: Tensor, x0: Tensor) -> Tensor:
+        # At a masked position the only ratio with Q(MASK, y) > 0 and r_y > 0 is y = x0 with
+        # r = alpha / (1 - alpha) = 1 / expm1(sigma_bar); all other real y have r_y = 0 (K(0) = 0).
+        # SE = sum_{y real, y != x0} s_y + r phi(log s_x0 - log r); unmasked positions give 0.
+        self._check_states("log_score", log_score)
+        log_score = log_score.float() if log_score.dtype in (torch.float16, torch.bfloat16) else log_score
+        sigma_bar = _broadcast_noise(sigma_bar, x_t).to(log_score.dtype)
+        log_r = -torch.log(torch.expm1(sigma_bar))
+        real = log_score[..., : self.mask_id]
+        x0_real = x0.unsqueeze(-1)
+        log_s_x0 = real.gather(-1, x0_real).squeeze(-1)
+        exp_real = real.exp()
+        others = exp_real.sum(-1) - exp_real.gather(-1, x0_real).squeeze(-1)
+        se = others + torch.exp(log_r) * _phi(log_s_x0 - log_r)
+        return torch.where(x_t == self.mask_id, se, torch.zeros_like(se))
+
+    def log_score_from_log_probs(self, log_probs: Tensor, sigma_bar: Tensor | float, x_t: Tensor) -> Tensor:
+        """RADD identity: the absorbing log-score from a time-free denoiser's log-probabilities.
+
+        ``log s_y = log p_theta(x0 = y | x_t) - log(exp(sigma_bar) - 1)`` at masked positions, and
+        ``log s_{x_t} = 0`` (the ratio of a state to itself).
+
+        Args:
+            log_probs: ``[..., num_states]`` log p_theta over states (MASK column ~ -inf).
+        """
+        self._check_states("log_probs", log_probs)
+        sigma_bar = _broadcast_noise(sigma_bar, x_t).to(log_probs.dtype).unsqueeze(-1)
+        log_score = log_probs - torch.log(torch.expm1(sigma_bar))
+        return log_score.scatter(-1, x_t.unsqueeze(-1), 0.0)
+
+
+class UniformProcess(Process):
+    """Uniform process: at rate sigma(t) a token is redrawn uniformly from all ``vocab_size`` states.
+
+    ``Q = (1/N) 1 1^T - I`` (symmetric), so ``exp(s Q) = e^{-s} I + (1 - e^{-s}) (1/N) 1 1^T`` and
+    ``q(x_t = y | x0) = (1 - alpha)/N + alpha [y = x0]``.
+    """
+
+    name = "uniform"
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__(vocab_size)
+        self.num_states = vocab_size
+        self.mask_id = None
+
+    def sample_xt(self, x0: Tensor, sigma_bar: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
+        move_chance = -torch.expm1(-_broadcast_noise(sigma_bar, x0))
+        u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=move_chance.dtype)
+        redrawn = torch.randint(0, self.vocab_size, x0.shape, generator=generator, device=x0.device)
+        return torch.where(u < move_chance, redrawn, x0)
+
+    def _kernel_row(self, index: Tensor, total: Tensor) -> Tensor:
+        # exp(total Q)[index, .] = exp(total Q)[., index] by symmetry.
+        keep = torch.exp(-total).unsqueeze(-1)
+        row = keep * F.one_hot(index, self.num_states).to(keep.dtype)
+        return row + (1.0 - keep) / self.vocab_size
+
+    def transition_probs(self, x0: Tensor, sigma_bar: Tensor | float) -> Tensor:
+        return self._kernel_row(x0, _broadcast_noise(sigma_bar, x0))
+
+    def sample_limit(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        return torch.randint(0, self.vocab_size, shape, generator=generator, device=device)
+
+    def rate_into(self, x_t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        return 1.0 / self.vocab_size - F.one_hot(x_t, self.num_states).to(dtype)
+
+    def reverse_transition(self, x_t: Tensor, dsigma: Tensor | float) -> Tensor:
+        return self._kernel_row(x_t, _broadcast_noise(dsigma, x_t))
+
+    def staggered_score(self, score: Tensor, dsigma: Tensor | float) -> Tensor:
+        # exp(-dsigma Q) s = e^dsigma s + (1 - e^dsigma)/N sum_z s_z
+        self._check_states("score", score)
+        dsigma = _broadcast_noise(dsigma, score[..., 0]).unsqueeze(-1).to(score.dtype)
+        return torch.exp(dsigma) * score - torch.expm1(dsigma) * score.sum(-1, keepdim=True) / self.vocab_size
+
+    def score_entropy(self, log_score: Tensor, sigma_bar: Tensor | float, x_t: Tensor, x0: Tensor) -> Tensor:
+        # With esigm1 = e^sigma_bar - 1 and rho = esigm1 / (esigm1 + N):
+        #   x_t == x0: r_y = rho for every y != x_t;
+        #   x_t != x0: r_y = 1/rho at y = x0 and 1 elsewhere.
+        # Every summand is (1/N) r phi(log s - log r); the sums over y are taken in closed form and the
+        # x0 term of the second case (r = 1/rho, huge for small sigma_bar) in the cancellation-free phi form.
+        self._check_states("log_score", log_score)
+        log_score = log_score.float() if log_score.dtype in (torch.float16, torch.bfloat16) else log_score
+        n = self.vocab_size
+        sigma_bar = _broadcast_noise(sigma_bar, x_t).to(log_score.dtype)
+        esigm1 = torch.expm1(sigma_bar)
+        log_rho = -torch.log1p(n / esigm1)
+        rho = torch.exp(log_rho)
+
+        log_s_xt = log_score.gather(-1, x_t.unsqueeze(-1)).squeeze(-1)
+        log_s_x0 = log_score.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        exp_s = log_score.exp()
+        pos = exp_s.sum(-1) - exp_s.gather(-1, x_t.unsqueeze(-1)).squeeze(-1)  # sum_{y != x_t} s_y
+        neg = log_score.sum(-1) - log_s_xt  # sum_{y != x_t} log s_y
+
+        same = pos - rho * neg + (n - 1) * rho * (log_rho - 1.0)
+        x0_term = _phi(log_s_x0 + log_rho) / rho
+        differ = (pos - log_s_x0.exp()) - (n - 2) - (neg - log_s_x0) + x0_term
+        return torch.where(x_t == x0, same, differ) / n
+
+
+PROCESSES: dict[str, type[Process]] = {cls.name: cls for cls in (AbsorbingProcess, UniformProcess)}
+
+
+def get_process(name: str, vocab_size: int) -> Process:
+    """Build a process by name (``absorbing`` or ``uniform``) over ``vocab_size`` real tokens."""
+    if name not in PROCESSES:
+        raise ValueError(f"unknown process name={name!r}; valid names: {sorted(PROCESSES)}")
+    return PROCESSES[name](vocab_size)
