@@ -176,3 +176,40 @@ def test_objective_validation():
     obj = DiffusionObjective(AbsorbingProcess(4), LogLinearSchedule(), "masked_elbo", "subs")
     with pytest.raises(ValueError, match="outside the 4 real tokens"):
         obj(torch.nn.Identity(), torch.tensor([[0, 4]]))
+
+
+@pytest.mark.parametrize(
+    "process_name, parameterization, objective",
+    [("absorbing", "subs", "masked_elbo"), ("absorbing", "subs", "score_entropy"),
+     ("absorbing", "score", "score_entropy"), ("uniform", "score", "score_entropy")],
+)
+def test_loss_finite_at_schedule_endpoints_for_fully_masked_and_clean_batches(process_name, parameterization, objective):
+    from diffusion.modeling_ddit import DDiTConfig, DDiTModel
+
+    n = 10
+    vocab = n + 1 if process_name == "absorbing" else n
+    schedule = ("geometric", {"sigma_min": 1e-4, "sigma_max": 20.0}) if process_name == "uniform" else ("loglinear", {"eps": 1e-3})
+    config = DDiTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, cond_dim=16,
+                        process=process_name, parameterization=parameterization,
+                        schedule=schedule[0], schedule_kwargs=schedule[1])
+    torch.manual_seed(0)
+    model = DDiTModel(config)
+    obj = DiffusionObjective.from_config(config, objective=objective)
+    x0 = torch.randint(0, n, (2, 12), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([obj.t_eps, 1.0])
+    noisy = torch.full_like(x0, n) if process_name == "absorbing" else (x0 + 1) % n  # every token corrupted
+    for xt in (noisy, x0.clone()):
+        sigma_bar = obj.schedule.total_noise(t)
+        out = model(xt, sigma=sigma_bar).logits
+        if objective == "masked_elbo":
+            loss = masked_diffusion_loss(out, x0, xt, t, obj.schedule, mask_id=n)
+        else:
+            if parameterization == "subs":
+                out = obj.process.log_score_from_log_probs(out, sigma_bar, xt)
+            loss = score_entropy_loss(out, x0, xt, t, obj.process, obj.schedule)
+        model.zero_grad()
+        loss.sum().backward()
+        assert torch.isfinite(loss).all(), loss
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        if xt is not noisy and process_name == "absorbing":
+            assert bool((loss == 0).all())  # nothing masked, nothing to score
