@@ -82,18 +82,13 @@ class DiffusionObjective:
             objective = "masked_elbo" if config.parameterization == "subs" else "score_entropy"
         return cls(process, schedule, objective, config.parameterization, **kwargs)
 
-    def __call__(
-        self,
-        model: torch.nn.Module,
-        x0: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        t: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> ObjectiveOutput:
-        """Loss of a batch of clean tokens ``x0 [B, L]`` (ids of real tokens, < N).
+    def corrupt(
+        self, x0: Tensor, *, t: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``t [B]`` (unless given) and ``x_t ~ q(x_t | x0)`` for clean tokens ``x0 [B, L]`` (ids < N).
 
-        ``t`` may be given ``[B]``; otherwise it is drawn with :func:`~diffusion.losses.sample_t`.
+        Kept apart from :meth:`score` so that several devices can corrupt one global batch identically
+        and each score its own rows.
         """
         if x0.dim() != 2:
             raise ValueError(f"x0 must be [batch, length], got shape {tuple(x0.shape)}")
@@ -104,10 +99,15 @@ class DiffusionObjective:
             )
         if t is None:
             t = sample_t(x0.shape[0], eps=self.t_eps, antithetic=self.antithetic, generator=generator, device=x0.device)
-        sigma_bar = self.schedule.total_noise(t)
-        xt = self.process.sample_xt(x0, sigma_bar, generator=generator)
-        output = model(input_ids=xt, sigma=sigma_bar, attention_mask=attention_mask).logits
+        xt = self.process.sample_xt(x0, self.schedule.total_noise(t), generator=generator)
+        return t, xt
 
+    def score(
+        self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, *, attention_mask: Tensor | None = None
+    ) -> ObjectiveOutput:
+        """Run the denoiser on ``xt`` and return the loss of recovering ``x0``."""
+        sigma_bar = self.schedule.total_noise(t)
+        output = model(input_ids=xt, sigma=sigma_bar, attention_mask=attention_mask).logits
         if self.objective == "masked_elbo":
             per_sequence = masked_diffusion_loss(
                 output, x0, xt, t, self.schedule, mask_id=self.process.mask_id, attention_mask=attention_mask
@@ -118,3 +118,16 @@ class DiffusionObjective:
             per_sequence = score_entropy_loss(output, x0, xt, t, self.process, self.schedule, attention_mask)
         num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
         return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        x0: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        t: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
+        """Loss of a batch of clean tokens ``x0 [B, L]``: :meth:`corrupt`, then :meth:`score`."""
+        t, xt = self.corrupt(x0, t=t, generator=generator)
+        return self.score(model, x0, xt, t, attention_mask=attention_mask)

@@ -1,0 +1,194 @@
+"""Atomic, pickle-free training checkpoints.
+
+Layout of ``<root>/step-00000500/``::
+
+    model/            config.json + model.safetensors (the trained weights; loadable with from_pretrained)
+    ema/              the same for the EMA weights (when EMA is on)
+    tokenizer/        the tokenizer the run used
+    optimizer.safetensors + optimizer.json   (tensors / the rest of optimizer.state_dict())
+    rng-<rank>.safetensors                    (torch CPU and CUDA generator states of every rank)
+    trainer_state.json                        (step, LR-scheduler state, train config, counters)
+    COMPLETE                                  (written last)
+
+A checkpoint is written under a temporary name and renamed into place, so a crash never leaves a
+half-written ``step-*`` folder; :func:`find_latest_checkpoint` also requires the ``COMPLETE`` marker and
+reports any folder without it.  Nothing is ever unpickled: tensors go through safetensors and
+everything else through JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError",
+    "checkpoint_name",
+    "find_latest_checkpoint",
+    "prune_checkpoints",
+    "save_weights",
+    "load_tensors",
+    "load_weights",
+    "optimizer_to_files",
+    "optimizer_from_files",
+    "read_json",
+    "write_json",
+    "mark_complete",
+    "atomic_directory",
+    "is_complete",
+]
+
+logger = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+COMPLETE = "COMPLETE"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt or does not fit the run."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def find_latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete ``step-*`` folder under ``root`` (None if there is none).
+
+    Incomplete folders (no ``COMPLETE`` marker) are logged as skipped, never used.
+    """
+    if not root.is_dir():
+        return None
+    candidates = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))),
+        reverse=True,
+    )
+    for _, path in candidates:
+        if is_complete(path):
+            return path
+        logger.warning("skipping incomplete checkpoint %s (no %s marker)", path, COMPLETE)
+    return None
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints."""
+    complete = sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)
+    )
+    for _, path in complete[: max(0, len(complete) - keep_last)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class atomic_directory:
+    """Context manager: build a folder under a temporary name, rename it to ``target`` on success."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists():
+            shutil.rmtree(self.target)
+        os.replace(self.tmp, self.target)
+
+
+def mark_complete(path: Path) -> None:
+    (path / COMPLETE).write_text("ok\n")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint file missing: {path}") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint file is not valid JSON: {path} ({err})") from err
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    """Read a safetensors file, turning a missing or corrupt file into a :class:`CheckpointError`."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"corrupt safetensors file {path}: {err}") from err
+
+
+def save_weights(state: dict[str, Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
+def load_weights(model: nn.Module, path: Path, tied: dict[str, str] | None = None) -> None:
+    """Load ``path`` (safetensors) into ``model`` strictly: every key must match in name and shape.
+
+    ``tied`` maps parameters that may be absent because they share storage with another (target -> source).
+    """
+    state = load_tensors(path)
+    expected = model.state_dict()
+    tied = tied or {}
+    missing = [k for k in expected if k not in state and k not in tied]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"weights in {path} do not fit the model: missing {missing}, unexpected {unexpected}, shape mismatches {wrong}"
+        )
+    model.load_state_dict(state, strict=False)  # the key sets were checked above; tied targets follow their source
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Write ``optimizer.state_dict()`` as ``optimizer.safetensors`` (tensors) + ``optimizer.json`` (the rest)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    save_weights(tensors, directory / "optimizer.safetensors")
+    write_json(directory / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    tensors = load_tensors(directory / "optimizer.safetensors")
+    meta = read_json(directory / "optimizer.json")
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = meta["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"optimizer state in {directory} does not fit this optimizer: {err}") from err

@@ -1,0 +1,170 @@
+"""``TrainConfig``: every knob of a training run, with help text and validation that names bad values.
+
+The user's config is never rewritten: values left on ``auto`` are resolved by properties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .objectives import OBJECTIVES
+from .processes import PROCESSES
+from .schedules import SCHEDULES, get_schedule
+
+__all__ = ["TrainConfig", "PRECISIONS", "RUN_DEFINING_FIELDS"]
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+# Fields that must match between a checkpoint and the run resuming from it.
+RUN_DEFINING_FIELDS = (
+    "dataset", "dataset_config", "text_column", "valid_fraction", "streaming", "tokenizer", "seq_len",
+    "hidden_size", "num_layers", "num_heads", "cond_dim", "mlp_ratio", "dropout", "tie_embeddings",
+    "max_position_embeddings", "process", "objective", "parameterization", "time_conditioning", "schedule",
+    "schedule_kwargs", "t_eps", "antithetic", "batch_size", "grad_accum_steps", "max_steps", "lr",
+    "warmup_steps", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip",
+    "ema_decay", "precision", "seed",
+)
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run of a discrete diffusion LM."""
+
+    # where
+    output_dir: str = _f("runs/ddlm", "folder for checkpoints, metrics.jsonl and the final model")
+    # data
+    dataset: str = _f("builtin:shakespeare", "builtin:shakespeare, builtin:shakespeare-full, a local file/folder, or a datasets Hub name")
+    dataset_config: str | None = _f(None, "configuration name for a Hub dataset")
+    text_column: str = _f("text", "column holding the text (json/parquet/Hub datasets)")
+    valid_fraction: float = _f(0.02, "fraction of documents held out when the source has no validation split")
+    streaming: bool = _f(False, "stream a Hub dataset instead of loading it into memory")
+    tokenizer: str = _f("builtin", "tokenizer: 'builtin' (shipped BPE, 4096 + mask), a local folder or a Hub id")
+    seq_len: int = _f(128, "tokens per training block")
+    # model
+    hidden_size: int = _f(256, "transformer width")
+    num_layers: int = _f(4, "number of transformer blocks")
+    num_heads: int = _f(4, "attention heads")
+    cond_dim: int = _f(128, "noise-embedding width (time-conditioned models)")
+    mlp_ratio: float = _f(4.0, "MLP width as a multiple of hidden_size")
+    dropout: float = _f(0.0, "dropout on attention and MLP outputs")
+    tie_embeddings: bool = _f(False, "share the output head with the token embedding")
+    max_position_embeddings: int = _f(1024, "longest sequence the model will accept")
+    # diffusion
+    process: str = _f("absorbing", f"forward process: {sorted(PROCESSES)}")
+    objective: str = _f("masked_elbo", f"loss: {list(OBJECTIVES)}")
+    parameterization: str = _f("auto", "model output: subs (log p(x0|x_t)), score (log-scores) or auto (subs for masked_elbo)")
+    time_conditioning: str = _f("auto", "adaLN noise conditioning: on, off or auto (on for score, off for subs)")
+    schedule: str = _f("auto", f"noise schedule: {sorted(SCHEDULES)} or auto (loglinear absorbing, geometric uniform)")
+    schedule_kwargs: dict | None = _f(None, "schedule arguments as JSON, e.g. '{\"eps\": 1e-3}'")
+    t_eps: float = _f(1e-3, "smallest diffusion time drawn in training, t ~ U(t_eps, 1)")
+    antithetic: bool = _f(True, "stratified (low-discrepancy) draws of t across the global batch")
+    # optimisation
+    batch_size: int = _f(32, "blocks per device per micro-step")
+    grad_accum_steps: int = _f(1, "micro-steps per optimizer step")
+    max_steps: int = _f(2000, "optimizer steps of the whole run (sets the LR schedule)")
+    lr: float = _f(1e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = _f(100, "linear warm-up steps")
+    min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of lr")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "gradient-norm clipping threshold (0 turns it off)")
+    ema_decay: float = _f(0.999, "EMA decay of the weights used for evaluation and the final model (0 turns EMA off)")
+    precision: str = _f("auto", "no (float32), bf16, fp16 (GPU only) or auto (bf16 where the device has fast bf16)")
+    seed: int = _f(0, "seed of initialisation, data order and noise")
+    # bookkeeping
+    eval_every: int = _f(250, "steps between held-out evaluations (0: only at the end)")
+    eval_blocks: int = _f(256, "held-out blocks per evaluation")
+    eval_batch_size: int = _f(64, "blocks per evaluation forward pass")
+    log_every: int = _f(10, "steps between metric records")
+    save_every: int = _f(500, "steps between checkpoints (0: only at the end)")
+    keep_last: int = _f(2, "checkpoints kept on disk")
+    resume: str = _f("", "'' (fresh run), 'auto' (newest complete checkpoint in output_dir, if any) or a checkpoint path")
+    stop_after_steps: int | None = _f(None, "stop (after a checkpoint) at this step without changing the schedule")
+    report_to: str = _f("none", "also log through accelerate trackers: none, tensorboard, wandb, all")
+    progress: bool = _f(True, "show a progress bar on the main process")
+
+    def __post_init__(self) -> None:
+        positive = ("seq_len", "hidden_size", "num_layers", "num_heads", "cond_dim", "batch_size",
+                    "grad_accum_steps", "max_steps", "eval_blocks", "eval_batch_size", "log_every",
+                    "keep_last", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {name}={value!r}")
+        checks = [
+            ("seq_len", self.seq_len >= 2, "must be >= 2"),
+            ("seq_len", self.seq_len <= self.max_position_embeddings,
+             f"must not exceed max_position_embeddings={self.max_position_embeddings}"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("t_eps", 0 < self.t_eps < 1, "must be in (0, 1)"),
+            ("valid_fraction", 0 < self.valid_fraction < 1, "must be in (0, 1)"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, "must be >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("warmup_steps", self.warmup_steps <= self.max_steps, f"must not exceed max_steps={self.max_steps}"),
+            ("process", self.process in PROCESSES, f"must be one of {sorted(PROCESSES)}"),
+            ("objective", self.objective in OBJECTIVES, f"must be one of {list(OBJECTIVES)}"),
+            ("parameterization", self.parameterization in ("auto", "subs", "score"), "must be auto, subs or score"),
+            ("time_conditioning", self.time_conditioning in ("auto", "on", "off"), "must be auto, on or off"),
+            ("schedule", self.schedule == "auto" or self.schedule in SCHEDULES, f"must be auto or one of {sorted(SCHEDULES)}"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {list(PRECISIONS)}"),
+            ("report_to", self.report_to in ("none", "tensorboard", "wandb", "all"), "must be none, tensorboard, wandb or all"),
+            ("hidden_size", self.hidden_size % self.num_heads == 0 and (self.hidden_size // self.num_heads) % 2 == 0,
+             f"must split into num_heads={self.num_heads} heads of even size"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise ValueError(f"{name} {message}, got {name}={getattr(self, name)!r}")
+        if self.stop_after_steps is not None and not 1 <= self.stop_after_steps <= self.max_steps:
+            raise ValueError(f"stop_after_steps must be in [1, max_steps={self.max_steps}], got {self.stop_after_steps!r}")
+        if self.objective == "masked_elbo" and self.process != "absorbing":
+            raise ValueError(f"objective='masked_elbo' needs process='absorbing', got process={self.process!r}")
+        if self.resolved_parameterization == "subs" and self.process != "absorbing":
+            raise ValueError(f"parameterization='subs' needs process='absorbing', got process={self.process!r}")
+        if self.objective == "masked_elbo" and self.resolved_parameterization != "subs":
+            raise ValueError("objective='masked_elbo' needs parameterization='subs' (or auto), got 'score'")
+        if self.schedule_kwargs is not None and not isinstance(self.schedule_kwargs, dict):
+            raise ValueError(f"schedule_kwargs must be a dict, got schedule_kwargs={self.schedule_kwargs!r}")
+        name, kwargs = self.resolved_schedule
+        try:
+            get_schedule(name, **kwargs)
+        except TypeError as err:
+            raise ValueError(f"schedule_kwargs={self.schedule_kwargs!r} do not fit schedule {name!r}: {err}") from err
+
+    # --- resolved values (the config itself is never rewritten) ---------------------------
+
+    @property
+    def resolved_parameterization(self) -> str:
+        if self.parameterization != "auto":
+            return self.parameterization
+        return "subs" if self.objective == "masked_elbo" else "score"
+
+    @property
+    def resolved_time_conditioning(self) -> bool:
+        if self.time_conditioning != "auto":
+            return self.time_conditioning == "on"
+        return self.resolved_parameterization == "score"
+
+    @property
+    def resolved_schedule(self) -> tuple[str, dict]:
+        if self.schedule != "auto":
+            return self.schedule, dict(self.schedule_kwargs or {})
+        if self.process == "uniform":
+            return "geometric", dict(self.schedule_kwargs or {"sigma_min": 1e-4, "sigma_max": 20.0})
+        return "loglinear", dict(self.schedule_kwargs or {"eps": 1e-3})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
