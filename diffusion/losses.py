@@ -95,6 +95,7 @@ def masked_diffusion_loss(
     *,
     mask_id: int | None = None,
     attention_mask: Tensor | None = None,
+    normalized: bool = False,
 ) -> Tensor:
     """Masked cross-entropy ELBO (MDLM / RADD), per sequence.
 
@@ -108,12 +109,16 @@ def masked_diffusion_loss(
         mask_id: the MASK id; when omitted a position counts as masked iff ``xt != x0``, which is the
             same thing for the absorbing process.
         attention_mask: optional ``[B, L]``; positions with 0 (padding) are not scored.
+        normalized: ``logits`` already are log-probabilities (a ``subs`` denoiser's output), so the
+            log-softmax is skipped.
 
     Returns:
         ``Tensor[B]`` in nats per sequence.
     """
     _check_tokens(x0, xt, t, logits)
-    log_probs = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    log_probs = logits if normalized else torch.log_softmax(logits, -1)
     nll = -log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (B, L)
     masked = (xt == mask_id) if mask_id is not None else (xt != x0)
     if attention_mask is not None:

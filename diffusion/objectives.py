@@ -110,7 +110,8 @@ class DiffusionObjective:
         output = model(input_ids=xt, sigma=sigma_bar, attention_mask=attention_mask).logits
         if self.objective == "masked_elbo":
             per_sequence = masked_diffusion_loss(
-                output, x0, xt, t, self.schedule, mask_id=self.process.mask_id, attention_mask=attention_mask
+                output, x0, xt, t, self.schedule, mask_id=self.process.mask_id, attention_mask=attention_mask,
+                normalized=True,  # a subs denoiser returns log-probabilities
             )
         else:
             if self.parameterization == "subs":

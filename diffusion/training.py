@@ -89,6 +89,7 @@ def build_model_config(config: TrainConfig, tokenizer: Any) -> DDiTConfig:
         tie_word_embeddings=config.tie_embeddings,
         pad_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
+        attn_implementation=config.attention,
     )
 
 

@@ -160,3 +160,17 @@ def test_config_rejects_bad_values(overrides, match):
 def test_forward_rejects_too_long_input():
     with pytest.raises(ValueError, match="exceeds max_position_embeddings=64"):
         _model()(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_eager_attention_matches_sdpa_with_padding():
+    sdpa = _model(parameterization="score")
+    _randomize_modulation(sdpa)
+    eager = _model(parameterization="score", attn_implementation="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    assert eager.config._attn_implementation == "eager"
+    xt = _noisy_batch()
+    mask = torch.ones_like(xt)
+    mask[1, -4:] = 0
+    sigma = torch.tensor([0.2, 1.0, 3.0])
+    torch.testing.assert_close(eager(xt, sigma=sigma, attention_mask=mask).logits,
+                               sdpa(xt, sigma=sigma, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
