@@ -7,7 +7,14 @@ from transformers import AutoConfig, AutoModelForMaskedLM
 
 from .modeling_ddit import DDiTConfig, DDiTModel
 from .processes import AbsorbingProcess, Process, UniformProcess, get_process
-from .schedules import CosineSchedule, GeometricSchedule, LinearSchedule, LogLinearSchedule, Schedule, get_schedule
+from .schedules import (
+    CosineSchedule,
+    GeometricSchedule,
+    LinearSchedule,
+    LogLinearSchedule,
+    Schedule,
+    get_schedule,
+)
 
 # Make "ddit" checkpoints loadable through the Auto classes once this package is imported.
 AutoConfig.register(DDiTConfig.model_type, DDiTConfig, exist_ok=True)

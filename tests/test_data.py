@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from diffusion.corpus import builtin_corpus, clean_play
-from diffusion.data import BlockBatches, StreamingBlockBatches, build_blocks, load_texts, load_tokenizer, pack
+from diffusion.data import (
+    BlockBatches,
+    StreamingBlockBatches,
+    build_blocks,
+    load_texts,
+    load_tokenizer,
+    pack,
+)
 
 
 def test_pack_keeps_every_token_once_in_order():

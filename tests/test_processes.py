@@ -8,7 +8,12 @@ import torch
 from scipy import stats
 
 from diffusion.processes import AbsorbingProcess, UniformProcess, get_process
-from tests.reference import absorbing_rate_matrix, brute_force_score_entropy, kernel, uniform_rate_matrix
+from tests.reference import (
+    absorbing_rate_matrix,
+    brute_force_score_entropy,
+    kernel,
+    uniform_rate_matrix,
+)
 
 N = 5
 SIGMAS = [1e-4, 0.03, 0.7, 2.5, 9.0]
