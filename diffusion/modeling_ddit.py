@@ -196,6 +196,20 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: 
     return torch.matmul(probs, v)
 
 
+def subs_log_probs(raw: Tensor, input_ids: Tensor, mask_id: int) -> Tensor:
+    """SUBS parameterisation (MDLM): log p(x0 | x_t) from raw scores ``[B, L, S]``.
+
+    MASK gets probability 0; an unmasked position is certain of its own token (log-prob 0, -1e6 elsewhere).
+    """
+    ids = input_ids.unsqueeze(-1)
+    column_is_mask = torch.arange(raw.shape[-1], device=raw.device) == mask_id
+    log_probs = torch.log_softmax(raw.masked_fill(column_is_mask, NEG_INF), dim=-1)
+    unmasked = (input_ids != mask_id).unsqueeze(-1)
+    log_probs = log_probs.masked_fill(unmasked, NEG_INF)
+    own = torch.where(unmasked, torch.zeros_like(ids, dtype=raw.dtype), log_probs.gather(-1, ids))
+    return log_probs.scatter(-1, ids, own)
+
+
 def _tag(module: nn.Module | None, role: str) -> None:
     """Record how ``_init_weights`` should initialise a Linear (``zero`` or ``residual``)."""
     if module is not None:
@@ -387,17 +401,9 @@ class DDiTModel(DDiTPreTrainedModel):
 
     def _parameterize(self, raw: Tensor, input_ids: Tensor, sigma: Tensor | None) -> Tensor:
         """Turn raw head outputs ``[B, L, S]`` into log-probabilities (subs) or log-scores (score)."""
-        ids = input_ids.unsqueeze(-1)
         if self.config.parameterization == "subs":
-            mask_id = self.config.mask_token_id
-            column_is_mask = torch.arange(raw.shape[-1], device=raw.device) == mask_id
-            log_probs = torch.log_softmax(raw.masked_fill(column_is_mask, NEG_INF), dim=-1)
-            # Carry-over: an unmasked position is certain of its own token.
-            unmasked = (input_ids != mask_id).unsqueeze(-1)
-            log_probs = log_probs.masked_fill(unmasked, NEG_INF)
-            own = torch.where(unmasked, torch.zeros_like(ids, dtype=raw.dtype), log_probs.gather(-1, ids))
-            return log_probs.scatter(-1, ids, own)
+            return subs_log_probs(raw, input_ids, self.config.mask_token_id)
         if self.config.scale_by_sigma:
             offset = torch.log(torch.expm1(sigma)) + math.log(self.config.num_real_tokens)
             raw = raw - offset[:, None, None]
-        return raw.scatter(-1, ids, 0.0)
+        return raw.scatter(-1, input_ids.unsqueeze(-1), 0.0)

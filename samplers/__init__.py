@@ -1,9 +1,17 @@
-"""ddlm.samplers: turn a trained denoiser into text. Every sampler counts its network calls (``nfe``).
+"""ddlm.samplers: one interface, many decoding algorithms; every sampler counts its network calls (``nfe``).
 
-Built so far: masked ancestral sampling with exact per-sequence caching; the samplers issue adds the rest.
+    from samplers import get_sampler
+    out = get_sampler("ancestral").generate(model, batch_size=4, length=128, num_steps=128)
 """
 
+from .adapters import MaskedLMAdapter
 from .ancestral import MaskedAncestralSampler
-from .base import SampleOutput
+from .base import FREE, SAMPLERS, SampleOutput, Sampler, get_sampler, register_sampler
+from .remasking import ConfidenceRemaskingSampler
+from .sedd import AnalyticSampler, EulerSampler
+from .threshold import ThresholdSampler
 
-__all__ = ["MaskedAncestralSampler", "SampleOutput"]
+__all__ = [
+    "FREE", "SAMPLERS", "SampleOutput", "Sampler", "get_sampler", "register_sampler", "MaskedLMAdapter",
+    "MaskedAncestralSampler", "ConfidenceRemaskingSampler", "EulerSampler", "AnalyticSampler", "ThresholdSampler",
+]

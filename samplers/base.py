@@ -1,18 +1,184 @@
-"""What every sampler returns."""
+"""The sampler interface, the registry, and the pieces every sampler shares.
+
+A sampler turns a denoiser into tokens: ``get_sampler(name, **hyper_parameters).generate(model, ...)``.
+The model is anything with a ``config`` (``process``, ``parameterization``, ``mask_token_id``,
+``vocab_size``, ``max_position_embeddings``, ``schedule``, ``schedule_kwargs``, ``time_conditioning``)
+whose call ``model(input_ids=x, sigma=sigma_bar).logits`` gives log-probabilities of x0 (``subs``) or
+log-scores (``score``) over ``vocab_size`` states: a :class:`~diffusion.DDiTModel`, or another masked
+LM through :class:`~samplers.adapters.MaskedLMAdapter`.
+
+The canvas: ``LongTensor[B, L]`` whose entries are fixed tokens or :data:`FREE` (-1) for positions to
+generate; prompts (prefix, suffix or anywhere) are fixed tokens and are never changed.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
-__all__ = ["SampleOutput"]
+__all__ = ["FREE", "SampleOutput", "Sampler", "register_sampler", "get_sampler", "SAMPLERS",
+           "make_canvas", "sample_categorical", "token_probs", "check_positive_int"]
+
+FREE = -1
 
 
 @dataclass(frozen=True)
 class SampleOutput:
-    """``tokens``: ``LongTensor[B, L]``; ``nfe``: network calls made; ``trajectory``: the canvas after each step."""
+    """``tokens``: ``LongTensor[B, L]``; ``nfe``: network calls made; ``trajectory``: the canvas after each step
+    (free positions still noisy show MASK for absorbing models)."""
 
     tokens: Tensor
     nfe: int
     trajectory: list[Tensor] | None = None
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
+
+def _check_filters(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0, got temperature={temperature!r}")
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got top_p={top_p!r}")
+
+
+def token_probs(log_probs: Tensor, *, exclude: int | None, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None) -> Tensor:
+    """Per-position distributions ``[..., V]`` (float64) after temperature, top-k and top-p.
+
+    ``exclude`` (the MASK id) gets probability 0. ``temperature = 0`` puts all mass on the argmax.
+    """
+    logits = log_probs.double()
+    if exclude is not None:
+        logits = logits.clone()
+        logits[..., exclude] = float("-inf")
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
+        keep_sorted = before < top_p  # the smallest prefix whose mass reaches top_p
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = probs * keep
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per position from unnormalised non-negative ``probs [..., V]`` by the inverse CDF.
+
+    Exactly one uniform is consumed per position, whatever the probabilities, so two runs that differ
+    only in how their probabilities were computed (a cache) consume the same random stream.
+    """
+    u = torch.rand(probs.shape[:-1], generator=generator, dtype=torch.float64).to(probs.device)
+    cdf = probs.double().cumsum(-1)
+    index = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return index.clamp_max(probs.shape[-1] - 1)
+
+
+def make_canvas(config: Any, *, batch_size: int | None, prompt_ids: Tensor | None, length: int | None,
+                canvas: Tensor | None) -> Tensor:
+    """The starting canvas ``[B, L]`` (fixed ids, :data:`FREE` elsewhere), validated before any model call.
+
+    Exactly one of: ``batch_size`` + ``length`` (unconditional), ``prompt_ids [B, P]`` + ``length`` (prefix
+    prompt, ``length`` new tokens), or ``canvas [B, L]`` (fixed tokens anywhere).
+    """
+    given = [name for name, value in (("batch_size", batch_size), ("prompt_ids", prompt_ids), ("canvas", canvas))
+             if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of batch_size, prompt_ids, canvas; got {given or 'none'}")
+    if canvas is None:
+        check_positive_int("length", length)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
+        canvas = torch.full((batch_size, length), FREE, dtype=torch.long)
+    elif prompt_ids is not None:
+        if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+            raise ValueError(f"prompt_ids must be a non-empty [batch, length] tensor, got shape {tuple(prompt_ids.shape)}")
+        canvas = torch.cat([prompt_ids.long().cpu(), torch.full((prompt_ids.shape[0], length), FREE, dtype=torch.long)], 1)
+    elif canvas.dim() != 2:
+        raise ValueError(f"canvas must be [batch, length], got shape {tuple(canvas.shape)}")
+    canvas = canvas.long().cpu()
+    if canvas.shape[1] > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt plus length is {canvas.shape[1]} tokens, beyond the model's context of "
+            f"{config.max_position_embeddings}"
+        )
+    fixed = canvas[canvas != FREE]
+    if fixed.numel():
+        bad = fixed[(fixed < 0) | (fixed >= config.vocab_size) | (fixed == (config.mask_token_id if config.mask_token_id is not None else -2))]
+        if bad.numel():
+            raise ValueError(
+                f"prompt token ids must be real tokens in [0, {config.vocab_size}) and not the mask id "
+                f"{config.mask_token_id}; got {sorted(set(bad.tolist()))[:5]}"
+            )
+    if not bool((canvas == FREE).any()):
+        raise ValueError("the canvas has no free position to generate")
+    return canvas
+
+
+class Sampler(ABC):
+    """A decoding algorithm. Subclasses validate their hyper-parameters in ``__init__`` and implement
+    :meth:`_generate` on a validated canvas."""
+
+    name: ClassVar[str]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: Any,
+        *,
+        batch_size: int | None = None,
+        prompt_ids: Tensor | None = None,
+        length: int | None = None,
+        canvas: Tensor | None = None,
+        num_steps: int,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+        callback: Any = None,
+    ) -> SampleOutput:
+        """Generate tokens. ``callback(step, x)`` (optional) sees the canvas after every step."""
+        check_positive_int("num_steps", num_steps)
+        self.check_model(model.config)
+        start = make_canvas(model.config, batch_size=batch_size, prompt_ids=prompt_ids, length=length, canvas=canvas)
+        device = next(model.parameters()).device
+        return self._generate(model, start.to(device), num_steps, generator, return_trajectory, callback)
+
+    def check_model(self, config: Any) -> None:
+        """Raise ``ValueError`` when the model's process or parameterisation does not suit this sampler."""
+
+    @abstractmethod
+    def _generate(self, model: Any, canvas: Tensor, num_steps: int, generator: torch.Generator | None,
+                  return_trajectory: bool, callback: Any) -> SampleOutput:
+        ...
+
+
+SAMPLERS: dict[str, type[Sampler]] = {}
+
+
+def register_sampler(cls: type[Sampler]) -> type[Sampler]:
+    """Class decorator adding a sampler to :data:`SAMPLERS` under ``cls.name`` (a duplicate name raises)."""
+    if cls.name in SAMPLERS:
+        raise ValueError(f"a sampler named {cls.name!r} is already registered ({SAMPLERS[cls.name].__name__})")
+    SAMPLERS[cls.name] = cls
+    return cls
+
+
+def get_sampler(name: str, **kwargs: Any) -> Sampler:
+    """Build a registered sampler by name, e.g. ``get_sampler("ancestral", temperature=0.9)``."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler name={name!r}; valid names: {sorted(SAMPLERS)}")
+    return SAMPLERS[name](**kwargs)

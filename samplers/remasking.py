@@ -1,0 +1,133 @@
+"""Confidence remasking (MaskGIT / LLaDA low-confidence, top-k margin, entropy, random), optionally
+semi-autoregressive in blocks (LLaDA).
+
+The canvas is cut into blocks of ``block_length`` positions (one block when None), decoded left to
+right; each block that has free positions gets ``num_steps / blocks`` steps.  In every step the model
+predicts x0 at all positions; among the still-masked positions of the current block the ``k`` most
+confident are committed, ``k`` from :func:`transfer_schedule` (the masked count split as evenly as
+possible over the block's steps, larger shares first), and the rest stay masked.  Committed tokens and
+the prompt never change.
+
+Confidence of a prediction with distribution p and chosen token y: ``low_confidence`` p(y);
+``margin`` p(1st) - p(2nd); ``entropy`` -H(p); ``random`` a uniform draw.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffusion.schedules import get_schedule
+
+from .ancestral import check_masked_model
+from .base import FREE, SampleOutput, Sampler, _check_filters, check_positive_int, register_sampler, sample_categorical, token_probs
+
+__all__ = ["STRATEGIES", "transfer_schedule", "ConfidenceRemaskingSampler", "decode_blocks"]
+
+STRATEGIES = ("low_confidence", "margin", "entropy", "random")
+
+
+def transfer_schedule(masked: Tensor, steps: int) -> Tensor:
+    """How many tokens to commit at each step: ``[B] -> [B, steps]``, rows sum to ``masked``, entries
+    differ by at most one and never increase."""
+    base = masked // steps
+    extra = masked % steps
+    return base[:, None] + (torch.arange(steps, device=masked.device)[None] < extra[:, None]).long()
+
+
+def confidence(probs: Tensor, chosen: Tensor, strategy: str, generator: torch.Generator | None) -> Tensor:
+    """``[B, L]`` confidence of choosing ``chosen`` under ``probs [B, L, V]`` (higher is surer)."""
+    if strategy == "low_confidence":
+        return probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+    if strategy == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    if strategy == "entropy":
+        return (probs * probs.clamp_min(1e-300).log()).sum(-1)
+    return torch.rand(chosen.shape, generator=generator, dtype=torch.float64).to(chosen.device)
+
+
+def decode_blocks(model: Any, canvas: Tensor, num_steps: int, block_length: int | None, *, strategy: str,
+                  temperature: float, top_k: int | None, top_p: float | None, threshold: float | None,
+                  generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
+    """The shared block / step loop of confidence remasking and threshold decoding.
+
+    With ``threshold`` set, a step commits every masked token of the block whose confidence exceeds it,
+    and at least the scheduled count (so the block always finishes in its steps).
+    """
+    config = model.config
+    mask_id = config.mask_token_id
+    schedule = get_schedule(config.schedule, **config.schedule_kwargs)
+    x = torch.where(canvas == FREE, torch.full_like(canvas, mask_id), canvas)
+    batch, length = x.shape
+    block_length = block_length or length
+    starts = [b for b in range(0, length, block_length) if bool((canvas[:, b : b + block_length] == FREE).any())]
+    if num_steps % len(starts):
+        raise ValueError(
+            f"num_steps ({num_steps}) must be a multiple of the number of blocks to decode ({len(starts)}, "
+            f"block_length={block_length})"
+        )
+    steps_per_block = num_steps // len(starts)
+    positions = torch.arange(length, device=x.device)
+    nfe, trajectory = 0, [x.clone()] if return_trajectory else None
+    for start in starts:
+        in_block = (positions >= start) & (positions < start + block_length)
+        counts = transfer_schedule(((x == mask_id) & in_block).sum(-1), steps_per_block)
+        for step in range(steps_per_block):
+            masked = (x == mask_id) & in_block
+            if not bool(masked.any()):
+                break
+            fraction = masked.sum().item() / max(1, ((canvas == FREE) & in_block).sum().item())
+            sigma = schedule.total_noise(torch.tensor(min(max(fraction, 1e-3), 1.0), dtype=torch.float64))
+            log_probs = model(input_ids=x, sigma=sigma.float().expand(batch).to(x.device)).logits
+            nfe += 1
+            probs = token_probs(log_probs, exclude=mask_id, temperature=temperature, top_k=top_k, top_p=top_p)
+            chosen = sample_categorical(probs, generator)
+            # Confidence is read off the model's own distribution, whatever filters chose the token.
+            model_probs = token_probs(log_probs, exclude=mask_id)
+            conf = confidence(model_probs, chosen, strategy, generator).masked_fill(~masked, -math.inf)
+            rank = conf.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = most confident
+            commit = (rank < counts[:, step : step + 1]) & masked
+            if threshold is not None:
+                commit |= masked & (conf > threshold)
+            x = torch.where(commit, chosen, x)
+            if trajectory is not None:
+                trajectory.append(x.clone())
+            if callback is not None:
+                callback(nfe - 1, x)
+    return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)
+
+
+@register_sampler
+class ConfidenceRemaskingSampler(Sampler):
+    """Confidence remasking with optional semi-autoregressive blocks.
+
+    Args:
+        strategy: ``low_confidence`` (LLaDA), ``margin``, ``entropy`` or ``random``.
+        block_length: positions per block for semi-autoregressive decoding (None: one block).
+        temperature, top_k, top_p: filters on the predictions (temperature 0: argmax, LLaDA's default).
+    """
+
+    name = "remask"
+
+    def __init__(self, strategy: str = "low_confidence", block_length: int | None = None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
+        if block_length is not None:
+            check_positive_int("block_length", block_length)
+        _check_filters(temperature, top_k, top_p)
+        self.strategy, self.block_length = strategy, block_length
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def check_model(self, config: Any) -> None:
+        check_masked_model(config, self.name)
+
+    def _generate(self, model: Any, canvas: Tensor, num_steps: int, generator: torch.Generator | None,
+                  return_trajectory: bool, callback: Any) -> SampleOutput:
+        return decode_blocks(model, canvas, num_steps, self.block_length, strategy=self.strategy,
+                             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, threshold=None,
+                             generator=generator, return_trajectory=return_trajectory, callback=callback)

@@ -1,0 +1,53 @@
+"""Threshold parallel decoding (Fast-dLLM): in each step commit every masked token of the current block
+whose confidence p(y) exceeds ``threshold`` (and at least the scheduled count, so at least one).
+
+Confident positions are committed together, so easy stretches take one step for many tokens; hard
+ones fall back to the confidence-remasking schedule.  Blocks are decoded left to right as in
+semi-autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ancestral import check_masked_model
+from .base import SampleOutput, Sampler, _check_filters, check_positive_int, register_sampler
+from .remasking import decode_blocks
+
+__all__ = ["ThresholdSampler"]
+
+
+@register_sampler
+class ThresholdSampler(Sampler):
+    """Fast-dLLM threshold decoding.
+
+    Args:
+        threshold: commit every masked token with p(y) above it (in (0, 1]; 1 turns parallel commits off).
+        block_length: positions per semi-autoregressive block (None: one block).
+        temperature, top_k, top_p: filters on the predictions (temperature 0: argmax).
+    """
+
+    name = "threshold"
+
+    def __init__(self, threshold: float = 0.9, block_length: int | None = None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got threshold={threshold!r}")
+        if block_length is not None:
+            check_positive_int("block_length", block_length)
+        _check_filters(temperature, top_k, top_p)
+        self.threshold, self.block_length = threshold, block_length
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def check_model(self, config: Any) -> None:
+        check_masked_model(config, self.name)
+
+    def _generate(self, model: Any, canvas: Tensor, num_steps: int, generator: torch.Generator | None,
+                  return_trajectory: bool, callback: Any) -> SampleOutput:
+        return decode_blocks(model, canvas, num_steps, self.block_length, strategy="low_confidence",
+                             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                             threshold=self.threshold, generator=generator, return_trajectory=return_trajectory,
+                             callback=callback)
