@@ -1,0 +1,75 @@
+"""ddlm-generate as a user runs it: a subprocess on a tiny saved model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion import DDiTConfig, DDiTModel
+from diffusion.data import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = load_tokenizer("builtin")
+    torch.manual_seed(0)
+    DDiTModel(DDiTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         cond_dim=16, max_position_embeddings=32)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _run(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "scripts.generate", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_text_and_json_output(model_dir):
+    text = _run("--model", str(model_dir), "--prompt", "To be", "--length", "8", "--steps", "8", "--num-samples", "2")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.count("--- sample") == 2 and "8 steps" in text.stdout
+    assert "\033[" not in text.stdout  # no live view when stdout is not a terminal
+    result = _run("--model", str(model_dir), "--prompt", "To be", "--suffix", "fair.", "--length", "8",
+                  "--steps", "8", "--sampler", "remask", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["sampler"] == "remask" and data["nfe"] == 8
+    sample = data["samples"][0]
+    assert sample["text"].startswith("To be") and sample["text"].endswith("fair.")
+    tokenizer = load_tokenizer(str(model_dir))
+    prefix, suffix = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("To be", "fair."))
+    assert sample["tokens"][: len(prefix)] == prefix and sample["tokens"][-len(suffix):] == suffix
+    assert len(sample["tokens"]) == len(prefix) + 8 + len(suffix)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "   "], "--prompt is empty"),
+        (["--length", "40"], "beyond the model's context of 32"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--sampler", "beam"], "unknown --sampler 'beam'"),
+        (["--sampler", "ancestral", "--threshold", "0.5"], "does not take ['threshold']"),
+        (["--sampler", "euler", "--temperature", "0.5"], "does not take ['temperature']"),
+    ],
+)
+def test_bad_input_is_one_line_error(model_dir, args, message):
+    result = _run("--model", str(model_dir), *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_model_is_a_clear_error():
+    result = _run("--model", "./no/such/model")
+    assert result.returncode == 2 and "--model folder does not exist" in result.stderr
+    offline = _run("--model", "someone/not-a-real-model")
+    assert offline.returncode == 2 and "could not load --model" in offline.stderr and "Traceback" not in offline.stderr
