@@ -20,6 +20,7 @@ embedding).  Two output parameterisations:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,8 @@ class DDiTConfig(PretrainedConfig):
             default on there).
         mask_token_id: id of MASK (absorbing: must be ``vocab_size - 1``; uniform: None).
         tie_word_embeddings: share the output head with the token embedding.
+        attention_block_size: when set, attention is block-causal (BD3-LM): position i sees position j
+            iff ``j // size <= i // size``; block KV caches are then exact. None: fully bidirectional.
     """
 
     model_type = "ddit"
@@ -82,6 +85,7 @@ class DDiTConfig(PretrainedConfig):
         scale_by_sigma: bool | None = None,
         mask_token_id: int | None = None,
         tie_word_embeddings: bool = False,
+        attention_block_size: int | None = None,
         **kwargs,
     ) -> None:
         if process not in _PROCESSES:
@@ -108,6 +112,8 @@ class DDiTConfig(PretrainedConfig):
                 f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads}) "
                 "into an even head dimension (rotary embeddings rotate pairs)"
             )
+        if attention_block_size is not None and not (isinstance(attention_block_size, int) and attention_block_size >= 1):
+            raise ValueError(f"attention_block_size must be a positive int or None, got {attention_block_size!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got dropout={dropout!r}")
         if not mlp_ratio > 0:
@@ -150,6 +156,7 @@ class DDiTConfig(PretrainedConfig):
         self.time_conditioning = bool(time_conditioning)
         self.scale_by_sigma = bool(scale_by_sigma)
         self.mask_token_id = mask_token_id
+        self.attention_block_size = attention_block_size
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
@@ -163,10 +170,10 @@ class DDiTConfig(PretrainedConfig):
         return self.time_conditioning or self.scale_by_sigma
 
 
-def _rotary_tables(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos/sin tables ``[L, head_dim]`` (each frequency repeated for the two halves), float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+def _rotary_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``[L, head_dim]`` for absolute ``positions [L]`` (each frequency repeated for both halves)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(positions.float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -258,7 +265,12 @@ class DDiTBlock(nn.Module):
         _tag(self.attn_out, "residual")
         _tag(self.mlp_out, "residual")
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cond: Tensor | None, attn_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cond: Tensor | None, attn_mask: Tensor | None,
+                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``x [B, Lq, H]`` -> (``[B, Lq, H]``, the keys/values ``[B, nh, Lq, hd]`` of these positions).
+
+        ``past`` holds cached keys/values of other positions, attended to after the new ones.
+        """
         if self.modulation is not None:
             mod = self.modulation(cond)[:, None, :]  # (B, 1, 6H)
             shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
@@ -267,16 +279,50 @@ class DDiTBlock(nn.Module):
             h = self.norm1(x)
 
         qkv = rearrange(self.qkv(h), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
-        q, k, v = qkv.unbind(0)  # each (B, nh, L, hd)
+        q, k, v = qkv.unbind(0)  # each (B, nh, Lq, hd)
         q = _rotate(q, cos, sin).to(v.dtype)
         k = _rotate(k, cos, sin).to(v.dtype)
+        fresh = (k, v)
+        if past is not None:
+            k = torch.cat([k, past[0].to(k.dtype)], dim=2)  # (B, nh, Lq + Lc, hd)
+            v = torch.cat([v, past[1].to(v.dtype)], dim=2)
         attn = _attention(q, k, v, attn_mask, self.dropout.p if self.training else 0.0, self.config)
         attn = self.dropout(self.attn_out(rearrange(attn, "b h l d -> b l (h d)")))
         x = x + gate1 * attn if self.modulation is not None else x + attn
 
         h = _modulate(self.norm2(x), shift2, scale2) if self.modulation is not None else self.norm2(x)
         h = self.dropout(self.mlp_out(F.gelu(self.mlp_in(h), approximate="tanh")))
-        return x + gate2 * h if self.modulation is not None else x + h
+        return (x + gate2 * h if self.modulation is not None else x + h), fresh
+
+
+@dataclass
+class KVCache:
+    """Keys and values of some positions, per layer, to reuse across denoising steps (Fast-dLLM).
+
+    ``keys[i]``/``values[i]``: ``[B, nh, Lc, hd]`` of layer i (rotary already applied); ``positions [Lc]``.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    positions: Tensor
+
+    def select(self, keep: Tensor) -> KVCache:
+        """The cache restricted to the positions where ``keep [Lc]`` is True."""
+        return KVCache([k[:, :, keep] for k in self.keys], [v[:, :, keep] for v in self.values], self.positions[keep])
+
+    @staticmethod
+    def concat(first: KVCache, second: KVCache) -> KVCache:
+        return KVCache([torch.cat([a, b], 2) for a, b in zip(first.keys, second.keys)],
+                       [torch.cat([a, b], 2) for a, b in zip(first.values, second.values)],
+                       torch.cat([first.positions, second.positions]))
+
+
+@dataclass
+class DDiTOutput(MaskedLMOutput):
+    """``logits`` as in :class:`DDiTModel`; ``key_values``: a :class:`KVCache` of the input positions when
+    ``use_cache=True``."""
+
+    key_values: KVCache | None = None
 
 
 class DDiTPreTrainedModel(PreTrainedModel):
@@ -313,6 +359,7 @@ class DDiTModel(DDiTPreTrainedModel):
     """
 
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+    supports_kv_cache = True  # forward accepts positions / past_key_values / use_cache
 
     def __init__(self, config: DDiTConfig) -> None:
         super().__init__(config)
@@ -362,6 +409,9 @@ class DDiTModel(DDiTPreTrainedModel):
         input_ids: Tensor,
         sigma: Tensor | float | None = None,
         attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MaskedLMOutput | tuple[Tensor]:
@@ -371,24 +421,39 @@ class DDiTModel(DDiTPreTrainedModel):
             input_ids: ``LongTensor[B, L]`` noisy tokens x_t.
             sigma: total noise sigma_bar, scalar or ``[B]``; needed when ``config.needs_sigma``.
             attention_mask: optional ``[B, L]``, 1 for real tokens and 0 for padding (padding keys are ignored).
+            positions: absolute positions ``[L]`` of ``input_ids`` (default ``0..L-1``); with a cache, the
+                positions of the part of the sequence being recomputed.
+            past_key_values: a :class:`KVCache` of other positions of the same sequences to attend to.
+            use_cache: also return the keys/values of ``input_ids`` (``DDiTOutput.key_values``).
 
         Returns:
-            ``MaskedLMOutput`` whose ``logits [B, L, vocab_size]`` (float32) are the parameterised outputs.
+            ``MaskedLMOutput`` (``DDiTOutput`` with ``use_cache``) whose ``logits [B, L, vocab_size]`` (float32)
+            are the parameterised outputs.
         """
         self._check_inputs(input_ids, sigma, attention_mask)
+        if past_key_values is not None and attention_mask is not None:
+            raise ValueError("attention_mask (padding) cannot be combined with past_key_values")
         batch, length = input_ids.shape
         if sigma is not None:
             sigma = torch.as_tensor(sigma, device=input_ids.device, dtype=torch.float32)
             sigma = sigma.expand(batch) if sigma.dim() == 0 else sigma.reshape(batch)
+        if positions is None:
+            positions = torch.arange(length, device=input_ids.device)
 
         x = self.embed_tokens(input_ids)  # (B, L, H)
         cond = F.silu(self.noise_embed(sigma)) if self.noise_embed is not None else None
         head_dim = self.config.hidden_size // self.config.num_attention_heads
-        cos, sin = _rotary_tables(length, head_dim, self.config.rope_theta, input_ids.device)
-        attn_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B,1,1,L)
+        cos, sin = _rotary_tables(positions, head_dim, self.config.rope_theta)
+        key_positions = positions if past_key_values is None else torch.cat([positions, past_key_values.positions])
+        attn_mask = self._attention_mask(positions, key_positions, attention_mask)
 
-        for block in self.blocks:
-            x = block(x, cos, sin, cond, attn_mask)
+        new_keys, new_values = [], []
+        for i, block in enumerate(self.blocks):
+            past = (past_key_values.keys[i], past_key_values.values[i]) if past_key_values is not None else None
+            x, (k, v) = block(x, cos, sin, cond, attn_mask, past)
+            if use_cache:
+                new_keys.append(k)
+                new_values.append(v)
 
         h = self.norm_final(x)
         if self.final_modulation is not None:
@@ -397,7 +462,18 @@ class DDiTModel(DDiTPreTrainedModel):
         logits = self._parameterize(self.lm_head(h).float(), input_ids, sigma)
         if return_dict is False:
             return (logits,)
+        if use_cache:
+            return DDiTOutput(logits=logits, key_values=KVCache(new_keys, new_values, positions))
         return MaskedLMOutput(logits=logits)
+
+    def _attention_mask(self, query_pos: Tensor, key_pos: Tensor, padding: Tensor | None) -> Tensor | None:
+        """Boolean mask (True = may attend): padding keys ``[B,1,1,L]`` and/or block-causal ``[Lq, Lk]``."""
+        mask = padding.bool()[:, None, None, :] if padding is not None else None
+        size = self.config.attention_block_size
+        if size is not None:
+            causal = (key_pos[None, :] // size) <= (query_pos[:, None] // size)  # (Lq, Lk)
+            mask = causal if mask is None else mask & causal
+        return mask
 
     def _parameterize(self, raw: Tensor, input_ids: Tensor, sigma: Tensor | None) -> Tensor:
         """Turn raw head outputs ``[B, L, S]`` into log-probabilities (subs) or log-scores (score)."""

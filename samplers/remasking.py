@@ -50,14 +50,61 @@ def confidence(probs: Tensor, chosen: Tensor, strategy: str, generator: torch.Ge
     return torch.rand(chosen.shape, generator=generator, dtype=torch.float64).to(chosen.device)
 
 
+KV_CACHES = (None, "prefix", "dual")
+
+
+def check_kv_cache(kv_cache: str | None, block_length: int | None) -> None:
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got kv_cache={kv_cache!r}")
+    if kv_cache is not None and block_length is None:
+        raise ValueError(f"kv_cache={kv_cache!r} needs semi-autoregressive blocks: set block_length")
+
+
+class _BlockCaller:
+    """Model calls of one block, reusing keys/values outside it (Fast-dLLM block KV cache).
+
+    The first step of a block runs the whole canvas and keeps the keys/values; later steps recompute
+    only the block and what follows it (``prefix``) or only the block (``dual``), attending to the kept
+    keys/values of the rest.  Exact for block-causal models; an approximation for bidirectional ones.
+    """
+
+    def __init__(self, model: Any, mode: str | None, start: int, end: int) -> None:
+        self.model, self.mode, self.start, self.end = model, mode, start, end
+        self.context = None
+        self.log_probs: Tensor | None = None
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        if self.mode is None or self.context is None:
+            out = self.model(input_ids=x, sigma=sigma, use_cache=self.mode is not None)
+            self.log_probs = out.logits
+            if self.mode is not None:
+                positions = out.key_values.positions
+                keep = positions < self.start
+                if self.mode == "dual":
+                    keep |= positions >= self.end
+                self.context = out.key_values.select(keep)
+            return self.log_probs
+        stop = x.shape[1] if self.mode == "prefix" else self.end
+        positions = torch.arange(self.start, stop, device=x.device)
+        out = self.model(input_ids=x[:, self.start:stop], sigma=sigma, positions=positions,
+                         past_key_values=self.context)
+        self.log_probs = self.log_probs.clone()
+        self.log_probs[:, self.start:stop] = out.logits
+        return self.log_probs
+
+
 def decode_blocks(model: Any, canvas: Tensor, num_steps: int, block_length: int | None, *, strategy: str,
                   temperature: float, top_k: int | None, top_p: float | None, threshold: float | None,
-                  generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
+                  generator: torch.Generator | None, return_trajectory: bool, callback: Any,
+                  kv_cache: str | None = None) -> SampleOutput:
     """The shared block / step loop of confidence remasking and threshold decoding.
 
     With ``threshold`` set, a step commits every masked token of the block whose confidence exceeds it,
-    and at least the scheduled count (so the block always finishes in its steps).
+    and at least the scheduled count (so the block always finishes in its steps).  ``kv_cache``
+    (``prefix`` or ``dual``) reuses keys/values outside the current block (see :class:`_BlockCaller`).
     """
+    if kv_cache is not None and not getattr(model, "supports_kv_cache", False):
+        raise ValueError(f"kv_cache={kv_cache!r} needs a model whose forward takes past_key_values (a DDiTModel)")
     config = model.config
     mask_id = config.mask_token_id
     schedule = get_schedule(config.schedule, **config.schedule_kwargs)
@@ -76,13 +123,14 @@ def decode_blocks(model: Any, canvas: Tensor, num_steps: int, block_length: int 
     for start in starts:
         in_block = (positions >= start) & (positions < start + block_length)
         counts = transfer_schedule(((x == mask_id) & in_block).sum(-1), steps_per_block)
+        call = _BlockCaller(model, kv_cache, start, start + block_length)
         for step in range(steps_per_block):
             masked = (x == mask_id) & in_block
             if not bool(masked.any()):
                 break
             fraction = masked.sum().item() / max(1, ((canvas == FREE) & in_block).sum().item())
             sigma = schedule.total_noise(torch.tensor(min(max(fraction, 1e-3), 1.0), dtype=torch.float64))
-            log_probs = model(input_ids=x, sigma=sigma.float().expand(batch).to(x.device)).logits
+            log_probs = call(x, sigma.float().expand(batch).to(x.device))
             nfe += 1
             probs = token_probs(log_probs, exclude=mask_id, temperature=temperature, top_k=top_k, top_p=top_p)
             chosen = sample_categorical(probs, generator)
@@ -109,18 +157,20 @@ class ConfidenceRemaskingSampler(Sampler):
         strategy: ``low_confidence`` (LLaDA), ``margin``, ``entropy`` or ``random``.
         block_length: positions per block for semi-autoregressive decoding (None: one block).
         temperature, top_k, top_p: filters on the predictions (temperature 0: argmax, LLaDA's default).
+        kv_cache: ``prefix`` or ``dual`` block KV cache (Fast-dLLM; needs ``block_length``), or None.
     """
 
     name = "remask"
 
     def __init__(self, strategy: str = "low_confidence", block_length: int | None = None, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None) -> None:
+                 top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
         if block_length is not None:
             check_positive_int("block_length", block_length)
+        check_kv_cache(kv_cache, block_length)
         _check_filters(temperature, top_k, top_p)
-        self.strategy, self.block_length = strategy, block_length
+        self.strategy, self.block_length, self.kv_cache = strategy, block_length, kv_cache
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
     def check_model(self, config: Any) -> None:
@@ -130,4 +180,5 @@ class ConfidenceRemaskingSampler(Sampler):
                   return_trajectory: bool, callback: Any) -> SampleOutput:
         return decode_blocks(model, canvas, num_steps, self.block_length, strategy=self.strategy,
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, threshold=None,
-                             generator=generator, return_trajectory=return_trajectory, callback=callback)
+                             generator=generator, return_trajectory=return_trajectory, callback=callback,
+                             kv_cache=self.kv_cache)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .ancestral import check_masked_model
 from .base import SampleOutput, Sampler, _check_filters, check_positive_int, register_sampler
-from .remasking import decode_blocks
+from .remasking import check_kv_cache, decode_blocks
 
 __all__ = ["ThresholdSampler"]
 
@@ -28,18 +28,20 @@ class ThresholdSampler(Sampler):
         threshold: commit every masked token with p(y) above it (in (0, 1]; 1 turns parallel commits off).
         block_length: positions per semi-autoregressive block (None: one block).
         temperature, top_k, top_p: filters on the predictions (temperature 0: argmax).
+        kv_cache: ``prefix`` or ``dual`` block KV cache (Fast-dLLM; needs ``block_length``), or None.
     """
 
     name = "threshold"
 
     def __init__(self, threshold: float = 0.9, block_length: int | None = None, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None) -> None:
+                 top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None) -> None:
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got threshold={threshold!r}")
         if block_length is not None:
             check_positive_int("block_length", block_length)
+        check_kv_cache(kv_cache, block_length)
         _check_filters(temperature, top_k, top_p)
-        self.threshold, self.block_length = threshold, block_length
+        self.threshold, self.block_length, self.kv_cache = threshold, block_length, kv_cache
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
     def check_model(self, config: Any) -> None:
@@ -50,4 +52,4 @@ class ThresholdSampler(Sampler):
         return decode_blocks(model, canvas, num_steps, self.block_length, strategy="low_confidence",
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                              threshold=self.threshold, generator=generator, return_trajectory=return_trajectory,
-                             callback=callback)
+                             callback=callback, kv_cache=self.kv_cache)
