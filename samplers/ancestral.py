@@ -85,12 +85,15 @@ class MaskedAncestralSampler(Sampler):
                 refresh(t)
             alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
             p_unmask = float((alpha_s - alpha_t) / (1 - alpha_t))
+            # Two uniforms per position every step (cache or not); distributions only where a token moves.
             u_move = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
-            probs = token_probs(log_probs, exclude=mask_id, temperature=self.temperature, top_k=self.top_k,
-                                top_p=self.top_p)
-            draw = sample_categorical(probs, generator)
+            u_token = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
             move = (x == mask_id) & (u_move < p_unmask)
-            x_next = torch.where(move, draw, x)
+            x_next = x.clone()
+            if bool(move.any()):
+                probs = token_probs(log_probs[move], exclude=mask_id, temperature=self.temperature,
+                                    top_k=self.top_k, top_p=self.top_p)
+                x_next[move] = sample_categorical(probs, None, u=u_token[move])
             stale = (x_next != x).any(-1)
             x = x_next
             if trajectory is not None:

@@ -77,13 +77,15 @@ def token_probs(log_probs: Tensor, *, exclude: int | None, temperature: float = 
     return probs
 
 
-def sample_categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+def sample_categorical(probs: Tensor, generator: torch.Generator | None, u: Tensor | None = None) -> Tensor:
     """One draw per position from unnormalised non-negative ``probs [..., V]`` by the inverse CDF.
 
     Exactly one uniform is consumed per position, whatever the probabilities, so two runs that differ
-    only in how their probabilities were computed (a cache) consume the same random stream.
+    only in how their probabilities were computed (a cache) consume the same random stream.  ``u``
+    (``probs.shape[:-1]``) supplies the uniforms instead of ``generator``.
     """
-    u = torch.rand(probs.shape[:-1], generator=generator, dtype=torch.float64).to(probs.device)
+    if u is None:
+        u = torch.rand(probs.shape[:-1], generator=generator, dtype=torch.float64).to(probs.device)
     cdf = probs.double().cumsum(-1)
     index = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     return index.clamp_max(probs.shape[-1] - 1)

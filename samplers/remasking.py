@@ -132,11 +132,22 @@ def decode_blocks(model: Any, canvas: Tensor, num_steps: int, block_length: int 
             sigma = schedule.total_noise(torch.tensor(min(max(fraction, 1e-3), 1.0), dtype=torch.float64))
             log_probs = call(x, sigma.float().expand(batch).to(x.device))
             nfe += 1
-            probs = token_probs(log_probs, exclude=mask_id, temperature=temperature, top_k=top_k, top_p=top_p)
-            chosen = sample_categorical(probs, generator)
+            # Uniforms for every position (cache or not); distributions only for the block's masked positions.
+            u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
             # Confidence is read off the model's own distribution, whatever filters chose the token.
-            model_probs = token_probs(log_probs, exclude=mask_id)
-            conf = confidence(model_probs, chosen, strategy, generator).masked_fill(~masked, -math.inf)
+            model_probs = token_probs(log_probs[masked], exclude=mask_id)
+            if temperature == 0:
+                picked = model_probs.argmax(-1)
+            else:
+                unfiltered = temperature == 1 and top_k is None and top_p is None
+                probs = model_probs if unfiltered else token_probs(
+                    log_probs[masked], exclude=mask_id, temperature=temperature, top_k=top_k, top_p=top_p)
+                picked = sample_categorical(probs, None, u=u[masked])
+            scores = confidence(model_probs[:, None], picked[:, None], strategy, generator)[:, 0]
+            chosen = x.clone()
+            chosen[masked] = picked
+            conf = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device)
+            conf[masked] = scores
             rank = conf.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = most confident
             commit = (rank < counts[:, step : step + 1]) & masked
             if threshold is not None:

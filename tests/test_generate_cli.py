@@ -61,11 +61,19 @@ def test_text_and_json_output(model_dir):
         (["--sampler", "euler", "--temperature", "0.5"], "does not take ['temperature']"),
     ],
 )
-def test_bad_input_is_one_line_error(model_dir, args, message):
-    result = _run("--model", str(model_dir), *args)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bad_input_is_one_line_error(model_dir, args, message, capsys):
+    # In-process for speed (each subprocess pays ~8 s of imports); the subprocess path is tested below.
+    from scripts.generate import main
+
+    assert main(["--model", str(model_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_input_exits_non_zero_without_traceback_as_a_subprocess(model_dir):
+    result = _run("--model", str(model_dir), "--steps", "0")
+    assert result.returncode == 2 and result.stderr.strip() == "ddlm-generate: error: --steps must be >= 1, got 0"
 
 
 def test_missing_model_is_a_clear_error():
