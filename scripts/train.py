@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     result = train(config)
     if result.final_dir is None or args.num_samples <= 0:
         return 0
-    if int(__import__("os").environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:  # samples come from the main process only
         return 0
     return _print_samples(result.final_dir, args, config)
 
