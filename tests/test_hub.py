@@ -1,0 +1,114 @@
+"""Hub folders: load with plain transformers (no toolkit), same logits, a model card whose snippet runs."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffusion import DDiTModel
+from diffusion.checkpoint import CheckpointError
+from diffusion.hub import export_for_hub
+from diffusion.train_config import TrainConfig
+from diffusion.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs in a fresh interpreter with this toolkit removed from the import system.
+_NO_TOOLKIT = """
+import importlib.util, json, sys
+sys.path = [p for p in sys.path if not p.startswith({repo!r})]
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+assert importlib.util.find_spec("diffusion") is None and importlib.util.find_spec("samplers") is None
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM
+case = load_file({case!r})
+model = AutoModelForMaskedLM.from_pretrained({folder!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(input_ids=case["input_ids"], sigma=case["sigma"]).logits
+print(json.dumps({{"max_diff": (logits - case["logits"]).abs().max().item(), "cls": type(model).__module__}}))
+exec(open({snippet!r}).read())
+"""
+
+
+@pytest.fixture(scope="module", params=["subs", "score"])
+def exported(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"hub-{request.param}")
+    objective = "masked_elbo" if request.param == "subs" else "score_entropy"
+    config = TrainConfig(output_dir=str(tmp / "run"), seq_len=32, hidden_size=32, num_layers=1, num_heads=2,
+                         cond_dim=16, batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, eval_blocks=4,
+                         eval_batch_size=4, save_every=4, precision="no", progress=False, objective=objective,
+                         max_position_embeddings=64)
+    train(config)
+    checkpoint = tmp / "run/checkpoints/step-00000004"
+    return export_for_hub(checkpoint, tmp / "hub"), checkpoint, tmp
+
+
+def test_folder_contents_and_card(exported):
+    folder, _, _ = exported
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_ddit.py", "sampler_config.json", "README.md",
+            "tokenizer.json", "tokenizer_config.json"} <= names
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForMaskedLM"] == "modeling_ddit.DDiTModel"
+    assert config["process"] == "absorbing" and config["mask_token_id"] == 4096
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "held-out loss" in card
+    assert '"max_steps": 4' in card  # the training config
+
+
+def test_loads_without_the_toolkit_with_the_same_logits_and_the_card_snippet_runs(exported):
+    folder, checkpoint, tmp = exported
+    model = DDiTModel.from_pretrained(folder).eval()
+    ema = DDiTModel.from_pretrained(checkpoint / "ema").eval()
+    x = torch.randint(0, 4097, (2, 16), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.5, 2.0])
+    with torch.no_grad():
+        logits = model(input_ids=x, sigma=sigma).logits
+        torch.testing.assert_close(logits, ema(input_ids=x, sigma=sigma).logits, rtol=0, atol=0)  # EMA weights
+    save_file({"input_ids": x, "sigma": sigma, "logits": logits}, str(tmp / "case.safetensors"))
+    card = (folder / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp / "snippet.py").write_text(snippet)
+    code = _NO_TOOLKIT.format(repo=str(REPO), case=str(tmp / "case.safetensors"), folder=str(folder),
+                              snippet=str(tmp / "snippet.py"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[0])
+    assert report["max_diff"] == 0.0
+    assert "modeling_ddit" in report["cls"] and not report["cls"].startswith("diffusion")
+    assert len(result.stdout.splitlines()) >= 2  # the snippet printed its decoded tokens
+
+
+def test_pickles_and_missing_configs_are_refused(tmp_path, exported):
+    folder, _, _ = exported
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((folder / "config.json").read_text())
+    marker = tmp_path / "payload-ran"
+    payload = type("Payload", (), {"__reduce__": lambda self: (os.system, (f"touch {marker}",))})()
+    (bad / "model.safetensors").write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match="corrupt safetensors file"):
+        export_for_hub(bad, tmp_path / "out")
+    assert not marker.exists()  # the pickle was never unpickled
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        export_for_hub(empty, tmp_path / "out2")
+
+
+def test_push_cli_dry_run_writes_the_folder_and_needs_no_network(exported, tmp_path):
+    from scripts.push_to_hub import main
+
+    _, checkpoint, _ = exported
+    assert main([str(checkpoint), "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert (tmp_path / "dry" / "model.safetensors").exists()
+    with pytest.raises(SystemExit):
+        main([str(checkpoint)])  # neither --repo-id nor --dry-run
