@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh interpreter with this toolkit removed from the import system.
 _NO_TOOLKIT = """
-import importlib.util, json, sys
-sys.path = [p for p in sys.path if not p.startswith({repo!r})]
+import importlib.util, json, os, sys
+# Drop the repository itself (not a virtualenv that may live inside it) and the editable-install finder.
+sys.path = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != os.path.realpath({repo!r})]
 sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
 assert importlib.util.find_spec("diffusion") is None and importlib.util.find_spec("samplers") is None
 import torch
