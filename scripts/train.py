@@ -35,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # keep the terminal for our own progress bar
 
-    result = train(config)
+    from diffusion.checkpoint import CheckpointError
+
+    try:
+        result = train(config)
+    except (FileNotFoundError, CheckpointError) as err:  # a bad --dataset, --tokenizer or --resume: one line, no traceback
+        print(f"ddlm-train: error: {err}", file=sys.stderr)
+        return 2
     if result.final_dir is None or args.num_samples <= 0:
         return 0
     if int(os.environ.get("RANK", "0")) != 0:  # samples come from the main process only

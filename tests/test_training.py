@@ -124,6 +124,16 @@ def test_cli_reports_bad_values_before_any_work():
     assert "batch_size must be a positive int, got batch_size=0" in result.stderr
 
 
+def test_cli_missing_dataset_is_one_line_error(tmp_path):
+    from scripts.train import main
+
+    result = subprocess.run([sys.executable, "-m", "scripts.train", "--output-dir", str(tmp_path / "run"),
+                             "--dataset", "./no/such/dir"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "ddlm-train: error: dataset path does not exist: dataset='./no/such/dir'"
+    assert main(["--output-dir", str(tmp_path / "run2"), "--resume", str(tmp_path / "missing")]) == 2
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     config = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     factors = [lr_factor(s, config) for s in range(100)]
