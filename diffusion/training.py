@@ -239,6 +239,7 @@ def train(config: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    resume_path = _resolve_resume(config, Path(config.output_dir) / "checkpoints")  # a bad path fails before any work
     log_with = None if config.report_to == "none" else config.report_to
     # cpu=True on GPU-less machines lets torchrun / accelerate launch ranks form a gloo group (MULTI_CPU).
     acc = Accelerator(mixed_precision=_precision(config), log_with=log_with, project_dir=config.output_dir,
@@ -248,7 +249,6 @@ def train(config: TrainConfig) -> TrainResult:
             f"distributed type {acc.distributed_type} is not supported by this loop yet (one device, DDP on CPU or GPU)"
         )
     run = _Run(config, acc)
-    resume_path = _resolve_resume(config, run.ckpt_root)  # before any compute: a bad path fails fast
     if acc.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
         write_json(run.root / "train_config.json", config.to_dict())

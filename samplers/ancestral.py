@@ -19,7 +19,7 @@ from torch import Tensor
 
 from diffusion.schedules import get_schedule
 
-from .base import FREE, SampleOutput, Sampler, _check_filters, register_sampler, sample_categorical, token_probs
+from .base import FREE, SampleOutput, Sampler, check_filters, register_sampler, sample_categorical, token_probs
 
 __all__ = ["MaskedAncestralSampler"]
 
@@ -48,7 +48,7 @@ class MaskedAncestralSampler(Sampler):
                  top_k: int | None = None, top_p: float | None = None) -> None:
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got eps={eps!r}")
-        _check_filters(temperature, top_k, top_p)
+        check_filters(temperature, top_k, top_p)
         self.eps, self.cache = eps, cache
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 

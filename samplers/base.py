@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["FREE", "SampleOutput", "Sampler", "register_sampler", "get_sampler", "SAMPLERS",
-           "make_canvas", "sample_categorical", "token_probs", "check_positive_int"]
+           "make_canvas", "sample_categorical", "token_probs", "check_positive_int", "check_filters"]
 
 FREE = -1
 
@@ -41,7 +41,7 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
 
 
-def _check_filters(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_filters(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not (isinstance(temperature, (int, float)) and temperature >= 0):
         raise ValueError(f"temperature must be >= 0, got temperature={temperature!r}")
     if top_k is not None:
@@ -121,7 +121,10 @@ def make_canvas(config: Any, *, batch_size: int | None, prompt_ids: Tensor | Non
         )
     fixed = canvas[canvas != FREE]
     if fixed.numel():
-        bad = fixed[(fixed < 0) | (fixed >= config.vocab_size) | (fixed == (config.mask_token_id if config.mask_token_id is not None else -2))]
+        invalid = (fixed < 0) | (fixed >= config.vocab_size)
+        if config.mask_token_id is not None:
+            invalid |= fixed == config.mask_token_id
+        bad = fixed[invalid]
         if bad.numel():
             raise ValueError(
                 f"prompt token ids must be real tokens in [0, {config.vocab_size}) and not the mask id "

@@ -23,7 +23,7 @@ from torch import Tensor
 from diffusion.schedules import get_schedule
 
 from .ancestral import check_masked_model
-from .base import FREE, SampleOutput, Sampler, _check_filters, check_positive_int, register_sampler, sample_categorical, token_probs
+from .base import FREE, SampleOutput, Sampler, check_filters, check_positive_int, register_sampler, sample_categorical, token_probs
 
 __all__ = ["STRATEGIES", "transfer_schedule", "ConfidenceRemaskingSampler", "decode_blocks"]
 
@@ -180,7 +180,7 @@ class ConfidenceRemaskingSampler(Sampler):
         if block_length is not None:
             check_positive_int("block_length", block_length)
         check_kv_cache(kv_cache, block_length)
-        _check_filters(temperature, top_k, top_p)
+        check_filters(temperature, top_k, top_p)
         self.strategy, self.block_length, self.kv_cache = strategy, block_length, kv_cache
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .ancestral import check_masked_model
-from .base import SampleOutput, Sampler, _check_filters, check_positive_int, register_sampler
+from .base import SampleOutput, Sampler, check_filters, check_positive_int, register_sampler
 from .remasking import check_kv_cache, decode_blocks
 
 __all__ = ["ThresholdSampler"]
@@ -40,7 +40,7 @@ class ThresholdSampler(Sampler):
         if block_length is not None:
             check_positive_int("block_length", block_length)
         check_kv_cache(kv_cache, block_length)
-        _check_filters(temperature, top_k, top_p)
+        check_filters(temperature, top_k, top_p)
         self.threshold, self.block_length, self.kv_cache = threshold, block_length, kv_cache
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 

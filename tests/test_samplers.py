@@ -1,6 +1,5 @@
 """Samplers: shared invariants for every sampler, exact caching, the SEDD steps, the remasking schedule."""
 
-import math
 
 import pytest
 import torch
