@@ -51,7 +51,7 @@ def usage_snippet(location: str, parameterization: str) -> str:
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 model = AutoModelForMaskedLM.from_pretrained("{location}", trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained("{location}")
+tokenizer = AutoTokenizer.from_pretrained("{location}", trust_remote_code=True)  # reads config.json's auto_map
 ids = tokenizer("To be, or not to be", return_tensors="pt").input_ids
 x = torch.cat([ids, torch.full((1, 8), tokenizer.mask_token_id)], dim=1)
 with torch.no_grad():
