@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -372,6 +373,24 @@ class DDiTModel(DDiTPreTrainedModel):
         _tag(self.final_modulation, "zero")
         self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained``, but strict: every weight must match the config.
+
+        A config that disagrees with the weights (more layers, no adaLN, ...) is a ``ValueError`` naming the
+        keys, never a model with freshly initialised parts.
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {key: sorted(info.get(key) or ()) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {key: value for key, value in problems.items() if value}
+        if problems:
+            listing = "; ".join(f"{key}: {', '.join(map(str, value[:6]))}{' ...' if len(value) > 6 else ''}"
+                                for key, value in problems.items())
+            raise ValueError(f"the weights do not match config.json ({listing}); refusing to load a partly "
+                             "initialised model")
+        return (model, info) if wants_info else model
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens

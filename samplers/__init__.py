@@ -4,7 +4,7 @@
     out = get_sampler("ancestral").generate(model, batch_size=4, length=128, num_steps=128)
 """
 
-from .adapters import MaskedLMAdapter
+from .adapters import DiffusionLMAdapter, MaskedLMAdapter, load_denoiser
 from .ancestral import MaskedAncestralSampler
 from .base import FREE, SAMPLERS, SampleOutput, Sampler, get_sampler, register_sampler
 from .remasking import ConfidenceRemaskingSampler
@@ -13,5 +13,6 @@ from .threshold import ThresholdSampler
 
 __all__ = [
     "FREE", "SAMPLERS", "SampleOutput", "Sampler", "get_sampler", "register_sampler", "MaskedLMAdapter",
+    "DiffusionLMAdapter", "load_denoiser",
     "MaskedAncestralSampler", "ConfidenceRemaskingSampler", "EulerSampler", "AnalyticSampler", "ThresholdSampler",
 ]

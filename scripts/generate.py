@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length (remask, threshold)")
     p.add_argument("--threshold", type=float, default=None, help="confidence threshold (threshold sampler)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code to run")
+    p.add_argument("--mask-token-id", type=int, default=None,
+                   help="mask id of an outside model whose config and tokenizer name none")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
@@ -45,25 +47,25 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _load(model_id: str, trust_remote_code: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForMaskedLM
+def _load(model_id: str, trust_remote_code: bool, mask_token_id: int | None) -> tuple[Any, Any]:
     from transformers.utils import logging as hf_logging
 
+    from samplers.adapters import load_denoiser
+
     hf_logging.disable_progress_bar()  # stderr is for our one-line errors
-
-    import diffusion  # noqa: F401  (registers the ddit Auto classes)
-    from diffusion.data import load_tokenizer
-
     looks_local = model_id.startswith((".", "/", "~")) or os.path.exists(model_id)
     if looks_local and not os.path.isdir(os.path.expanduser(model_id)):
         raise FileNotFoundError(f"--model folder does not exist: {model_id!r}")
     try:
-        model = AutoModelForMaskedLM.from_pretrained(os.path.expanduser(model_id), trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(os.path.expanduser(model_id))
+        return load_denoiser(os.path.expanduser(model_id), trust_remote_code=trust_remote_code,
+                             mask_token_id=mask_token_id)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(f"could not load --model {model_id!r} (no such folder, or the Hub is unreachable): {first}") from err
-    return model.eval(), tokenizer
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ValueError(f"--model {model_id!r} needs its own code to run; read it, then pass --trust-remote-code") from err
+        raise
 
 
 def _live_view(tokenizer: Any, mask_id: int | None) -> Any:
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sampler is not None and args.sampler not in SAMPLERS:
         return _fail(f"unknown --sampler {args.sampler!r}; valid: {sorted(SAMPLERS)}")
     try:
-        model, tokenizer = _load(args.model, args.trust_remote_code)
+        model, tokenizer = _load(args.model, args.trust_remote_code, args.mask_token_id)
         config = model.config
         sampler_name = args.sampler or ("ancestral" if config.parameterization == "subs" else "analytic")
         options = {k: v for k, v in (("temperature", args.temperature), ("block_length", args.block_length),

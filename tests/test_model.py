@@ -1,5 +1,6 @@
 """The DDiT denoiser: parameterisation invariants, time conditioning, persistence, gradients, bf16."""
 
+import json
 import math
 
 import pytest
@@ -174,3 +175,23 @@ def test_eager_attention_matches_sdpa_with_padding():
     sigma = torch.tensor([0.2, 1.0, 3.0])
     torch.testing.assert_close(eager(xt, sigma=sigma, attention_mask=mask).logits,
                                sdpa(xt, sigma=sigma, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_from_pretrained_is_strict_about_config_and_weights(tied, tmp_path):
+    config = DDiTConfig(vocab_size=101, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, cond_dim=16,
+                        max_position_embeddings=64, tie_word_embeddings=tied, time_conditioning=True)
+    model = DDiTModel(config).eval()
+    model.save_pretrained(tmp_path)
+    loaded = DDiTModel.from_pretrained(tmp_path).eval()  # a matching folder loads, tied or not
+    x = torch.randint(0, 101, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x, sigma=torch.tensor([1.0])).logits,
+                                   model(input_ids=x, sigma=torch.tensor([1.0])).logits, rtol=0, atol=0)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match=r"do not match config.json \(missing_keys: blocks.1"):
+        DDiTModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "time_conditioning": False}))
+    with pytest.raises(ValueError, match="unexpected_keys"):
+        AutoModelForMaskedLM.from_pretrained(tmp_path)

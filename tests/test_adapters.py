@@ -1,0 +1,151 @@
+"""Outside diffusion LMs through the adapters: LLaDA- and Dream-style remote code, BERT and ModernBERT.
+
+Each model is a tiny random one built from a config and saved to a folder, then loaded back the way a
+user would load a Hub model (``load_denoiser``), so the remote-code path really runs.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from diffusion.data import load_tokenizer
+from diffusion.modeling_ddit import subs_log_probs
+from samplers import (
+    FREE,
+    DiffusionLMAdapter,
+    MaskedLMAdapter,
+    get_sampler,
+    load_denoiser,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 4097  # the built-in tokenizer: 4096 BPE tokens + <|mask|> = 4096
+MASK = 4096
+
+
+def _stand_ins():
+    if "modeling_tiny_dlm" not in sys.modules:  # save_pretrained copies the file it finds in sys.modules
+        spec = importlib.util.spec_from_file_location("modeling_tiny_dlm", REPO / "tests/remote_code/modeling_tiny_dlm.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["modeling_tiny_dlm"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["modeling_tiny_dlm"]
+
+
+def _save_remote(folder: Path, family: str) -> Path:
+    """A remote-code folder: config + weights + modeling file + tokenizer (+ generation config for Dream)."""
+    tiny = _stand_ins()
+    torch.manual_seed(0)
+    if family == "llada":
+        config_cls, model_cls = tiny.LLaDAConfig, tiny.LLaDAModelLM
+        config = config_cls(vocab_size=VOCAB, mask_token_id=MASK)
+    else:
+        config_cls, model_cls = tiny.DreamConfig, tiny.DreamModel
+        config = config_cls(vocab_size=VOCAB)
+        GenerationConfig(mask_token_id=MASK).save_pretrained(folder)
+    config_cls.register_for_auto_class()
+    model_cls.register_for_auto_class("AutoModel")
+    model_cls(config).save_pretrained(folder)
+    tokenizer = load_tokenizer("builtin")
+    tokenizer.mask_token = None if family == "dream" else tokenizer.mask_token  # Dream: the id lives elsewhere
+    tokenizer.save_pretrained(folder)
+    assert "auto_map" in json.loads((folder / "config.json").read_text())
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def remote(request, tmp_path_factory):
+    return request.param, _save_remote(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def test_remote_code_runs_only_when_trusted(remote):
+    _, folder = remote
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_denoiser(str(folder))
+
+
+def test_remote_adapters_align_the_logits_of_each_family(remote):
+    family, folder = remote
+    model, tokenizer = load_denoiser(str(folder), trust_remote_code=True)
+    assert type(model) is DiffusionLMAdapter and model.shift_logits == (family == "dream")
+    assert model.config.mask_token_id == MASK and type(model.model).__module__.startswith("transformers_modules")
+    x = torch.randint(0, VOCAB - 1, (2, 12), generator=torch.Generator().manual_seed(0))
+    x[:, 3:9] = MASK
+    with torch.no_grad():
+        raw = model.model(input_ids=x).logits.float()
+        out = model(input_ids=x).logits
+    aligned = torch.cat([raw[:, :1], raw[:, :-1]], dim=1) if family == "dream" else raw
+    torch.testing.assert_close(out, subs_log_probs(aligned, x, MASK), rtol=0, atol=0)
+    clean = x != MASK
+    assert torch.equal(out[clean].argmax(-1), x[clean])  # subs: clean tokens are carried over
+    assert bool((out[~clean][:, MASK].exp() == 0).all())  # MASK is never predicted
+    torch.testing.assert_close(out[~clean].exp().sum(-1), torch.ones(int((~clean).sum())))
+
+
+def _check_sampler_invariants(model, mask_id: int, vocab: int) -> None:
+    prefix, suffix = [5, 6, 7], [8, 9]
+    canvas = torch.tensor([prefix + [FREE] * 8 + suffix] * 2)
+    settings = {"ancestral": {}, "remask": {"block_length": 4}, "threshold": {"block_length": 4, "threshold": 0.5}}
+    for name, options in settings.items():
+        runs = [get_sampler(name, **options).generate(model, canvas=canvas, num_steps=12,
+                                                      generator=torch.Generator().manual_seed(seed))
+                for seed in (0, 0, 1)]
+        tokens = runs[0].tokens
+        assert not bool((tokens == mask_id).any()) and bool(((tokens >= 0) & (tokens < vocab)).all()), name
+        assert tokens[:, :3].tolist() == [prefix] * 2 and tokens[:, -2:].tolist() == [suffix] * 2, name
+        assert torch.equal(tokens, runs[1].tokens), name  # same seed, same tokens
+        assert runs[0].nfe >= 1
+
+
+def test_samplers_keep_their_invariants_through_the_remote_adapters(remote):
+    _, folder = remote
+    model, _ = load_denoiser(str(folder), trust_remote_code=True)
+    _check_sampler_invariants(model, MASK, VOCAB)
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_masked_lm_adapters_load_from_a_folder_and_keep_the_invariants(arch, tmp_path):
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        ModernBertConfig,
+        ModernBertForMaskedLM,
+    )
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=64)
+    if arch == "bert":
+        model = BertForMaskedLM(BertConfig(**common))
+    else:
+        model = ModernBertForMaskedLM(ModernBertConfig(**common, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+                                                       cls_token_id=0, sep_token_id=0, global_attn_every_n_layers=1))
+    model.save_pretrained(tmp_path)
+    load_tokenizer("builtin").save_pretrained(tmp_path)  # its mask token is the id the adapter must find
+    adapter, _ = load_denoiser(str(tmp_path))
+    assert type(adapter) is MaskedLMAdapter and adapter.config.mask_token_id == MASK
+    _check_sampler_invariants(adapter, MASK, VOCAB)
+    with pytest.raises(ValueError, match="mask_token_id=4097"):
+        MaskedLMAdapter(adapter.model, mask_token_id=4097)
+
+
+def test_generate_cli_runs_a_remote_code_model_only_with_the_flag(tmp_path):
+    folder = _save_remote(tmp_path / "llada", "llada")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, "-m", "scripts.generate", "--model", str(folder), "--prompt", "To be",
+               "--length", "6", "--steps", "6", "--json"]
+    refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "needs its own code to run" in refused.stderr and "--trust-remote-code" in refused.stderr
+    done = subprocess.run([*command, "--trust-remote-code"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["nfe"] >= 1 and MASK not in report["samples"][0]["tokens"]
