@@ -1,0 +1,119 @@
+"""``GRPOConfig``: every knob of a GRPO run, validated once, never changed after construction."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["GRPOConfig"]
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """A GRPO fine-tuning run of a masked diffusion LM (d1 / DiffuCoder / GDPO family)."""
+
+    output_dir: str = _help("where checkpoints, metrics.jsonl and the final model go", default="runs/rl")
+    max_steps: int = _help("rollout steps (each: one batch of rollouts, then inner_steps optimizer steps)",
+                           default=100)
+    prompts_per_step: int = _help("prompts per rollout step", default=8)
+    group_size: int = _help("completions per prompt (G)", default=8)
+    inner_steps: int = _help("optimizer steps per rollout batch (mu); masks are re-drawn for each", default=1)
+    completion_length: int = _help("tokens per completion", default=32)
+    lr: float = _help("AdamW learning rate", default=1e-4)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    max_grad_norm: float = _help("gradient clipping norm (0 disables)", default=1.0)
+    estimator: str = _help("likelihood estimator: one_step, coupled, quadrature or monte_carlo", default="coupled")
+    p_mask_prompt: float = _help("one_step: probability of masking each prompt token", default=0.15)
+    coupled_t_min: float = _help("coupled: lower end of t ~ U(t_min, t_max)", default=0.2)
+    coupled_t_max: float = _help("coupled: upper end of t ~ U(t_min, t_max)", default=0.8)
+    num_points: int = _help("quadrature / monte_carlo: time points (network calls) per estimate", default=2)
+    level: str = _help("importance ratio per 'token' or per 'sequence' (length-normalised, GDPO/GSPO)",
+                       default="token")
+    eps_low: float = _help("clip range below 1: rho >= 1 - eps_low", default=0.2)
+    eps_high: float = _help("clip range above 1: rho <= 1 + eps_high", default=0.2)
+    beta: float = _help("weight of the k3 KL to the frozen reference model (0: no reference model)", default=0.0)
+    advantage_scale: str = _help("'group' (divide by the group std, GRPO) or 'none' (Dr. GRPO, d1, GDPO)",
+                                 default="group")
+    sampler: str = _help("rollout sampler (any name from samplers.SAMPLERS)", default="remask")
+    sampler_steps: int = _help("rollout sampling steps", default=32)
+    sampler_options: dict | None = _help("JSON object of extra sampler options, e.g. {\"block_length\": 8}",
+                                         default=None)
+    temperature: float = _help("rollout sampling temperature", default=1.0)
+    reward_timeout: float | None = _help("seconds a reward function may take per call (None: no limit)",
+                                         default=60.0)
+    variance_draws: int = _help("extra likelihood draws per logged step to measure the estimator's variance "
+                                "(0 disables)", default=4)
+    lora_rank: int = _help("LoRA rank through peft (0: train every weight)", default=0)
+    lora_alpha: float = _help("LoRA alpha", default=16.0)
+    lora_targets: str = _help("comma-separated names of the Linear layers LoRA adapts",
+                              default="qkv,attn_out,mlp_in,mlp_out")
+    seed: int = _help("seed of prompts order, rollouts and masks (every step reseeds from (seed, step))",
+                      default=0)
+    save_every: int = _help("checkpoint every N steps (0: only at the end)", default=50)
+    keep_last: int = _help("checkpoints to keep", default=2)
+    log_every: int = _help("log metrics every N steps", default=1)
+    resume: str | None = _help("'auto' (latest complete checkpoint in output_dir) or a checkpoint path",
+                               default=None)
+    progress: bool = _help("show a progress bar", default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "prompts_per_step", "inner_steps", "completion_length", "sampler_steps",
+                     "num_points", "log_every", "keep_last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        for name in ("save_every", "lora_rank", "variance_draws"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {name}={value!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"group_size must be an int >= 2 (advantages compare completions), "
+                             f"got group_size={self.group_size!r}")
+        if self.variance_draws == 1:
+            raise ValueError("variance_draws must be 0 or >= 2 (a variance needs two draws), got variance_draws=1")
+        from .estimators import ESTIMATORS
+
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator={self.estimator!r}; valid: {sorted(ESTIMATORS)}")
+        choices = {"level": ("token", "sequence"), "advantage_scale": ("group", "none")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {name}={getattr(self, name)!r}")
+        positive = {"lr": self.lr, "lora_alpha": self.lora_alpha}
+        non_negative = {"weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm, "beta": self.beta,
+                        "eps_low": self.eps_low, "eps_high": self.eps_high, "temperature": self.temperature}
+        for name, value in positive.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {name}={value!r}")
+        for name, value in non_negative.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
+        if self.eps_low >= 1:
+            raise ValueError(f"eps_low must be < 1 (the ratio is positive), got eps_low={self.eps_low}")
+        if not 0 <= self.p_mask_prompt < 1:
+            raise ValueError(f"p_mask_prompt must be in [0, 1), got p_mask_prompt={self.p_mask_prompt}")
+        if not 0 < self.coupled_t_min <= self.coupled_t_max < 1:
+            raise ValueError(f"need 0 < coupled_t_min <= coupled_t_max < 1, got coupled_t_min={self.coupled_t_min}, "
+                             f"coupled_t_max={self.coupled_t_max}")
+        if self.reward_timeout is not None and not self.reward_timeout > 0:
+            raise ValueError(f"reward_timeout must be > 0 or None, got reward_timeout={self.reward_timeout!r}")
+        if self.sampler_options is not None and not isinstance(self.sampler_options, dict):
+            raise ValueError(f"sampler_options must be a dict, got sampler_options={self.sampler_options!r}")
+        if self.lora_rank and not [t for t in self.lora_targets.split(",") if t.strip()]:
+            raise ValueError(f"lora_targets names no layer, got lora_targets={self.lora_targets!r}")
+
+    def estimator_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`rl.estimators.get_estimator` for the chosen estimator."""
+        return {"one_step": {"p_mask_prompt": self.p_mask_prompt},
+                "coupled": {"t_min": self.coupled_t_min, "t_max": self.coupled_t_max},
+                "quadrature": {"num_points": self.num_points},
+                "monte_carlo": {"num_points": self.num_points}}[self.estimator]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)

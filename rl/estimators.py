@@ -1,0 +1,216 @@
+"""Likelihood estimators for masked diffusion policies: log pi(y | q) is intractable, these estimate it.
+
+Every estimator works in two steps so that pi_theta, pi_old and pi_ref see **identical masks**
+(ALGORITHMS invariant 23: at theta = theta_old every ratio is exactly 1):
+
+    draw = estimator.draw(sequences, completion, generator)     # masks and weights, no network call
+    per_token = estimator.score(model, draw)                    # [B, Lc] contributions, one call per view
+
+``per_token[b, k]`` is completion token k's contribution; ``per_token.sum(-1)`` estimates the sequence
+log-likelihood (or its ELBO).  Shapes: ``sequences [B, L]`` (prompt then completion), ``completion [B, L]``
+bool (True on completion positions; every row has the same number Lc of them).
+
+- ``one_step`` (d1 / diffu-GRPO): the whole completion is MASK, each prompt token is masked with
+  probability ``p_mask_prompt``; ``l_k = log p(y_k | q', all-MASK completion)`` (mean field, 1 call).
+- ``coupled`` (DiffuCoder): ``t ~ U(t_min, t_max)`` per row, mask set M1 = {U < t} of the completion and its
+  complement M2; ``l_k = log p(y_k | view_1) / t`` for k in M1, ``log p(y_k | view_2) / (1 - t)`` otherwise.
+  Every completion token is scored exactly once per pair (2 calls).
+- ``quadrature`` (GDPO, semi-deterministic MC): Gauss-Legendre nodes ``t_n`` on [0, 1] with weights ``w_n``
+  (sum 1), one Bernoulli(t_n) mask per node; ``l_k = sum_n w_n (1/t_n) 1[k masked at t_n] log p(y_k | view_n)``
+  (N calls), an estimate of the ELBO ``int_0^1 E[(1/t) sum_{masked} log p] dt``.
+- ``monte_carlo`` (double MC ELBO): the same integrand at N i.i.d. ``t_n ~ U(0, 1)`` with weights 1/N.
+
+For a model with exact conditionals the ELBO equals log p(y | q), so ``quadrature`` and ``monte_carlo``
+are unbiased for it; ``one_step`` and ``coupled`` are surrogates (biased, but cheap and low-variance).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ESTIMATORS", "Draw", "LikelihoodEstimator", "get_estimator", "gauss_legendre_01", "model_log_probs"]
+
+
+@dataclass
+class Draw:
+    """The random part of one estimate: ``views [V, B, L]`` inputs and ``weights [V, B, L]`` per view.
+
+    ``targets [B, L]`` are the clean sequences.  Token k of row b contributes
+    ``sum_v weights[v, b, k] * log p(y_k | views[v, b])``; weights are zero off the completion and on
+    positions a view leaves unmasked.  ``t [V, B]`` is each view's time (for time-conditioned models).
+    """
+
+    targets: Tensor
+    views: Tensor
+    weights: Tensor
+    t: Tensor
+    completion: Tensor
+
+
+def gauss_legendre_01(n: int) -> tuple[Tensor, Tensor]:
+    """Gauss-Legendre nodes and weights mapped to [0, 1]: ``t = (x + 1) / 2``, ``w = w_x / 2`` (sum 1), float64."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
+
+
+def model_log_probs(model: Any, input_ids: Tensor, t: Tensor) -> Tensor:
+    """``log p_theta(x0 | x_t)`` ``[B, L, S]`` from a subs denoiser; sigma is passed when the model wants time."""
+    config = model.config
+    sigma = None
+    if getattr(config, "time_conditioning", False):
+        from diffusion.schedules import get_schedule
+
+        schedule = get_schedule(config.schedule, **config.schedule_kwargs)
+        sigma = schedule.total_noise(t.clamp(1e-4, 1.0).to(torch.float64)).float()
+    return model(input_ids=input_ids, sigma=sigma).logits.float()
+
+
+class LikelihoodEstimator(ABC):
+    """Draws masks (no network call), then scores a model under them."""
+
+    name: str
+    calls: int  # network calls per estimate
+
+    def __init__(self, mask_id: int) -> None:
+        self.mask_id = mask_id
+
+    @abstractmethod
+    def draw(self, sequences: Tensor, completion: Tensor, generator: torch.Generator | None = None) -> Draw:
+        """Masks and weights for one estimate of every row's log-likelihood."""
+
+    def score(self, model: Any, draw: Draw) -> Tensor:
+        """``[B, Lc]`` per-completion-token contributions (differentiable through ``model``)."""
+        views, weights = draw.views, draw.weights
+        total = torch.zeros(weights.shape[1:], dtype=torch.float32, device=views.device)
+        for v in range(views.shape[0]):
+            if not bool((weights[v] != 0).any()):
+                continue  # nothing masked in this view: no call needed
+            log_probs = model_log_probs(model, views[v], draw.t[v])
+            token_lp = log_probs.gather(-1, draw.targets.unsqueeze(-1)).squeeze(-1)
+            total = total + torch.where(weights[v] != 0, weights[v].float() * token_lp, torch.zeros_like(token_lp))
+        rows = draw.completion.shape[0]
+        return total[draw.completion].view(rows, -1)
+
+    def _draw(self, sequences: Tensor, completion: Tensor, masks: list[Tensor], weights: list[Tensor],
+              t: list[Tensor]) -> Draw:
+        views = torch.stack([torch.where(m, torch.full_like(sequences, self.mask_id), sequences) for m in masks])
+        return Draw(targets=sequences, views=views, weights=torch.stack(weights), t=torch.stack(t),
+                    completion=completion)
+
+
+def _check(sequences: Tensor, completion: Tensor) -> None:
+    if sequences.shape != completion.shape or completion.dtype != torch.bool:
+        raise ValueError(f"completion must be a bool mask shaped like sequences {tuple(sequences.shape)}, "
+                         f"got {completion.dtype} {tuple(completion.shape)}")
+    counts = completion.sum(-1)
+    if counts.numel() and (counts.min() != counts.max() or int(counts[0]) == 0):
+        raise ValueError(f"every row needs the same positive number of completion tokens, got {counts.tolist()}")
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    return torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
+
+
+class OneStep(LikelihoodEstimator):
+    """d1: completion fully masked, prompt tokens masked with ``p_mask_prompt``; one call."""
+
+    name, calls = "one_step", 1
+
+    def __init__(self, mask_id: int, p_mask_prompt: float = 0.15) -> None:
+        super().__init__(mask_id)
+        if not 0.0 <= p_mask_prompt < 1.0:
+            raise ValueError(f"p_mask_prompt must be in [0, 1), got p_mask_prompt={p_mask_prompt}")
+        self.p_mask_prompt = p_mask_prompt
+
+    def draw(self, sequences: Tensor, completion: Tensor, generator: torch.Generator | None = None) -> Draw:
+        _check(sequences, completion)
+        u = _uniform(tuple(sequences.shape), generator, sequences.device)
+        mask = completion | (u < self.p_mask_prompt)
+        weight = completion.double()
+        return self._draw(sequences, completion, [mask], [weight], [torch.ones(len(sequences), dtype=torch.float64)])
+
+
+class Coupled(LikelihoodEstimator):
+    """DiffuCoder: a complementary mask pair at ``t ~ U(t_min, t_max)``, weights 1/t and 1/(1 - t); two calls."""
+
+    name, calls = "coupled", 2
+
+    def __init__(self, mask_id: int, t_min: float = 0.2, t_max: float = 0.8) -> None:
+        super().__init__(mask_id)
+        if not 0.0 < t_min <= t_max < 1.0:
+            raise ValueError(f"need 0 < t_min <= t_max < 1, got t_min={t_min}, t_max={t_max}")
+        self.t_min, self.t_max = t_min, t_max
+
+    def draw(self, sequences: Tensor, completion: Tensor, generator: torch.Generator | None = None) -> Draw:
+        _check(sequences, completion)
+        rows = len(sequences)
+        t = self.t_min + (self.t_max - self.t_min) * _uniform((rows,), generator, sequences.device)
+        u = _uniform(tuple(sequences.shape), generator, sequences.device)
+        first = completion & (u < t[:, None])
+        second = completion & ~first  # the complement within the completion
+        weights = [first.double() / t[:, None], second.double() / (1 - t[:, None])]
+        return self._draw(sequences, completion, [first, second], weights, [t, t])
+
+
+class _TimeIntegral(LikelihoodEstimator):
+    """``sum_n w_n (1/t_n) sum_{k masked at t_n} log p(y_k | view_n)`` with one Bernoulli(t_n) mask per node."""
+
+    def __init__(self, mask_id: int, num_points: int = 2) -> None:
+        super().__init__(mask_id)
+        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+            raise ValueError(f"num_points must be a positive int, got num_points={num_points!r}")
+        self.num_points = self.calls = num_points
+
+    @abstractmethod
+    def _nodes(self, rows: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """``t [N, B]`` and ``w [N, B]``."""
+
+    def draw(self, sequences: Tensor, completion: Tensor, generator: torch.Generator | None = None) -> Draw:
+        _check(sequences, completion)
+        t, w = self._nodes(len(sequences), generator)
+        t, w = t.to(sequences.device), w.to(sequences.device)
+        masks, weights = [], []
+        for n in range(len(t)):
+            u = _uniform(tuple(sequences.shape), generator, sequences.device)
+            mask = completion & (u < t[n][:, None])
+            masks.append(mask)
+            weights.append(mask.double() * (w[n] / t[n])[:, None])
+        return self._draw(sequences, completion, masks, weights, list(t))
+
+
+class Quadrature(_TimeIntegral):
+    """GDPO's semi-deterministic MC: Gauss-Legendre nodes on [0, 1] (2-3 are enough), one mask per node."""
+
+    name = "quadrature"
+
+    def _nodes(self, rows: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        t, w = gauss_legendre_01(self.num_points)
+        return t[:, None].expand(-1, rows), w[:, None].expand(-1, rows)
+
+
+class MonteCarlo(_TimeIntegral):
+    """Double Monte Carlo ELBO: ``t_n ~ U(0, 1)`` i.i.d. per row, weights 1/N."""
+
+    name = "monte_carlo"
+
+    def _nodes(self, rows: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        t = _uniform((self.num_points, rows), generator, torch.device("cpu")).clamp_min(1e-6)
+        return t, torch.full_like(t, 1.0 / self.num_points)
+
+
+ESTIMATORS: dict[str, type[LikelihoodEstimator]] = {
+    "one_step": OneStep, "coupled": Coupled, "quadrature": Quadrature, "monte_carlo": MonteCarlo,
+}
+
+
+def get_estimator(name: str, mask_id: int, **options: Any) -> LikelihoodEstimator:
+    """An estimator by name (``one_step``, ``coupled``, ``quadrature``, ``monte_carlo``)."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator name={name!r}; valid: {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name](mask_id, **options)

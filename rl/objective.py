@@ -1,0 +1,101 @@
+"""GRPO maths: group advantages, the clipped surrogate, the k3 KL, token- or sequence-level ratios.
+
+Notation (DESIGN, RL): G completions per prompt with rewards r_i; log-likelihood estimates
+``l_theta, l_old, l_ref`` per completion token ``[B, Lc]`` (B = prompts x G) under shared masks.
+
+- advantages: ``A_i = (r_i - mean_g r) / (std_g r + eps)`` (``scale="group"``, GRPO) or ``r_i - mean_g r``
+  (``scale="none"``, Dr. GRPO / d1 / GDPO).  Excluded completions (reward NaN) get A = 0 and do not enter
+  the group statistics.
+- token level: ``rho_k = exp(l_theta,k - l_old,k)``; loss ``= sum_k m_k * ell_k / sum_k m_k`` over the batch
+  with ``ell_k = -min(rho_k A, clip(rho_k, 1 - eps_low, 1 + eps_high) A) + beta * KL3_k``.
+- sequence level (GSPO / GDPO): ``rho = exp(sum_k m_k (l_theta,k - l_old,k) / sum_k m_k)``, one ``ell`` per
+  completion, mean over completions; KL3 on the length-normalised sequence difference.
+- ``KL3(ref, theta) = exp(ref - theta) - (ref - theta) - 1 >= 0`` (Schulman's k3; 0 when equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["group_advantages", "k3_kl", "grpo_loss", "LossStats"]
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """``[B]`` advantages for rewards ``[B]`` laid out as consecutive groups of ``group_size``.
+
+    NaN rewards (excluded completions) get advantage 0 and are left out of their group's mean and std.
+
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2, scale="none").tolist()
+    [0.5, -0.5, -0.5, 0.5]
+    """
+    if scale not in ("group", "none"):
+        raise ValueError(f"scale must be 'group' or 'none', got scale={scale!r}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [B] with B a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+    r = rewards.double().view(-1, group_size)
+    valid = ~torch.isnan(r)
+    count = valid.sum(-1, keepdim=True).clamp_min(1)
+    mean = torch.where(valid, r, 0).sum(-1, keepdim=True) / count
+    centred = torch.where(valid, r - mean, 0)
+    if scale == "group":
+        std = (centred.pow(2).sum(-1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()  # unbiased, as torch.std
+        centred = centred / (std + eps)
+    return centred.view(-1).to(rewards.dtype)
+
+
+def k3_kl(log_ref: Tensor, log_theta: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref): ``exp(d) - d - 1`` with ``d = log_ref - log_theta``."""
+    d = log_ref - log_theta
+    return torch.expm1(d) - d
+
+
+@dataclass
+class LossStats:
+    """Diagnostics of one loss evaluation (floats)."""
+
+    ratio_mean: float
+    clip_low: float  # fraction of scored units with rho < 1 - eps_low and A < 0 (the clip is active)
+    clip_high: float  # fraction with rho > 1 + eps_high and A > 0
+    kl: float
+
+
+def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tensor, *, eps_low: float = 0.2,
+              eps_high: float = 0.2, beta: float = 0.0, log_ref: Tensor | None = None,
+              level: str = "token") -> tuple[Tensor, LossStats]:
+    """The clipped GRPO surrogate (to minimise).
+
+    Args:
+        log_theta, log_old: ``[B, Lc]`` per-token log-likelihood estimates (same masks).
+        advantages: ``[B]``.
+        mask: ``[B, Lc]`` bool, completion tokens that count (up to and including the first EOS).
+        log_ref: ``[B, Lc]`` for the KL term (needed when ``beta > 0``).
+        level: ``"token"`` or ``"sequence"``.
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"level must be 'token' or 'sequence', got level={level!r}")
+    if beta > 0 and log_ref is None:
+        raise ValueError(f"beta={beta} > 0 needs log_ref")
+    m = mask.to(log_theta.dtype)
+    if level == "token":
+        diff, adv, weight = log_theta - log_old, advantages[:, None].to(log_theta.dtype), m
+        kl = k3_kl(log_ref, log_theta) if log_ref is not None else torch.zeros_like(log_theta)
+    else:
+        lengths = m.sum(-1).clamp_min(1)
+        diff = ((log_theta - log_old) * m).sum(-1) / lengths
+        adv, weight = advantages.to(log_theta.dtype), (m.sum(-1) > 0).to(log_theta.dtype)
+        kl = (k3_kl(((log_ref - log_theta) * m).sum(-1) / lengths, torch.zeros_like(lengths))
+              if log_ref is not None else torch.zeros_like(diff))
+    ratio = torch.exp(diff)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    per_unit = -surrogate + beta * kl
+    total = weight.sum().clamp_min(1)
+    loss = (per_unit * weight).sum() / total
+    with torch.no_grad():
+        low = ((ratio < 1 - eps_low) & (adv < 0)).to(weight.dtype)
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(weight.dtype)
+        stats = LossStats(ratio_mean=float((ratio * weight).sum() / total), clip_low=float((low * weight).sum() / total),
+                          clip_high=float((high * weight).sum() / total), kl=float((kl * weight).sum() / total))
+    return loss, stats

@@ -1,0 +1,153 @@
+"""Reward functions: plain callables ``(prompts, completions, **kwargs) -> list[float | None]``.
+
+``kwargs`` carries the prompt records' other fields (e.g. ``answer``), one value per completion.  How the
+trainer treats what a function returns (as TRL does):
+
+- ``None`` or NaN for a completion: that function is left out of the weighted sum for it, with a warning;
+  if every function leaves it out, the completion gets no advantage (it is excluded from the loss).
+- the wrong number of values, a value that is not a number, an exception, or a call that runs past
+  ``timeout`` seconds: a :class:`RewardError` naming the function.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["RewardError", "RewardFunction", "compute_rewards", "exact_match", "format_reward", "length_penalty",
+           "final_answer"]
+
+RewardFunction = Callable[..., Sequence[Any]]
+
+
+class RewardError(ValueError):
+    """A reward function failed or broke the contract above."""
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _call_with_timeout(fn: RewardFunction, timeout: float | None, args: tuple, kwargs: dict) -> Any:
+    if timeout is None:
+        return fn(*args, **kwargs)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reward-{_name(fn)}")
+    future = pool.submit(fn, *args, **kwargs)
+    try:
+        return future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        # A Python thread cannot be killed: it is abandoned (daemon) and the run stops with a clear error.
+        raise RewardError(f"reward function {_name(fn)!r} did not return within timeout={timeout} s") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def compute_rewards(functions: Sequence[RewardFunction], weights: Sequence[float], prompts: list[str],
+                    completions: list[str], *, timeout: float | None = None, **kwargs: list[Any]) -> tuple[Tensor, Tensor]:
+    """``(total [N], per_function [N, F])``; total is NaN where every function left the completion out."""
+    if len(functions) != len(weights):
+        raise ValueError(f"need one weight per reward function: {len(functions)} functions, {len(weights)} weights")
+    n = len(completions)
+    table = torch.full((n, len(functions)), float("nan"), dtype=torch.float64)
+    for j, fn in enumerate(functions):
+        try:
+            values = _call_with_timeout(fn, timeout, (prompts, completions), kwargs)
+        except RewardError:
+            raise
+        except Exception as err:  # noqa: BLE001  (the user's code: name it and stop)
+            raise RewardError(f"reward function {_name(fn)!r} raised {type(err).__name__}: {err}") from err
+        if values is None or not hasattr(values, "__len__") or len(values) != n:
+            got = "None" if values is None else (len(values) if hasattr(values, "__len__") else type(values).__name__)
+            raise RewardError(f"reward function {_name(fn)!r} returned {got} values for {n} completions")
+        missing = 0
+        for i, value in enumerate(values):
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                missing += 1
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
+                raise RewardError(f"reward function {_name(fn)!r} returned {value!r} for completion {i}: "
+                                  "rewards are finite numbers or None")
+            table[i, j] = float(value)
+        if missing:
+            warnings.warn(f"reward function {_name(fn)!r} returned None/NaN for {missing} of {n} completions; "
+                          "they are left out of its term", stacklevel=2)
+    w = torch.tensor(list(weights), dtype=torch.float64)
+    present = ~torch.isnan(table)
+    total = torch.where(present, table * w, 0.0).sum(-1)
+    total[~present.any(-1)] = float("nan")
+    if bool(torch.isnan(total).any()):
+        warnings.warn(f"{int(torch.isnan(total).sum())} completions have no reward at all and are excluded",
+                      stacklevel=2)
+    return total, table
+
+
+def final_answer(text: str) -> str | None:
+    """The text after the last ``####`` or ``answer:`` marker, else the last whitespace-separated word.
+
+    >>> final_answer("so 3 + 4 = 7 #### 7")
+    '7'
+    >>> final_answer("Answer: 12")
+    '12'
+    >>> final_answer("   ") is None
+    True
+    """
+    for marker in ("####", "answer:"):
+        index = text.lower().rfind(marker)
+        if index >= 0:
+            tail = text[index + len(marker):].strip()
+            return tail or None
+    words = text.split()
+    return words[-1] if words else None
+
+
+def exact_match(prompts: list[str], completions: list[str], answer: list[str], **kwargs: Any) -> list[float]:
+    """1.0 when the completion's final answer equals the reference ``answer``, else 0.0.
+
+    >>> exact_match(["2+2="], ["the sum is #### 4"], answer=["4"])
+    [1.0]
+    >>> exact_match(["2+2=", "1+1="], ["5", ""], answer=["4", "2"])
+    [0.0, 0.0]
+    """
+    return [float(final_answer(c) == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+def format_reward(pattern: str, reward: float = 1.0) -> RewardFunction:
+    """A reward function giving ``reward`` to completions that fully match the regular expression ``pattern``.
+
+    >>> digits = format_reward(r"\\d{3}")
+    >>> digits(["q", "q"], ["123", "12a"])
+    [1.0, 0.0]
+    >>> digits.__name__
+    'format_reward(\\\\d{3})'
+    """
+    compiled = re.compile(pattern)
+
+    def check(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+        return [reward if compiled.fullmatch(c.strip()) else 0.0 for c in completions]
+
+    check.__name__ = f"format_reward({pattern})"
+    return check
+
+
+def length_penalty(max_chars: int, per_char: float = 0.01) -> RewardFunction:
+    """A reward function: ``-per_char`` for each character beyond ``max_chars`` (0 otherwise).
+
+    >>> penalty = length_penalty(4, per_char=0.5)
+    >>> penalty(["q", "q"], ["abc", "abcdefg"])
+    [0.0, -1.5]
+    """
+    if max_chars < 0 or per_char < 0:
+        raise ValueError(f"max_chars and per_char must be >= 0, got max_chars={max_chars}, per_char={per_char}")
+
+    def penalty(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+        return [per_char * min(0, max_chars - len(c)) for c in completions]
+
+    penalty.__name__ = f"length_penalty({max_chars})"
+    return penalty
