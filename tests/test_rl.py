@@ -330,3 +330,28 @@ def test_trainer_refuses_a_score_model_and_warns_nothing_on_clean_rewards(tmp_pa
         warnings.simplefilter("error")
         metrics = trainer.train_step(0)
     assert metrics["completion_length"] >= 1 and "estimator_variance" in metrics
+
+
+def brevity(prompts, completions, **fields):
+    """A custom reward for the CLI test: shorter is better."""
+    return [-len(c) / 10 for c in completions]
+
+
+def test_rl_cli_with_a_custom_reward_and_one_line_errors(tmp_path, capsys):
+    import json as json_module
+
+    from scripts.rl import main
+
+    out = tmp_path / "cli"
+    code = main(["--output-dir", str(out), "--max-steps", "2", "--sft-steps", "5", "--eval-prompts", "8",
+                 "--progress", "false", "--reward", "tests.test_rl:brevity", "--reward-weight", "0.5",
+                 "--variance-draws", "0"])
+    assert code == 0
+    lines = [json_module.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1] and all("reward/brevity" in m for m in lines)
+    assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoints").is_dir()
+    capsys.readouterr()
+    assert main(["--output-dir", str(out), "--estimator", "ppo"]) == 2
+    assert "ddlm-rl: error: unknown estimator='ppo'" in capsys.readouterr().err
+    assert main(["--output-dir", str(out), "--reward", "tests.test_rl:nothing_here"]) == 2
+    assert "cannot import --reward 'tests.test_rl:nothing_here'" in capsys.readouterr().err
