@@ -43,6 +43,7 @@ from diffusion.checkpoint import (
     write_json,
 )
 from samplers import FREE, get_sampler
+from samplers.adapters import DiffusionLMAdapter
 
 from .config import GRPOConfig
 from .estimators import LikelihoodEstimator, get_estimator
@@ -83,6 +84,11 @@ def wrap_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str])
     if missing:
         raise ValueError(f"lora_targets {missing} name no Linear layer of {type(model).__name__}; it has {sorted(names)}")
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
+
+
+def _plain_state(module: nn.Module) -> dict[str, Tensor]:
+    """The state dict with every tensor copied: tied weights (BERT's decoder) become separate safetensors entries."""
+    return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
 
 
 class GRPOTrainer:
@@ -274,11 +280,9 @@ class GRPOTrainer:
         root.mkdir(parents=True, exist_ok=True)
         target = root / checkpoint_name(self.step)
         with atomic_directory(target) as tmp:
-            save_weights({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                         tmp / "model.safetensors")
+            save_weights(_plain_state(self.model), tmp / "model.safetensors")
             if self.reference is not None:
-                save_weights({k: v.detach().cpu().contiguous() for k, v in self.reference.state_dict().items()},
-                             tmp / "reference.safetensors")
+                save_weights(_plain_state(self.reference), tmp / "reference.safetensors")
             (tmp / "optimizer").mkdir()
             optimizer_to_files(self.optimizer, tmp / "optimizer")
             write_json(tmp / "trainer_state.json", {"step": self.step, "config": asdict(self.config)})
@@ -324,8 +328,19 @@ class GRPOTrainer:
         model = self.model
         if self.config.lora_rank:
             model = copy.deepcopy(model).merge_and_unload()
-        if hasattr(model, "save_pretrained"):
-            with atomic_directory(Path(folder)) as tmp:
-                model.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
+        outside = isinstance(model, DiffusionLMAdapter)
+        if outside:
+            model = model.model  # an outside model: save it in its own format
+        if not hasattr(model, "save_pretrained"):
+            raise ValueError(f"cannot export a {type(model).__name__}: it has no save_pretrained")
+        with atomic_directory(Path(folder)) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if outside:  # keep the mask id with the model wherever the original kept it (Dream: generation config)
+                from transformers import GenerationConfig
+
+                found = (tmp / "generation_config.json").is_file()
+                generation = GenerationConfig.from_pretrained(tmp) if found else GenerationConfig()
+                generation.mask_token_id = self.mask_id
+                generation.save_pretrained(tmp)
         return Path(folder)

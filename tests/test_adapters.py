@@ -149,3 +149,46 @@ def test_generate_cli_runs_a_remote_code_model_only_with_the_flag(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["nfe"] >= 1 and MASK not in report["samples"][0]["tokens"]
+
+
+def _rl_through(model, tokenizer, tmp_path):
+    from rl.config import GRPOConfig
+    from rl.tasks import SortTask
+    from rl.trainer import GRPOTrainer
+
+    task = SortTask(3)
+    config = GRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=2, prompts_per_step=2, group_size=3,
+                        completion_length=4, sampler="remask", sampler_steps=4, lr=1e-3, inner_steps=2, beta=0.05,
+                        save_every=0, progress=False, variance_draws=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    def text_length(prompts, completions, **fields):  # varies even for random models: non-zero advantages
+        return [float(len(c)) for c in completions]
+
+    trainer = GRPOTrainer(model, tokenizer, config, [*task.reward_functions, text_length], task.records(20),
+                          [*task.reward_weights, 0.1])
+    history = trainer.train()
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["estimator_variance"], m["kl"]])).all() for m in history)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    return trainer
+
+
+def test_rl_fine_tunes_the_remote_code_models_through_their_adapters(remote, tmp_path):
+    _, folder = remote
+    model, tokenizer = load_denoiser(str(folder), trust_remote_code=True)
+    trainer = _rl_through(model, tokenizer, tmp_path)
+    exported = tmp_path / "rl" / "final"
+    assert json.loads((exported / "config.json").read_text())["auto_map"]  # saved in its own (remote-code) format
+    reloaded, _ = load_denoiser(str(exported), trust_remote_code=True)
+    x = torch.randint(0, VOCAB - 1, (1, 8))
+    x[:, 4:] = MASK
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, trainer.model(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_rl_fine_tunes_a_bert_masked_lm(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64))
+    _rl_through(MaskedLMAdapter(bert, MASK), load_tokenizer("builtin"), tmp_path)

@@ -340,7 +340,7 @@ def brevity(prompts, completions, **fields):
 def test_rl_cli_with_a_custom_reward_and_one_line_errors(tmp_path, capsys):
     import json as json_module
 
-    from scripts.rl import main
+    from scripts.rl_finetune import main
 
     out = tmp_path / "cli"
     code = main(["--output-dir", str(out), "--max-steps", "2", "--sft-steps", "5", "--eval-prompts", "8",
