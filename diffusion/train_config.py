@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .objectives import OBJECTIVES
+
+TRAIN_OBJECTIVES = (*OBJECTIVES, "autoregressive")  # autoregressive: the causal-LM baseline of the same size
 from .processes import PROCESSES
 from .schedules import SCHEDULES, get_schedule
 
@@ -53,7 +55,8 @@ class TrainConfig:
     attention: str = _f("sdpa", "attention implementation: sdpa (scaled_dot_product_attention) or eager (faster on CPUs in bf16)")
     # diffusion
     process: str = _f("absorbing", f"forward process: {sorted(PROCESSES)}")
-    objective: str = _f("masked_elbo", f"loss: {list(OBJECTIVES)}")
+    objective: str = _f("masked_elbo", f"loss: {list(TRAIN_OBJECTIVES)} (autoregressive trains the LLaMA-style "
+                                       "causal-LM baseline of the same width and depth)")
     parameterization: str = _f("auto", "model output: subs (log p(x0|x_t)), score (log-scores) or auto (subs for masked_elbo)")
     time_conditioning: str = _f("auto", "adaLN noise conditioning: on, off or auto (on for score, off for subs)")
     schedule: str = _f("auto", f"noise schedule: {sorted(SCHEDULES)} or auto (loglinear absorbing, geometric uniform)")
@@ -113,7 +116,7 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("warmup_steps", self.warmup_steps <= self.max_steps, f"must not exceed max_steps={self.max_steps}"),
             ("process", self.process in PROCESSES, f"must be one of {sorted(PROCESSES)}"),
-            ("objective", self.objective in OBJECTIVES, f"must be one of {list(OBJECTIVES)}"),
+            ("objective", self.objective in TRAIN_OBJECTIVES, f"must be one of {list(TRAIN_OBJECTIVES)}"),
             ("parameterization", self.parameterization in ("auto", "subs", "score"), "must be auto, subs or score"),
             ("time_conditioning", self.time_conditioning in ("auto", "on", "off"), "must be auto, on or off"),
             ("schedule", self.schedule == "auto" or self.schedule in SCHEDULES, f"must be auto or one of {sorted(SCHEDULES)}"),

@@ -47,10 +47,11 @@ from .data import (
 )
 from .ema import EMA
 from .modeling_ddit import DDiTConfig, DDiTModel
+from .autoregressive import AutoregressiveObjective, build_causal_lm
 from .objectives import DiffusionObjective
 from .train_config import RESUMABLE_CHANGES, TrainConfig
 
-__all__ = ["TrainResult", "train", "build_model_config", "evaluate_loss", "lr_factor"]
+__all__ = ["TrainResult", "train", "build_model_config", "build_model_and_objective", "evaluate_loss", "lr_factor"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,21 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     span = max(1, config.max_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_model_and_objective(config: TrainConfig, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
+    """The freshly initialised model a run trains and the objective that scores it."""
+    if config.objective == "autoregressive":
+        model = build_causal_lm(vocab_size=len(tokenizer), hidden_size=config.hidden_size,
+                                num_layers=config.num_layers, num_heads=config.num_heads,
+                                max_positions=config.max_position_embeddings, mlp_ratio=config.mlp_ratio,
+                                tie_word_embeddings=config.tie_embeddings, eos_token_id=tokenizer.eos_token_id,
+                                attn_implementation=config.attention)
+        return model, AutoregressiveObjective(len(tokenizer))
+    model_config = build_model_config(config, tokenizer)
+    objective = DiffusionObjective.from_config(model_config, objective=config.objective, t_eps=config.t_eps,
+                                               antithetic=config.antithetic)
+    return DDiTModel(model_config), objective
 
 
 def build_model_config(config: TrainConfig, tokenizer: Any) -> DDiTConfig:
@@ -270,10 +286,7 @@ def train(config: TrainConfig) -> TrainResult:
     valid_blocks = build_blocks(valid_texts, tokenizer, config.seq_len)[: config.eval_blocks]
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model_config = build_model_config(config, tokenizer)
-    model = DDiTModel(model_config)
-    objective = DiffusionObjective.from_config(model_config, objective=config.objective,
-                                               t_eps=config.t_eps, antithetic=config.antithetic)
+    model, objective = build_model_and_objective(config, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_eps, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
@@ -343,7 +356,8 @@ def train(config: TrainConfig) -> TrainResult:
         if (config.eval_every and done % config.eval_every == 0) or done == stop:
             eval_loss = _evaluate(unwrapped, ema, objective, valid_blocks, config, acc)
             run.log({"step": done, "eval_loss": eval_loss, "eval_ppl_bound": math.exp(min(eval_loss, 50.0))})
-            acc.print(f"\nstep {done}: held-out loss {eval_loss:.4f} nats/token (perplexity bound {math.exp(min(eval_loss, 50)):.1f})")
+            label = "perplexity" if config.objective == "autoregressive" else "perplexity bound"
+            acc.print(f"\nstep {done}: held-out loss {eval_loss:.4f} nats/token ({label} {math.exp(min(eval_loss, 50)):.1f})")
         if (config.save_every and done % config.save_every == 0) or done == stop:
             run.save(done, unwrapped, ema, optimizer, scheduler, tokenizer, counters)
     bar.close()

@@ -50,22 +50,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_samples(final_dir, args: argparse.Namespace, config) -> int:
-    from diffusion import DDiTModel
     from diffusion.data import load_tokenizer
-    from samplers import MaskedAncestralSampler
 
-    model = DDiTModel.from_pretrained(final_dir).eval()
-    if model.config.parameterization != "subs":
-        print("samples: the ancestral sampler needs a subs (masked-ELBO) model; score models are sampled by the "
-              "SEDD samplers of the samplers issue")
-        return 0
     tokenizer = load_tokenizer(str(final_dir))
     length = args.sample_length or config.seq_len
-    sampler = MaskedAncestralSampler()
-    out = sampler.generate(model, batch_size=args.num_samples, length=length, num_steps=args.sample_steps,
-                           generator=torch.Generator().manual_seed(config.seed))
-    print(f"\n{args.num_samples} samples ({length} tokens, {args.sample_steps} steps, {out.nfe} network calls):")
-    for i, row in enumerate(out.tokens.tolist()):
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.objective == "autoregressive":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
+        torch.manual_seed(config.seed)
+        start = torch.full((args.num_samples, 1), tokenizer.eos_token_id)
+        rows = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                              top_k=0, pad_token_id=tokenizer.eos_token_id).tolist()
+        print(f"\n{args.num_samples} samples ({length} tokens, autoregressive, {length - 1} network calls each):")
+    else:
+        from diffusion import DDiTModel
+        from samplers import get_sampler
+
+        model = DDiTModel.from_pretrained(final_dir).eval()
+        name = "ancestral" if model.config.parameterization == "subs" else "analytic"
+        out = get_sampler(name).generate(model, batch_size=args.num_samples, length=length,
+                                         num_steps=args.sample_steps, generator=generator)
+        rows = out.tokens.tolist()
+        print(f"\n{args.num_samples} samples ({length} tokens, {name}, {args.sample_steps} steps, "
+              f"{out.nfe} network calls):")
+    for i, row in enumerate(rows):
         print(f"\n--- sample {i + 1} ---\n{tokenizer.decode(row, skip_special_tokens=True)}")
     return 0
 

@@ -61,3 +61,53 @@ def conditional(joint: dict[tuple[int, ...], float], seq: tuple[int, ...], maske
             probs[other[i]] += p
     total = sum(probs)
     return [p / total for p in probs]
+
+
+class ExactDenoiser(torch.nn.Module):
+    """A time-free subs denoiser with exact conditionals of an enumerated joint over sequences of ``length``.
+
+    Inputs are ``[B, prefix + length]``: the first ``prefix`` positions (a prompt) are ignored and predicted as
+    themselves.  Masked positions get ``log p(x_i | visible x)``, visible ones carry their token; the mask id is
+    ``vocab`` (so logits have ``vocab + 1`` columns), and MASK has probability 0.
+    """
+
+    def __init__(self, joint: dict[tuple[int, ...], float], prefix: int = 0) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.joint, self.prefix = joint, prefix
+        self.vocab = 1 + max(max(s) for s in joint)
+        self.length = len(next(iter(joint)))
+        self.config = SimpleNamespace(mask_token_id=self.vocab, vocab_size=self.vocab + 1, process="absorbing",
+                                      parameterization="subs", time_conditioning=False,
+                                      max_position_embeddings=prefix + self.length, num_real_tokens=self.vocab,
+                                      schedule="loglinear", schedule_kwargs={"eps": 1e-3})
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
+        self.cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.calls = 0
+
+    def _row(self, seq: tuple[int, ...]) -> torch.Tensor:
+        if seq not in self.cache:
+            mask = self.vocab
+            masked = tuple(i for i, s in enumerate(seq) if s == mask)
+            out = torch.full((self.length, self.vocab + 1), -1e6, dtype=torch.float64)
+            for i in range(self.length):
+                if i in masked:
+                    out[i, : self.vocab] = torch.tensor(conditional(self.joint, seq, masked, i), dtype=torch.float64).log()
+                else:
+                    out[i, seq[i]] = 0.0
+            self.cache[seq] = out
+        return self.cache[seq]
+
+    def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None, **kwargs: object) -> object:
+        from transformers.modeling_outputs import MaskedLMOutput
+
+        self.calls += 1
+        prompt = torch.full((self.prefix, self.vocab + 1), -1e6, dtype=torch.float64)
+        rows = []
+        for r in input_ids.tolist():
+            head = prompt.clone()
+            for j in range(self.prefix):
+                head[j, min(r[j], self.vocab)] = 0.0
+            rows.append(torch.cat([head, self._row(tuple(r[self.prefix:]))]))
+        return MaskedLMOutput(logits=torch.stack(rows))

@@ -3,12 +3,9 @@
 import doctest
 import math
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
-from transformers.modeling_outputs import MaskedLMOutput
 
 import rl.estimators
 import rl.objective
@@ -23,46 +20,16 @@ from rl.rewards import RewardError, compute_rewards
 from rl.sft import supervised_warmup
 from rl.tasks import SortTask, char_tokenizer
 from rl.trainer import GRPOTrainer
-
-from tests.reference import conditional, enumerate_joint
+from tests.reference import ExactDenoiser, enumerate_joint
 
 V, L, MASK = 3, 3, 3  # completion vocabulary, completion length, mask id
-
-
-class ExactModel(nn.Module):
-    """log p(y_i | visible y) of an enumerated joint over completions; the single prompt token is ignored."""
-
-    def __init__(self, joint):
-        super().__init__()
-        self.joint = joint
-        self.config = SimpleNamespace(mask_token_id=MASK, vocab_size=V + 1, process="absorbing",
-                                      parameterization="subs", time_conditioning=False, max_position_embeddings=8)
-        self.anchor = nn.Parameter(torch.zeros(()))  # samplers ask for a device
-        self.cache = {}
-
-    def _row(self, seq):
-        if seq not in self.cache:
-            masked = tuple(i for i, s in enumerate(seq) if s == MASK)
-            out = torch.full((L, V + 1), -1e6, dtype=torch.float64)
-            for i in range(L):
-                if i in masked:
-                    out[i, :V] = torch.tensor(conditional(self.joint, seq, masked, i)).log()
-                else:
-                    out[i, seq[i]] = 0.0
-            self.cache[seq] = out
-        return self.cache[seq]
-
-    def forward(self, input_ids, sigma=None, **kwargs):
-        rows = [torch.cat([torch.zeros(1, V + 1, dtype=torch.float64), self._row(tuple(r[1:].tolist()))])
-                for r in input_ids]
-        return MaskedLMOutput(logits=torch.stack(rows))
 
 
 @pytest.fixture(scope="module")
 def exact():
     joint = enumerate_joint(V, L, seed=3)
     y = max(joint, key=joint.get)  # a likely completion; log p(y) is the target
-    return ExactModel(joint), y, math.log(joint[y])
+    return ExactDenoiser(joint, prefix=1), y, math.log(joint[y])
 
 
 def _estimates(estimator, model, y, rows, seed):

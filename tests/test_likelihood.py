@@ -1,0 +1,173 @@
+"""Likelihood: ELBO estimators against an exact model, AO-ARM, bounds above a known entropy, AR and gen-ppl."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion import DDiTConfig, DDiTModel
+from diffusion.autoregressive import AutoregressiveObjective, build_causal_lm, causal_nll
+from diffusion.likelihood import any_order_nll, evaluate_likelihood, sequence_nelbo
+from diffusion.objectives import DiffusionObjective
+from diffusion.sample_quality import generative_perplexity, unigram_entropy
+from tests.reference import ExactDenoiser, enumerate_joint
+
+V, L = 3, 4
+
+
+@pytest.fixture(scope="module")
+def exact():
+    joint = enumerate_joint(V, L, seed=7)
+    return ExactDenoiser(joint), joint
+
+
+def _nll(joint, seq):
+    return -math.log(joint[tuple(seq)])
+
+
+def test_monte_carlo_and_quadrature_estimate_the_exact_nll(exact):
+    model, joint = exact
+    seqs = sorted(joint, key=joint.get)[-3:]  # three likely sequences
+    for seq in seqs:
+        x0 = torch.tensor([seq] * 4000)
+        truth = _nll(joint, seq)
+        for method, points in (("monte_carlo", 4), ("quadrature", 2)):
+            values, calls = sequence_nelbo(model, x0, method=method, num_points=points,
+                                           generator=torch.Generator().manual_seed(0))
+            assert calls == points
+            standard_error = float(values.std()) / math.sqrt(len(values))
+            assert abs(float(values.mean()) - truth) < 4 * standard_error + 1e-9, (method, seq)
+            assert standard_error < 0.03  # 4000 draws pin it down
+
+
+def test_quadrature_error_shrinks_with_nodes_for_a_single_sequence(exact):
+    model, joint = exact
+    seq = max(joint, key=joint.get)
+    truth = _nll(joint, seq)
+    errors = []
+    for points in (1, 2, 4):
+        values, _ = sequence_nelbo(model, torch.tensor([seq] * 3000), method="quadrature", num_points=points,
+                                   generator=torch.Generator().manual_seed(1))
+        errors.append(float(values.var()))
+    assert errors[0] > errors[1] > errors[2]  # more nodes, more masks averaged: less variance at equal mean
+
+
+def test_confidence_interval_covers_the_exact_value_in_most_repetitions(exact):
+    model, joint = exact
+    seq = max(joint, key=joint.get)
+    truth = _nll(joint, seq) / L
+    covered = 0
+    for seed in range(40):
+        result = evaluate_likelihood(model, torch.tensor([seq] * 64), method="monte_carlo", num_points=2,
+                                     batch_size=64, seed=seed, progress=False)
+        covered += result.nats_ci95[0] <= truth <= result.nats_ci95[1]
+        assert result.network_calls == 2 and result.form == "lambda"
+    assert covered >= 34, covered  # nominal 38 of 40
+
+
+def test_any_order_autoregressive_evaluation_is_exact_for_exact_conditionals(exact):
+    model, joint = exact
+    seqs = list(joint)[:20]
+    values, calls = any_order_nll(model, torch.tensor(seqs), num_orders=3, generator=torch.Generator().manual_seed(0))
+    assert calls == 3 * L
+    for value, seq in zip(values.tolist(), seqs):
+        assert abs(value - _nll(joint, seq)) < 1e-10
+
+
+def _markov_source(vocab=6, seed=0):
+    """An order-1 Markov chain with a known entropy: (initial distribution, transition matrix), float64."""
+    g = torch.Generator().manual_seed(seed)
+    transition = torch.softmax(2.0 * torch.randn(vocab, vocab, generator=g, dtype=torch.float64), -1)
+    stationary = torch.ones(vocab, dtype=torch.float64) / vocab
+    for _ in range(500):
+        stationary = stationary @ transition
+    return stationary, transition
+
+
+def _sample_chain(stationary, transition, rows, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(rows, length, dtype=torch.long)
+    x[:, 0] = torch.multinomial(stationary.expand(rows, -1), 1, generator=g).squeeze(-1)
+    for i in range(1, length):
+        x[:, i] = torch.multinomial(transition[x[:, i - 1]], 1, generator=g).squeeze(-1)
+    return x
+
+
+def _entropy_per_token(stationary, transition, length):
+    h0 = -(stationary * stationary.log()).sum()
+    rate = -(stationary[:, None] * transition * transition.log()).sum()
+    return float(h0 + (length - 1) * rate) / length
+
+
+@pytest.mark.parametrize("setting", ["masked_elbo", "score_entropy_uniform"])
+def test_a_trained_models_bound_never_undercuts_the_true_entropy(setting):
+    vocab, length = 6, 12
+    stationary, transition = _markov_source(vocab)
+    truth = _entropy_per_token(stationary, transition, length)
+    torch.manual_seed(0)
+    if setting == "masked_elbo":
+        config = DDiTConfig(vocab_size=vocab + 1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            cond_dim=16, max_position_embeddings=length)
+    else:
+        config = DDiTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, cond_dim=16,
+                            max_position_embeddings=length, process="uniform", parameterization="score",
+                            time_conditioning=True, schedule="geometric", schedule_kwargs={"sigma_min": 1e-4,
+                                                                                         "sigma_max": 20.0},
+                            mask_token_id=None)
+    model = DDiTModel(config)
+    objective = DiffusionObjective.from_config(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for step in range(300):
+        x0 = _sample_chain(stationary, transition, 64, length, seed=10_000 + step)
+        loss = objective(model, x0, generator=g).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    held_out = _sample_chain(stationary, transition, 512, length, seed=1)
+    result = evaluate_likelihood(model.eval(), held_out, method="quadrature", num_points=8, batch_size=256, seed=0,
+                                 progress=False)
+    # The model learned something (far below log V) and its bound stays above the truth.
+    print(f"{setting}: bound {result.nats_per_token:.4f} {result.nats_ci95} truth {truth:.4f} log V {math.log(vocab):.4f}")
+    assert result.nats_per_token < math.log(vocab) - 0.2, (result, truth)
+    assert result.nats_ci95[0] >= truth, (result.nats_ci95, truth)
+
+
+def test_ar_baseline_perplexity_is_exp_of_the_mean_token_nll_by_hand():
+    torch.manual_seed(0)
+    model = build_causal_lm(vocab_size=11, hidden_size=16, num_layers=1, num_heads=2, max_positions=16).eval()
+    tokens = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits.double()
+        out = AutoregressiveObjective(11).score(model, tokens, tokens, torch.zeros(3))
+        nll, count = causal_nll(model, tokens)
+    by_hand = 0.0
+    for b in range(3):
+        for i in range(1, 7):
+            by_hand -= torch.log_softmax(logits[b, i - 1], -1)[tokens[b, i]].item()
+    assert count.tolist() == [6, 6, 6] and out.num_tokens == 18
+    assert abs(float(nll.sum()) - by_hand) < 1e-4
+    assert abs(math.exp(float(out.loss)) - math.exp(by_hand / 18)) < 1e-3 * math.exp(by_hand / 18)
+    gen = generative_perplexity(tokens, model)
+    assert abs(gen["nats_per_token"] - by_hand / 18) < 1e-5 and gen["tokens"] == 18
+
+
+def test_unigram_entropy_by_hand():
+    assert abs(unigram_entropy([[5, 5, 5, 5]])) < 1e-12
+    assert abs(unigram_entropy([[1, 2, 3, 4]]) - math.log(4)) < 1e-12
+    with pytest.raises(ValueError, match="non-empty"):
+        unigram_entropy([[]])
+
+
+def test_bad_arguments_are_named():
+    model = DDiTModel(DDiTConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 cond_dim=8, max_position_embeddings=8))
+    blocks = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="method='trapezoid'"):
+        evaluate_likelihood(model, blocks, method="trapezoid")
+    with pytest.raises(ValueError, match="num_points=0"):
+        evaluate_likelihood(model, blocks, num_points=0)
+    score = DDiTModel(DDiTConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 cond_dim=8, parameterization="score", time_conditioning=True))
+    with pytest.raises(ValueError, match="time-free absorbing subs"):
+        any_order_nll(score, blocks)
