@@ -128,7 +128,6 @@ def test_a_trained_models_bound_never_undercuts_the_true_entropy(setting):
     result = evaluate_likelihood(model.eval(), held_out, method="quadrature", num_points=8, batch_size=256, seed=0,
                                  progress=False)
     # The model learned something (far below log V) and its bound stays above the truth.
-    print(f"{setting}: bound {result.nats_per_token:.4f} {result.nats_ci95} truth {truth:.4f} log V {math.log(vocab):.4f}")
     assert result.nats_per_token < math.log(vocab) - 0.2, (result, truth)
     assert result.nats_ci95[0] >= truth, (result.nats_ci95, truth)
 
