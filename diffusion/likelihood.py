@@ -113,9 +113,9 @@ def sequence_nelbo(model: Any, x0: Tensor, *, method: str = "quadrature", num_po
         return total, calls
     objective = objective or DiffusionObjective.from_config(config)
     for n in range(num_points):
-        t = points[n].to(device=device, dtype=torch.float32)
-        _, xt = objective.corrupt(x0, t=t, generator=generator)
-        out = objective.score(model, x0, xt.to(device), t)
+        t = points[n].to(dtype=torch.float32)
+        _, xt = objective.corrupt(x0.cpu(), t=t, generator=generator)  # the generator lives on the CPU
+        out = objective.score(model, x0, xt.to(device), t.to(device))
         calls += 1
         total += weights[n].to(device) * out.per_sequence.double()
     total += _terminal_term(model, objective, x0)

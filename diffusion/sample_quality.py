@@ -45,15 +45,17 @@ def generative_perplexity(samples: Sequence[Sequence[int]] | Tensor, reference: 
                           max_length: int | None = None) -> dict[str, float]:
     """Generative perplexity of ``samples`` (token ids of ``sample_tokenizer``) under the causal LM ``reference``.
 
-    With both tokenizers given and different, samples are decoded and re-encoded with the reference's
-    tokenizer (its BOS/EOS is put first so the first real token is scored too); with the same tokenizer
+    With both tokenizers given and different vocabularies, samples are decoded and re-encoded with the reference's
+    tokenizer (its BOS/EOS is put first so the first real token is scored too); with the same vocabulary
     (or none given) ids are scored directly, first token as context.  Returns ``{"gen_ppl", "nats_per_token",
     "tokens"}``.
     """
     rows = samples.tolist() if isinstance(samples, Tensor) else [list(s) for s in samples]
     if not rows:
         raise ValueError("generative_perplexity needs at least one sample")
-    if reference_tokenizer is not None and sample_tokenizer is not None and reference_tokenizer is not sample_tokenizer:
+    same_vocabulary = (reference_tokenizer is None or sample_tokenizer is None
+                       or reference_tokenizer.get_vocab() == sample_tokenizer.get_vocab())
+    if not same_vocabulary:
         start = reference_tokenizer.bos_token_id if reference_tokenizer.bos_token_id is not None \
             else reference_tokenizer.eos_token_id
         texts = [sample_tokenizer.decode(r, skip_special_tokens=True) for r in rows]

@@ -32,9 +32,11 @@ class GRPOConfig:
     p_mask_prompt: float = _help("one_step: probability of masking each prompt token", default=0.15)
     coupled_t_min: float = _help("coupled: lower end of t ~ U(t_min, t_max)", default=0.2)
     coupled_t_max: float = _help("coupled: upper end of t ~ U(t_min, t_max)", default=0.8)
+    coupled_full_mask: bool = _help("coupled: add the fully masked d1 view and average, as DiffuCoder's code does "
+                                    "(3 calls instead of 2)", default=False)
     num_points: int = _help("quadrature / monte_carlo: time points (network calls) per estimate", default=2)
-    level: str = _help("importance ratio per 'token' or per 'sequence' (length-normalised, GDPO/GSPO)",
-                       default="token")
+    level: str = _help("importance ratio per 'token' or per 'sequence' (length-normalised, GDPO/GSPO); 'auto': "
+                       "sequence for the ELBO estimators (quadrature, monte_carlo), token otherwise", default="auto")
     eps_low: float = _help("clip range below 1: rho >= 1 - eps_low", default=0.2)
     eps_high: float = _help("clip range above 1: rho <= 1 + eps_high", default=0.2)
     beta: float = _help("weight of the k3 KL to the frozen reference model (0: no reference model)", default=0.0)
@@ -81,7 +83,7 @@ class GRPOConfig:
 
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator={self.estimator!r}; valid: {sorted(ESTIMATORS)}")
-        choices = {"level": ("token", "sequence"), "advantage_scale": ("group", "none")}
+        choices = {"level": ("auto", "token", "sequence"), "advantage_scale": ("group", "none")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {name}={getattr(self, name)!r}")
@@ -108,10 +110,19 @@ class GRPOConfig:
         if self.lora_rank and not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise ValueError(f"lora_targets names no layer, got lora_targets={self.lora_targets!r}")
 
+    @property
+    def resolved_level(self) -> str:
+        """The ratio level used: ELBO estimates are only meaningful per sequence (their per-token terms are
+        weighted, masked contributions, not per-token likelihoods)."""
+        if self.level != "auto":
+            return self.level
+        return "sequence" if self.estimator in ("quadrature", "monte_carlo") else "token"
+
     def estimator_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`rl.estimators.get_estimator` for the chosen estimator."""
         return {"one_step": {"p_mask_prompt": self.p_mask_prompt},
-                "coupled": {"t_min": self.coupled_t_min, "t_max": self.coupled_t_max},
+                "coupled": {"t_min": self.coupled_t_min, "t_max": self.coupled_t_max,
+                            "with_full_mask": self.coupled_full_mask},
                 "quadrature": {"num_points": self.num_points},
                 "monte_carlo": {"num_points": self.num_points}}[self.estimator]
 

@@ -64,10 +64,10 @@ def model_log_probs(model: Any, input_ids: Tensor, t: Tensor) -> Tensor:
     config = model.config
     sigma = None
     if getattr(config, "time_conditioning", False):
-        from diffusion.schedules import get_schedule
-
-        schedule = get_schedule(config.schedule, **config.schedule_kwargs)
-        sigma = schedule.total_noise(t.clamp(1e-4, 1.0).to(torch.float64)).float()
+        # The views mask with probability t; the absorbing process masks with 1 - exp(-sigma_bar), so the
+        # model is told sigma_bar = -log(1 - t) whatever its schedule.
+        sigma = -torch.log1p(-t.to(torch.float64).clamp(1e-4, 1 - 1e-6))
+        sigma = sigma.to(device=input_ids.device, dtype=torch.float32)
     return model(input_ids=input_ids, sigma=sigma).logits.float()
 
 
@@ -86,16 +86,17 @@ class LikelihoodEstimator(ABC):
 
     def score(self, model: Any, draw: Draw) -> Tensor:
         """``[B, Lc]`` per-completion-token contributions (differentiable through ``model``)."""
-        views, weights = draw.views, draw.weights
-        total = torch.zeros(weights.shape[1:], dtype=torch.float32, device=views.device)
+        device = next(model.parameters()).device
+        views, weights, targets = draw.views.to(device), draw.weights.to(device), draw.targets.to(device)
+        total = torch.zeros(weights.shape[1:], dtype=torch.float32, device=device)
         for v in range(views.shape[0]):
             if not bool((weights[v] != 0).any()):
                 continue  # nothing masked in this view: no call needed
             log_probs = model_log_probs(model, views[v], draw.t[v])
-            token_lp = log_probs.gather(-1, draw.targets.unsqueeze(-1)).squeeze(-1)
+            token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             total = total + torch.where(weights[v] != 0, weights[v].float() * token_lp, torch.zeros_like(token_lp))
         rows = draw.completion.shape[0]
-        return total[draw.completion].view(rows, -1)
+        return total[draw.completion.to(device)].view(rows, -1)
 
     def _draw(self, sequences: Tensor, completion: Tensor, masks: list[Tensor], weights: list[Tensor],
               t: list[Tensor]) -> Draw:
@@ -133,19 +134,25 @@ class OneStep(LikelihoodEstimator):
         u = _uniform(tuple(sequences.shape), generator, sequences.device)
         mask = completion | (u < self.p_mask_prompt)
         weight = completion.double()
-        return self._draw(sequences, completion, [mask], [weight], [torch.ones(len(sequences), dtype=torch.float64)])
+        t = torch.ones(len(sequences), dtype=torch.float64, device=sequences.device)
+        return self._draw(sequences, completion, [mask], [weight], [t])
 
 
 class Coupled(LikelihoodEstimator):
-    """DiffuCoder: a complementary mask pair at ``t ~ U(t_min, t_max)``, weights 1/t and 1/(1 - t); two calls."""
+    """DiffuCoder: a complementary mask pair at ``t ~ U(t_min, t_max)``, weights 1/t and 1/(1 - t); two calls.
 
-    name, calls = "coupled", 2
+    ``with_full_mask=True`` adds the d1 view (completion fully masked) and averages, as DiffuCoder's code does:
+    ``l_k = (l0_k + pair_k) / 2`` (three calls).
+    """
 
-    def __init__(self, mask_id: int, t_min: float = 0.2, t_max: float = 0.8) -> None:
+    name = "coupled"
+
+    def __init__(self, mask_id: int, t_min: float = 0.2, t_max: float = 0.8, with_full_mask: bool = False) -> None:
         super().__init__(mask_id)
         if not 0.0 < t_min <= t_max < 1.0:
             raise ValueError(f"need 0 < t_min <= t_max < 1, got t_min={t_min}, t_max={t_max}")
-        self.t_min, self.t_max = t_min, t_max
+        self.t_min, self.t_max, self.with_full_mask = t_min, t_max, with_full_mask
+        self.calls = 3 if with_full_mask else 2
 
     def draw(self, sequences: Tensor, completion: Tensor, generator: torch.Generator | None = None) -> Draw:
         _check(sequences, completion)
@@ -155,7 +162,10 @@ class Coupled(LikelihoodEstimator):
         first = completion & (u < t[:, None])
         second = completion & ~first  # the complement within the completion
         weights = [first.double() / t[:, None], second.double() / (1 - t[:, None])]
-        return self._draw(sequences, completion, [first, second], weights, [t, t])
+        if not self.with_full_mask:
+            return self._draw(sequences, completion, [first, second], weights, [t, t])
+        weights = [completion.double() / 2] + [w / 2 for w in weights]
+        return self._draw(sequences, completion, [completion, first, second], weights, [torch.ones_like(t), t, t])
 
 
 class _TimeIntegral(LikelihoodEstimator):
@@ -195,12 +205,13 @@ class Quadrature(_TimeIntegral):
 
 
 class MonteCarlo(_TimeIntegral):
-    """Double Monte Carlo ELBO: ``t_n ~ U(0, 1)`` i.i.d. per row, weights 1/N."""
+    """Double Monte Carlo ELBO: ``t_n ~ U(0, 1)`` i.i.d. per row (floored at 1e-3: weights 1/t stay
+    below 1000/N, a negligible bias), weights 1/N."""
 
     name = "monte_carlo"
 
     def _nodes(self, rows: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        t = _uniform((self.num_points, rows), generator, torch.device("cpu")).clamp_min(1e-6)
+        t = _uniform((self.num_points, rows), generator, torch.device("cpu")).clamp_min(1e-3)
         return t, torch.full_like(t, 1.0 / self.num_points)
 
 

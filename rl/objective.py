@@ -80,13 +80,17 @@ def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tens
         raise ValueError(f"beta={beta} > 0 needs log_ref")
     m = mask.to(log_theta.dtype)
     if level == "token":
-        diff, adv, weight = log_theta - log_old, advantages[:, None].to(log_theta.dtype), m
-        kl = k3_kl(log_ref, log_theta) if log_ref is not None else torch.zeros_like(log_theta)
+        # Positions outside the mask are zeroed before exp(): an overflow there would make 0 * inf = NaN.
+        diff = torch.where(mask, log_theta - log_old, torch.zeros_like(log_theta))
+        adv, weight = advantages[:, None].to(log_theta.dtype), m
+        kl = (k3_kl(torch.where(mask, log_ref, log_theta), log_theta) if log_ref is not None
+              else torch.zeros_like(log_theta))
     else:
         lengths = m.sum(-1).clamp_min(1)
-        diff = ((log_theta - log_old) * m).sum(-1) / lengths
+        diff = torch.where(mask, log_theta - log_old, torch.zeros_like(log_theta)).sum(-1) / lengths
         adv, weight = advantages.to(log_theta.dtype), (m.sum(-1) > 0).to(log_theta.dtype)
-        kl = (k3_kl(((log_ref - log_theta) * m).sum(-1) / lengths, torch.zeros_like(lengths))
+        kl = (k3_kl(torch.where(mask, log_ref - log_theta, torch.zeros_like(log_theta)).sum(-1) / lengths,
+                    torch.zeros_like(lengths))
               if log_ref is not None else torch.zeros_like(diff))
     ratio = torch.exp(diff)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)

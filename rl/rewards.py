@@ -11,9 +11,10 @@ trainer treats what a function returns (as TRL does):
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
+import numbers
 import re
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,15 +39,23 @@ def _name(fn: Callable) -> str:
 def _call_with_timeout(fn: RewardFunction, timeout: float | None, args: tuple, kwargs: dict) -> Any:
     if timeout is None:
         return fn(*args, **kwargs)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reward-{_name(fn)}")
-    future = pool.submit(fn, *args, **kwargs)
-    try:
-        return future.result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
-        # A Python thread cannot be killed: it is abandoned (daemon) and the run stops with a clear error.
-        raise RewardError(f"reward function {_name(fn)!r} did not return within timeout={timeout} s") from None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001  (re-raised in the caller's thread)
+            outcome["error"] = err
+
+    # A daemon thread: a call that never returns is abandoned and cannot keep the process alive at exit.
+    worker = threading.Thread(target=run, name=f"reward-{_name(fn)}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise RewardError(f"reward function {_name(fn)!r} did not return within timeout={timeout} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def compute_rewards(functions: Sequence[RewardFunction], weights: Sequence[float], prompts: list[str],
@@ -68,10 +77,12 @@ def compute_rewards(functions: Sequence[RewardFunction], weights: Sequence[float
             raise RewardError(f"reward function {_name(fn)!r} returned {got} values for {n} completions")
         missing = 0
         for i, value in enumerate(values):
-            if value is None or (isinstance(value, float) and math.isnan(value)):
+            if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+                value = value.item()  # numpy scalars, 0-d tensors
+            if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
                 missing += 1
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isinf(value):
                 raise RewardError(f"reward function {_name(fn)!r} returned {value!r} for completion {i}: "
                                   "rewards are finite numbers or None")
             table[i, j] = float(value)

@@ -86,6 +86,14 @@ def wrap_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str])
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line a crash cut short counts as after every checkpoint (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 def _plain_state(module: nn.Module) -> dict[str, Tensor]:
     """The state dict with every tensor copied: tied weights (BERT's decoder) become separate safetensors entries."""
     return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
@@ -124,6 +132,7 @@ class GRPOTrainer:
         self.mask_id = mc.mask_token_id
         self.eos_id = tokenizer.eos_token_id
         targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+        torch.manual_seed(config.seed)  # LoRA's initial weights come from the global generator
         self.model = wrap_lora(model, config.lora_rank, config.lora_alpha, targets) if config.lora_rank else model
         self.model.to(self.accelerator.device).eval()
         self.reference = None
@@ -199,10 +208,11 @@ class GRPOTrainer:
     @torch.no_grad()
     def estimator_variance(self, batch: dict[str, Any], step: int) -> float:
         """Mean over completions of the variance of the sequence estimate across ``variance_draws`` draws."""
+        mask = batch["mask"].to(next(self.model.parameters()).device)
         draws = []
         for k in range(self.config.variance_draws):
             draw = self.estimator.draw(batch["sequences"], batch["layout"], _generator(self.config.seed, step, "variance", k))
-            draws.append(self._score(self.model, draw).sum(-1))
+            draws.append(torch.where(mask, self._score(self.model, draw), 0.0).sum(-1))  # what the loss sees
         return float(torch.stack(draws).var(dim=0).mean())
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -216,11 +226,13 @@ class GRPOTrainer:
             old = [self._score(self.model, d) for d in draws] if cfg.inner_steps > 1 else [None]
             ref = [self._reference_scores(d) for d in draws]
         losses, stats = [], []
+        device = next(self.model.parameters()).device
+        advantages, mask = batch["advantages"].to(device), batch["mask"].to(device)
         for j, draw in enumerate(draws):
             current = self._score(self.model, draw)
             previous = old[j] if old[j] is not None else current.detach()
-            loss, info = grpo_loss(current, previous, batch["advantages"], batch["mask"], eps_low=cfg.eps_low,
-                                   eps_high=cfg.eps_high, beta=cfg.beta, log_ref=ref[j], level=cfg.level)
+            loss, info = grpo_loss(current, previous, advantages, mask, eps_low=cfg.eps_low,
+                                   eps_high=cfg.eps_high, beta=cfg.beta, log_ref=ref[j], level=cfg.resolved_level)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm > 0:
@@ -313,7 +325,7 @@ class GRPOTrainer:
         self.step = int(state["step"])
         metrics = self.output_dir / "metrics.jsonl"
         if metrics.is_file():  # drop lines the crashed run wrote after this checkpoint
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] < self.step]
+            kept = [line for line in metrics.read_text().splitlines() if _step_of(line) < self.step]
             metrics.write_text("".join(line + "\n" for line in kept))
 
     @staticmethod

@@ -29,9 +29,9 @@ from rl.trainer import GRPOTrainer
 SETTINGS = {
     "one_step": {"estimator": "one_step"},
     "coupled": {"estimator": "coupled"},
-    "quadrature": {"estimator": "quadrature", "num_points": 2},
+    "quadrature, token ratio": {"estimator": "quadrature", "num_points": 2, "level": "token"},
     "quadrature, sequence ratio": {"estimator": "quadrature", "num_points": 2, "level": "sequence"},
-    "monte_carlo": {"estimator": "monte_carlo", "num_points": 2},
+    "monte_carlo, token ratio": {"estimator": "monte_carlo", "num_points": 2, "level": "token"},
 }
 
 

@@ -70,13 +70,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         task = SortTask(args.num_digits)
-        args.completion_length = args.completion_length or task.completion_length
-        args.sampler_steps = args.sampler_steps or args.completion_length
+        if args.completion_length is None:
+            args.completion_length = task.completion_length
+        if args.sampler_steps is None:
+            args.sampler_steps = args.completion_length
         config = dataclass_from_namespace(GRPOConfig, args)
         extra = [_import_reward(spec) for spec in args.reward]
         if len(args.reward_weight) > len(extra):
             raise ValueError(f"{len(args.reward_weight)} --reward-weight values for {len(extra)} --reward functions")
         weights = list(args.reward_weight) + [1.0] * (len(extra) - len(args.reward_weight))
+        resuming = config.resume is not None and (
+            config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
         if args.model:
             model, tokenizer = load_denoiser(args.model, trust_remote_code=args.trust_remote_code)
         else:
@@ -86,18 +90,18 @@ def main(argv: list[str] | None = None) -> int:
                                          num_hidden_layers=args.num_layers, num_attention_heads=4, cond_dim=16,
                                          max_position_embeddings=task.prompt_length + config.completion_length,
                                          mask_token_id=tokenizer.mask_token_id))
-            resuming = config.resume is not None and (
-                config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
             if not resuming:  # a resumed run loads its weights from the checkpoint
                 losses = supervised_warmup(model, lambda g: task.sft_batch(tokenizer, 64, g), steps=args.sft_steps,
                                            seed=config.seed, progress=config.progress)
                 print(f"supervised warm-up: {args.sft_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
                       if losses else "supervised warm-up: 0 steps")
         records = task.records(20_000, torch.Generator().manual_seed(config.seed + 1))
-        held_out = task.records(args.eval_prompts, torch.Generator().manual_seed(config.seed + 2))
+        seen = {r["prompt"] for r in records}  # held-out prompts never appear in training
+        held_out = [r for r in task.records(4 * args.eval_prompts + 100, torch.Generator().manual_seed(config.seed + 2))
+                    if r["prompt"] not in seen][: args.eval_prompts]
         trainer = GRPOTrainer(model, tokenizer, config, task.reward_functions + extra, records,
                               task.reward_weights + weights)
-        before = trainer.evaluate(held_out)
+        before = None if resuming else trainer.evaluate(held_out)  # a resumed model loads inside train()
         history = trainer.train()
         after = trainer.evaluate(held_out)
     except (ValueError, FileNotFoundError, CheckpointError, RewardError) as err:

@@ -322,3 +322,35 @@ def test_rl_cli_with_a_custom_reward_and_one_line_errors(tmp_path, capsys):
     assert "ddlm-rl: error: unknown estimator='ppo'" in capsys.readouterr().err
     assert main(["--output-dir", str(out), "--reward", "tests.test_rl:nothing_here"]) == 2
     assert "cannot import --reward 'tests.test_rl:nothing_here'" in capsys.readouterr().err
+
+
+def test_numeric_reward_types_and_masked_overflow_are_safe():
+    import numpy as np
+
+    def numpy_values(prompts, completions, **kw):
+        return [np.float32(0.5), np.int64(1), torch.tensor(2.0)]
+
+    total, _ = compute_rewards([numpy_values], [1.0], ["a"] * 3, ["x"] * 3)
+    assert total.tolist() == [0.5, 1.0, 2.0]
+    # A huge difference at a position outside the mask must not turn the loss into NaN.
+    theta = torch.tensor([[0.1, 1e4]], requires_grad=True)
+    loss, _ = grpo_loss(theta, torch.zeros(1, 2), torch.tensor([-1.0]), torch.tensor([[True, False]]), beta=0.1,
+                        log_ref=torch.tensor([[0.0, -1e4]]))
+    loss.backward()
+    assert torch.isfinite(loss) and bool(torch.isfinite(theta.grad).all())
+
+
+def test_coupled_with_full_mask_averages_the_d1_view():
+    estimator = get_estimator("coupled", MASK, with_full_mask=True)
+    sequences = torch.randint(0, V, (50, 6), generator=torch.Generator().manual_seed(0))
+    completion = torch.zeros_like(sequences, dtype=torch.bool)
+    completion[:, 2:] = True
+    draw = estimator.draw(sequences, completion, torch.Generator().manual_seed(1))
+    assert estimator.calls == 3 and draw.views.shape[0] == 3
+    assert torch.equal(draw.views[0] == MASK, completion)
+    torch.testing.assert_close(draw.weights[0], completion.double() / 2)
+    t = draw.t[1]
+    first = draw.views[1] == MASK
+    torch.testing.assert_close(draw.weights[1], first.double() / (2 * t[:, None]))
+    assert GRPOConfig(estimator="quadrature").resolved_level == "sequence"
+    assert GRPOConfig(estimator="coupled").resolved_level == "token"
