@@ -21,7 +21,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 # Fields a resumed run may change (bookkeeping); every other field must match the checkpoint's.
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "eval_every", "eval_blocks", "eval_batch_size", "log_every", "save_every", "keep_last",
-    "resume", "stop_after_steps", "report_to", "progress", "attention",
+    "resume", "stop_after_steps", "report_to", "progress", "attention", "max_consecutive_skips",
 })
 
 
@@ -75,6 +75,8 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "gradient-norm clipping threshold (0 turns it off)")
+    max_consecutive_skips: int = _f(10, "a step whose loss or gradients are NaN/inf is skipped (no optimizer, "
+                                        "scheduler or EMA update); after this many in a row the run stops")
     ema_decay: float = _f(0.999, "EMA decay of the weights used for evaluation and the final model (0 turns EMA off)")
     precision: str = _f("auto", "no (float32), bf16, fp16 (GPU only) or auto (bf16 where the device has fast bf16)")
     seed: int = _f(0, "seed of initialisation, data order and noise")
@@ -91,7 +93,7 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar on the main process")
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "hidden_size", "num_layers", "num_heads", "cond_dim", "batch_size",
+        positive = ("max_consecutive_skips", "seq_len", "hidden_size", "num_layers", "num_heads", "cond_dim", "batch_size",
                     "grad_accum_steps", "max_steps", "eval_blocks", "eval_batch_size", "log_every",
                     "keep_last", "max_position_embeddings")
         for name in positive:

@@ -13,6 +13,9 @@ import json
 import logging
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -181,6 +184,33 @@ def _resolve_resume(config: TrainConfig, root: Path) -> Path | None:
     return path
 
 
+class _Preemption:
+    """Turns SIGTERM (a scheduler's pre-emption notice) into a flag the loop checks once per step.
+
+    Only the main thread can install handlers; elsewhere this does nothing.  With several ranks the flag is
+    combined across them, so that every rank stops after the same step.
+    """
+
+    def __init__(self) -> None:
+        self.flag, self.signal_name, self.previous = False, "SIGTERM", None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+
+    def requested(self, acc: Any) -> bool:
+        if acc.num_processes == 1:
+            return self.flag
+        flag = torch.tensor(float(self.flag), device=acc.device)
+        return acc.reduce(flag, reduction="sum").item() > 0
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
 class _Run:
     """State of one training run (kept small: the loop itself lives in :func:`train`)."""
 
@@ -292,11 +322,11 @@ def train(config: TrainConfig) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
 
-    start_step, counters = 0, {"tokens_seen": 0}
+    start_step, counters = 0, {"tokens_seen": 0, "skipped_steps": 0}
     if resume_path is not None:
         state = run.load(resume_path, model, ema, optimizer, scheduler)
         start_step = state["step"]
-        counters = {"tokens_seen": state.get("tokens_seen", 0)}
+        counters = {"tokens_seen": state.get("tokens_seen", 0), "skipped_steps": state.get("skipped_steps", 0)}
         acc.print(f"resumed from {resume_path} at step {start_step}")
     model, optimizer = acc.prepare(model, optimizer)
     unwrapped = acc.unwrap_model(model)
@@ -316,8 +346,11 @@ def train(config: TrainConfig) -> TrainResult:
     bar = tqdm(total=config.max_steps, initial=start_step, disable=not (acc.is_main_process and config.progress),
                desc="train", dynamic_ncols=True)
     window_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
+    step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
     window_steps, window_start = 0, time.perf_counter()
     model.train()
+    consecutive_skips = 0
+    preemption = _Preemption()  # SIGTERM: finish the step, checkpoint, exit cleanly
     for step in range(start_step, stop):
         x0_global = batches.batch(step, global_batch)
         t_global, xt_global = objective.corrupt(x0_global, generator=_step_generator(config.seed, step))
@@ -328,18 +361,40 @@ def train(config: TrainConfig) -> TrainResult:
             with sync_context, acc.autocast():
                 out = objective.score(model, x0, xt, t)
                 acc.backward(out.loss / config.grad_accum_steps)
-            window_loss += out.loss.detach().double() / config.grad_accum_steps
-        grad_norm = acc.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(unwrapped)
-        window_steps += 1
-        counters["tokens_seen"] += tokens_per_step
+            step_loss += out.loss.detach().double() / config.grad_accum_steps
+        # The norm is always computed (max_norm=inf clips nothing) so that non-finite gradients are caught.
+        grad_norm = acc.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
         done = step + 1
+        bad = torch.tensor(float(not (torch.isfinite(step_loss) and torch.isfinite(grad_norm))), device=acc.device)
+        skipped = acc.reduce(bad, reduction="sum").item() > 0  # every rank skips together
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+            counters["skipped_steps"] += 1
+            consecutive_skips += 1
+            run.log({"step": done, "skipped": True, "skipped_steps": counters["skipped_steps"],
+                     "loss": float(step_loss), "grad_norm": float(grad_norm)})
+            step_loss = torch.zeros_like(step_loss)
+            if consecutive_skips >= config.max_consecutive_skips:
+                latest = find_latest_checkpoint(run.ckpt_root)
+                raise FloatingPointError(
+                    f"{consecutive_skips} consecutive steps had a non-finite loss or gradient norm (the last at step "
+                    f"{done}); nothing was updated by them. Look at the loss and grad_norm before step "
+                    f"{done - consecutive_skips + 1} in {run.metrics_path}; the last good checkpoint is {latest}. "
+                    "Lower --lr, raise --warmup-steps or use --precision no, then --resume from it."
+                )
+        else:
+            consecutive_skips = 0
+            window_loss += step_loss
+            step_loss = torch.zeros_like(step_loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(unwrapped)
+            window_steps += 1
+            counters["tokens_seen"] += tokens_per_step
 
-        if done % config.log_every == 0 or done == stop:
+        if (done % config.log_every == 0 or done == stop) and window_steps > 0:
             loss = acc.reduce(window_loss, reduction="mean").item() / window_steps
             elapsed = time.perf_counter() - window_start
             record = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0],
@@ -358,9 +413,20 @@ def train(config: TrainConfig) -> TrainResult:
             run.log({"step": done, "eval_loss": eval_loss, "eval_ppl_bound": math.exp(min(eval_loss, 50.0))})
             label = "perplexity" if config.objective == "autoregressive" else "perplexity bound"
             acc.print(f"\nstep {done}: held-out loss {eval_loss:.4f} nats/token ({label} {math.exp(min(eval_loss, 50)):.1f})")
-        if (config.save_every and done % config.save_every == 0) or done == stop:
+        saved = (config.save_every and done % config.save_every == 0) or done == stop
+        if saved:
             run.save(done, unwrapped, ema, optimizer, scheduler, tokenizer, counters)
+        if preemption.requested(acc) and done < stop:
+            if not saved:
+                run.save(done, unwrapped, ema, optimizer, scheduler, tokenizer, counters)
+            bar.close()
+            print(f"ddlm-train: received {preemption.signal_name}: checkpoint saved at step {done} in {run.ckpt_root}; "
+                  "continue with --resume auto", file=sys.stderr, flush=True)
+            preemption.restore()
+            acc.end_training()
+            return TrainResult(step=done, final_dir=None, eval_loss=eval_loss, metrics_path=run.metrics_path)
     bar.close()
+    preemption.restore()
 
     final_dir = None
     if stop == config.max_steps:

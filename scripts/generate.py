@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (samplers that take one)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (samplers that sample)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus: keep the smallest set with this mass, in (0, 1]")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length (remask, threshold)")
     p.add_argument("--threshold", type=float, default=None, help="confidence threshold (threshold sampler)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code to run")
@@ -89,13 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("length", "steps", "num_samples"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from samplers.base import check_filters
+
+    try:  # sampling options that need no model: checked before anything is loaded
+        check_filters(1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p)
+    except ValueError as err:
+        return _fail(f"{err} (--temperature / --top-k / --top-p)")
+    if args.block_length is not None and args.block_length < 1:
+        return _fail(f"--block-length must be >= 1, got {args.block_length}")
     if args.sampler is not None and args.sampler not in SAMPLERS:
         return _fail(f"unknown --sampler {args.sampler!r}; valid: {sorted(SAMPLERS)}")
     try:
         model, tokenizer = _load(args.model, args.trust_remote_code, args.mask_token_id)
         config = model.config
         sampler_name = args.sampler or ("ancestral" if config.parameterization == "subs" else "analytic")
-        options = {k: v for k, v in (("temperature", args.temperature), ("block_length", args.block_length),
+        options = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
+                                     ("block_length", args.block_length),
                                      ("threshold", args.threshold)) if v is not None}
         try:
             sampler = get_sampler(sampler_name, **options)
