@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "eval_every", "eval_blocks", "eval_batch_size", "log_every", "save_every", "keep_last",
     "resume", "stop_after_steps", "report_to", "progress", "attention", "max_consecutive_skips",
+    "allow_inexact_resume",
 })
 
 
@@ -75,6 +76,8 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "gradient-norm clipping threshold (0 turns it off)")
+    allow_inexact_resume: bool = _f(False, "resume from a checkpoint without RNG state (the run will not repeat "
+                                           "the original exactly)")
     max_consecutive_skips: int = _f(10, "a step whose loss or gradients are NaN/inf is skipped (no optimizer, "
                                         "scheduler or EMA update); after this many in a row the run stops")
     ema_decay: float = _f(0.999, "EMA decay of the weights used for evaluation and the final model (0 turns EMA off)")

@@ -231,10 +231,21 @@ class _Run:
              tokenizer: Any, counters: dict[str, Any]) -> Path:
         name = checkpoint_name(step)
         tmp, final = self.ckpt_root / f".tmp-{name}", self.ckpt_root / name
-        if self.acc.is_main_process:
+        try:
+            if self.acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.acc.wait_for_everyone()
+            self._write(tmp, final, model, ema, optimizer, scheduler, tokenizer, counters, step)
+        except OSError as err:  # disk full, read-only file system: the previous checkpoint stays as it was
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.acc.wait_for_everyone()
+            previous = find_latest_checkpoint(self.ckpt_root)
+            raise OSError(err.errno, f"could not write checkpoint {final.name} in {self.ckpt_root} ({err.strerror or err}); "
+                          f"the previous checkpoint {previous} is intact") from err
+        return final
+
+    def _write(self, tmp: Path, final: Path, model: Any, ema: EMA | None, optimizer: Any, scheduler: Any,
+               tokenizer: Any, counters: dict[str, Any], step: int) -> None:
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
@@ -257,7 +268,6 @@ class _Run:
             tmp.rename(final)
             prune_checkpoints(self.ckpt_root, self.config.keep_last)
         self.acc.wait_for_everyone()
-        return final
 
     def load(self, path: Path, model: DDiTModel, ema: EMA | None, optimizer: Any, scheduler: Any) -> dict[str, Any]:
         state = read_json(path / "trainer_state.json")
@@ -273,7 +283,15 @@ class _Run:
             ema.load_state_dict(load_tensors(path / "ema" / "model.safetensors"), state["ema_updates"])
         optimizer_from_files(optimizer, path)
         scheduler.load_state_dict(state["scheduler"])
-        rng = load_tensors(path / f"rng-{self.acc.process_index}.safetensors")
+        rng_file = path / f"rng-{self.acc.process_index}.safetensors"
+        if not rng_file.is_file() and self.config.allow_inexact_resume:
+            logger.warning("checkpoint %s has no RNG state (%s): resuming inexactly, as allow_inexact_resume asks",
+                           path, rng_file.name)
+            return state
+        if not rng_file.is_file():
+            raise CheckpointError(f"checkpoint {path} has no RNG state ({rng_file.name}), so the resumed run would not "
+                                  "repeat the original; pass --allow-inexact-resume true to resume anyway")
+        rng = load_tensors(rng_file)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(rng["cuda"]))
@@ -296,7 +314,10 @@ def train(config: TrainConfig) -> TrainResult:
         )
     run = _Run(config, acc)
     if acc.is_main_process:
-        run.root.mkdir(parents=True, exist_ok=True)
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FileNotFoundError(f"output_dir={config.output_dir!r} cannot be created or written: {err}") from err
         write_json(run.root / "train_config.json", config.to_dict())
     if log_with:
         acc.init_trackers("ddlm", config={k: str(v) for k, v in config.to_dict().items()})

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError) as err:  # a bad --dataset, --tokenizer or --resume: one line, no traceback
         print(f"ddlm-train: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, FloatingPointError) as err:  # a checkpoint that cannot be written, a run that diverged
+        print(f"ddlm-train: error: {err}", file=sys.stderr)
+        return 1
     if result.final_dir is None or args.num_samples <= 0:
         return 0
     if int(os.environ.get("RANK", "0")) != 0:  # samples come from the main process only

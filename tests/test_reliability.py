@@ -126,3 +126,128 @@ def test_killed_or_preempted_runs_resume_to_the_uninterrupted_result_bit_for_bit
     a, b = _final_state(tmp_path / "straight", 40), _final_state(tmp_path / "interrupted", 40)
     assert a.keys() == b.keys() and len(a) > 10
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_previous_one_is_intact(tmp_path, monkeypatch):
+    import errno
+
+    import diffusion.training as training
+
+    real = training.save_weights
+
+    def disk_full_on_the_second_checkpoint(state, path):
+        if "step-00000006" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(state, path)
+
+    monkeypatch.setattr(training, "save_weights", disk_full_on_the_second_checkpoint)
+    with pytest.raises(OSError, match=r"could not write checkpoint step-00000006 .*No space left on device.*"
+                                      r"previous checkpoint .*step-00000003 is intact"):
+        train(tiny(tmp_path, max_steps=6, save_every=3))
+    checkpoints = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000003"]  # no half-written folder left
+    monkeypatch.undo()  # space again
+    resumed = train(tiny(tmp_path, max_steps=6, save_every=3, resume="auto"))  # and it resumes from it
+    assert resumed.step == 6
+
+
+def test_an_unusable_output_dir_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match="output_dir=.*a-file/run.* cannot be created"):
+        train(tiny(tmp_path, output_dir=str(blocker / "run")))
+
+
+def test_missing_rng_state_needs_an_explicit_flag(tmp_path):
+    train(tiny(tmp_path, max_steps=6, stop_after_steps=3, save_every=3))
+    (tmp_path / "run/checkpoints/step-00000003/rng-0.safetensors").unlink()
+    from diffusion.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no RNG state .*--allow-inexact-resume"):
+        train(tiny(tmp_path, max_steps=6, save_every=3, resume="auto"))
+    assert train(tiny(tmp_path, max_steps=6, save_every=3, resume="auto", allow_inexact_resume=True)).step == 6
+
+
+def test_text_edge_cases_round_trip_and_train(tmp_path):
+    from diffusion.data import build_blocks, load_texts, load_tokenizer
+
+    documents = ["", "plain ascii", "emoji 🙂🚀 and CJK 漢字 and combining e\u0301", "\u0000\ufffd\U0010FFFF private",
+                 "x" * 20000, "   ", "tabs\tand\r\nwindows lines"]
+    path = tmp_path / "edge.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    tokenizer = load_tokenizer("builtin")
+    for text in documents:
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level BPE: every string round-trips
+    texts = load_texts(str(path), valid_fraction=0.3, seed=0)
+    blocks = build_blocks(texts["train"], tokenizer, 32)
+    assert blocks.shape[1] == 32 and int(blocks.max()) < len(tokenizer) - 1  # no MASK id from any text
+    result = train(tiny(tmp_path, dataset=str(path), max_steps=2, save_every=0, valid_fraction=0.3))
+    assert result.step == 2
+
+
+@pytest.mark.parametrize("objective", ["masked_elbo", "score_entropy"])
+def test_all_padding_batches_give_a_finite_zero_loss(objective):
+    from diffusion import DDiTConfig, DDiTModel
+
+    parameterization = "subs" if objective == "masked_elbo" else "score"
+    config = DDiTConfig(vocab_size=11, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, cond_dim=8,
+                        parameterization=parameterization, time_conditioning=objective == "score_entropy")
+    model = DDiTModel(config)
+    objective_fn = DiffusionObjective.from_config(config, objective=objective)
+    x0 = torch.randint(0, 10, (3, 8))
+    out = objective_fn(model, x0, attention_mask=torch.zeros_like(x0), generator=torch.Generator().manual_seed(0))
+    assert out.num_tokens == 0 and float(out.loss) == 0.0
+    out.loss.backward()
+    assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
+def test_a_failing_reward_leaves_the_rl_checkpoints_intact_and_resumable(tmp_path):
+    from rl.config import GRPOConfig
+    from rl.rewards import RewardError
+    from rl.tasks import SortTask
+    from rl.trainer import GRPOTrainer
+    from tests.test_rl import _task_model
+
+    task = SortTask(5)
+    records = task.records(50, torch.Generator().manual_seed(0))
+    calls = {"n": 0}
+
+    def flaky(prompts, completions, **fields):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ConnectionError("grader offline")
+        return [0.0] * len(completions)
+
+    config = GRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=4, prompts_per_step=2, group_size=2,
+                        completion_length=6, sampler_steps=6, save_every=1, progress=False, variance_draws=0)
+    model, tokenizer = _task_model()
+    trainer = GRPOTrainer(model, tokenizer, config, [*task.reward_functions, flaky], records, [1.0, 1.0, 0.2, 1.0])
+    with pytest.raises(RewardError, match="'flaky' raised ConnectionError: grader offline"):
+        trainer.train()
+    latest = sorted((tmp_path / "rl/checkpoints").glob("step-*"))
+    assert [p.name for p in latest] == ["step-00000001", "step-00000002"] and (latest[-1] / "COMPLETE").is_file()
+    model, tokenizer = _task_model()
+    resumed = GRPOTrainer(model, tokenizer, dataclasses.replace(config, resume="auto"),
+                          task.reward_functions, records, task.reward_weights)
+    resumed.reward_functions.append(lambda prompts, completions, **f: [0.0] * len(completions))
+    resumed.reward_weights.append(1.0)
+    assert [m["step"] for m in resumed.train()] == [2, 3]
+
+
+def test_a_pickle_offered_as_a_training_checkpoint_never_runs_and_incomplete_ones_are_reported(tmp_path, caplog):
+    import logging
+    import pickle
+
+    from diffusion.checkpoint import CheckpointError
+
+    train(tiny(tmp_path, max_steps=6, stop_after_steps=3, save_every=3))
+    root = tmp_path / "run/checkpoints"
+    (root / "step-00000005").mkdir()  # a crash mid-write: no COMPLETE marker
+    marker = tmp_path / "payload-ran"
+    payload = type("Payload", (), {"__reduce__": lambda self: (os.system, (f"touch {marker}",))})()
+    (root / "step-00000003/model/model.safetensors").write_bytes(pickle.dumps(payload))
+    with caplog.at_level(logging.WARNING, logger="diffusion.checkpoint"), \
+            pytest.raises(CheckpointError, match="corrupt safetensors file"):
+        train(tiny(tmp_path, max_steps=6, save_every=3, resume="auto"))
+    assert not marker.exists()  # never unpickled
+    assert "skipping incomplete checkpoint" in caplog.text and "step-00000005" in caplog.text
