@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from .objectives import DiffusionObjective
 from .processes import UniformProcess
 
-__all__ = ["LikelihoodResult", "sequence_nelbo", "evaluate_likelihood", "any_order_nll", "summarize"]
+__all__ = ["LikelihoodResult", "sequence_nelbo", "evaluate_likelihood", "evaluate_causal_likelihood", "any_order_nll",
+           "summarize", "gauss_legendre_01"]
 
 METHODS = ("monte_carlo", "quadrature")
 
@@ -62,12 +63,20 @@ class LikelihoodResult:
         return asdict(self)
 
 
+def gauss_legendre_01(n: int) -> tuple[Tensor, Tensor]:
+    """Gauss-Legendre nodes and weights mapped to [0, 1]: ``t = (x + 1) / 2``, ``w = w_x / 2`` (sum 1), float64.
+
+    Exact for polynomials of degree ``<= 2n - 1``.
+    """
+    x, w = np.polynomial.legendre.leggauss(n)
+    return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
+
+
 def _points(method: str, num_points: int, rows: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """``(points [N, B], weights [N, B])`` on (0, 1), float64."""
     if method == "quadrature":
-        x, w = np.polynomial.legendre.leggauss(num_points)
-        t = torch.from_numpy((x + 1) / 2)[:, None].expand(-1, rows)
-        return t.contiguous(), torch.from_numpy(w / 2)[:, None].expand(-1, rows).contiguous()
+        t, w = gauss_legendre_01(num_points)
+        return t[:, None].expand(-1, rows).contiguous(), w[:, None].expand(-1, rows).contiguous()
     u = torch.rand((num_points, rows), generator=generator, dtype=torch.float64)
     t = (torch.arange(num_points, dtype=torch.float64)[:, None] + u) / num_points
     return t.clamp_min(1e-6), torch.full_like(t, 1.0 / num_points)
@@ -180,6 +189,24 @@ def evaluate_likelihood(model: Any, blocks: Tensor, *, method: str = "quadrature
             and config.process == "absorbing" and config.parameterization == "score" else "")
     return summarize(torch.cat(values), blocks.shape[1], calls=calls, method=method, num_points=num_points,
                      form=form, note=note)
+
+
+@torch.no_grad()
+def evaluate_causal_likelihood(model: Any, blocks: Tensor, *, batch_size: int = 16) -> LikelihoodResult:
+    """Exact per-token NLL and perplexity of a causal LM on ``blocks [n, L]``, with the same 95% interval.
+
+    Positions 1..L-1 are scored; the first token of each block is context only (noted in the result).
+    """
+    from .autoregressive import causal_nll
+
+    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must be a non-empty [n, L >= 2] tensor, got shape {tuple(blocks.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    device = next(model.parameters()).device
+    values = [causal_nll(model, blocks[i : i + batch_size].to(device))[0].cpu() for i in range(0, len(blocks), batch_size)]
+    return summarize(torch.cat(values), blocks.shape[1] - 1, calls=len(values), method="exact", num_points=1,
+                     form="autoregressive", note="the first token of each block is context, not scored")
 
 
 @torch.no_grad()

@@ -30,9 +30,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from diffusion.likelihood import gauss_legendre_01
 
 __all__ = ["ESTIMATORS", "Draw", "LikelihoodEstimator", "get_estimator", "gauss_legendre_01", "model_log_probs"]
 
@@ -51,12 +52,6 @@ class Draw:
     weights: Tensor
     t: Tensor
     completion: Tensor
-
-
-def gauss_legendre_01(n: int) -> tuple[Tensor, Tensor]:
-    """Gauss-Legendre nodes and weights mapped to [0, 1]: ``t = (x + 1) / 2``, ``w = w_x / 2`` (sum 1), float64."""
-    x, w = np.polynomial.legendre.leggauss(n)
-    return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
 
 
 def model_log_probs(model: Any, input_ids: Tensor, t: Tensor) -> Tensor:

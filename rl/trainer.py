@@ -132,8 +132,12 @@ class GRPOTrainer:
         self.mask_id = mc.mask_token_id
         self.eos_id = tokenizer.eos_token_id
         targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
-        torch.manual_seed(config.seed)  # LoRA's initial weights come from the global generator
-        self.model = wrap_lora(model, config.lora_rank, config.lora_alpha, targets) if config.lora_rank else model
+        if config.lora_rank:
+            with torch.random.fork_rng(devices=[]):  # LoRA's init draws from the global generator: seed it, then
+                torch.manual_seed(config.seed)       # give the caller's generator state back untouched
+                self.model = wrap_lora(model, config.lora_rank, config.lora_alpha, targets)
+        else:
+            self.model = model
         self.model.to(self.accelerator.device).eval()
         self.reference = None
         if config.beta > 0 and not config.lora_rank:

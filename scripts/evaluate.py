@@ -83,9 +83,13 @@ def _default_length(name: str, model: Any) -> int:
 def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from diffusion.autoregressive import causal_nll
     from diffusion.data import build_blocks, load_texts
-    from diffusion.likelihood import any_order_nll, evaluate_likelihood, summarize
+    from diffusion.likelihood import (
+        any_order_nll,
+        evaluate_causal_likelihood,
+        evaluate_likelihood,
+        summarize,
+    )
 
     model, tokenizer, causal = _load_any(args.model, args.trust_remote_code)
     seq_len = args.seq_len or _default_length(args.model, model)
@@ -93,13 +97,7 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     blocks = build_blocks(texts, tokenizer, seq_len)[: args.max_blocks]
     start = time.perf_counter()
     if causal:
-        values = []
-        with torch.no_grad():
-            for i in range(0, len(blocks), args.batch_size):
-                values.append(causal_nll(model, blocks[i : i + args.batch_size])[0])
-        result = summarize(torch.cat(values), seq_len - 1, calls=-(-len(blocks) // args.batch_size),
-                           method="exact", num_points=1, form="autoregressive",
-                           note="the first token of each block is context, not scored").to_dict()
+        result = evaluate_causal_likelihood(model, blocks, batch_size=args.batch_size).to_dict()
     else:
         result = evaluate_likelihood(model, blocks, method=args.method, num_points=args.num_points,
                                      batch_size=args.batch_size, seed=args.seed, progress=args.progress).to_dict()

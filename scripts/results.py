@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 
 from diffusion import DDiTModel
-from diffusion.autoregressive import causal_nll
 from diffusion.data import build_blocks, load_texts, load_tokenizer
-from diffusion.likelihood import evaluate_likelihood, summarize
+from diffusion.likelihood import evaluate_causal_likelihood, evaluate_likelihood
 from diffusion.sample_quality import generative_perplexity, unigram_entropy
 from diffusion.train_config import TrainConfig
 from diffusion.training import train
@@ -72,9 +71,7 @@ def main() -> None:
     for label, final in finals.items():
         row = {"model": label, "train_seconds": round(seconds[label], 1)}
         if label == "autoregressive baseline":
-            with torch.no_grad():
-                nll = torch.cat([causal_nll(reference, blocks[i : i + 32])[0] for i in range(0, len(blocks), 32)])
-            row["likelihood"] = summarize(nll, 63, calls=0, method="exact", num_points=1, form="autoregressive").to_dict()
+            row["likelihood"] = evaluate_causal_likelihood(reference, blocks, batch_size=32).to_dict()
             rows.append(row)
             continue
         model = DDiTModel.from_pretrained(final).eval()

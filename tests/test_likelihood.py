@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from diffusion import DDiTConfig, DDiTModel
-from diffusion.autoregressive import AutoregressiveObjective, build_causal_lm, causal_nll
-from diffusion.likelihood import any_order_nll, evaluate_likelihood, sequence_nelbo
+from diffusion.autoregressive import (
+    AutoregressiveObjective,
+    build_causal_lm,
+    causal_nll,
+)
+from diffusion.likelihood import (
+    any_order_nll,
+    evaluate_causal_likelihood,
+    evaluate_likelihood,
+    sequence_nelbo,
+)
 from diffusion.objectives import DiffusionObjective
 from diffusion.sample_quality import generative_perplexity, unigram_entropy
 from tests.reference import ExactDenoiser, enumerate_joint
@@ -150,6 +159,11 @@ def test_ar_baseline_perplexity_is_exp_of_the_mean_token_nll_by_hand():
     assert abs(math.exp(float(out.loss)) - math.exp(by_hand / 18)) < 1e-3 * math.exp(by_hand / 18)
     gen = generative_perplexity(tokens, model)
     assert abs(gen["nats_per_token"] - by_hand / 18) < 1e-5 and gen["tokens"] == 18
+    result = evaluate_causal_likelihood(model, tokens, batch_size=2)
+    assert abs(result.nats_per_token - by_hand / 18) < 1e-5 and result.num_tokens == 18 and result.network_calls == 2
+    assert abs(result.perplexity - math.exp(by_hand / 18)) < 1e-4 * result.perplexity
+    with pytest.raises(ValueError, match=r"non-empty \[n, L >= 2\] tensor, got shape \(3, 1\)"):
+        evaluate_causal_likelihood(model, tokens[:, :1])
 
 
 def test_unigram_entropy_by_hand():

@@ -296,7 +296,10 @@ def test_trainer_refuses_a_score_model_and_warns_nothing_on_clean_rewards(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         metrics = trainer.train_step(0)
-    assert metrics["completion_length"] >= 1 and "estimator_variance" in metrics
+    # One inner step: the ratio is exactly 1, nothing is clipped, no KL; the variance is a real, finite number.
+    assert metrics["ratio_mean"] == 1.0 and metrics["clip_low"] == metrics["clip_high"] == 0.0 and metrics["kl"] == 0
+    assert 1 <= metrics["completion_length"] <= 6 and math.isfinite(metrics["loss"])
+    assert math.isfinite(metrics["estimator_variance"]) and metrics["estimator_variance"] > 0
 
 
 def brevity(prompts, completions, **fields):
