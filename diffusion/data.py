@@ -27,12 +27,12 @@ from .corpus import BUILTIN_CORPORA, builtin_corpus, builtin_tokenizer_path
 
 __all__ = [
     "MASK_TOKEN",
-    "load_tokenizer",
-    "load_texts",
-    "pack",
-    "build_blocks",
     "BlockBatches",
     "StreamingBlockBatches",
+    "build_blocks",
+    "load_texts",
+    "load_tokenizer",
+    "pack",
 ]
 
 MASK_TOKEN = "<|mask|>"

@@ -24,7 +24,7 @@ from typing import Any
 from . import modeling_ddit
 from .checkpoint import COMPLETE, CheckpointError, load_tensors, save_weights
 
-__all__ = ["export_for_hub", "push_folder", "model_card", "usage_snippet", "DEFAULT_SAMPLER"]
+__all__ = ["DEFAULT_SAMPLER", "export_for_hub", "model_card", "push_folder", "usage_snippet"]
 
 DEFAULT_SAMPLER = {"subs": {"sampler": "ancestral", "num_steps": 128}, "score": {"sampler": "analytic", "num_steps": 128}}
 AUTO_MAP = {"AutoConfig": "modeling_ddit.DDiTConfig", "AutoModelForMaskedLM": "modeling_ddit.DDiTModel"}

@@ -37,8 +37,15 @@ from tqdm.auto import tqdm
 from .objectives import DiffusionObjective
 from .processes import UniformProcess
 
-__all__ = ["LikelihoodResult", "sequence_nelbo", "evaluate_likelihood", "evaluate_causal_likelihood", "any_order_nll",
-           "summarize", "gauss_legendre_01"]
+__all__ = [
+    "LikelihoodResult",
+    "any_order_nll",
+    "evaluate_causal_likelihood",
+    "evaluate_likelihood",
+    "gauss_legendre_01",
+    "sequence_nelbo",
+    "summarize",
+]
 
 METHODS = ("monte_carlo", "quadrature")
 
@@ -159,7 +166,7 @@ def summarize(per_sequence: Tensor, tokens_per_sequence: int, *, calls: int, met
     mean = float(values.mean())
     half = 1.96 * float(values.std()) / math.sqrt(n) if n > 1 else float("inf")
     low, high = mean - half, mean + half
-    cap = lambda v: math.exp(min(v, 700.0))  # noqa: E731
+    cap = lambda v: math.exp(min(v, 700.0))
     return LikelihoodResult(nats_per_token=mean, nats_ci95=(low, high), perplexity=cap(mean),
                             perplexity_ci95=(cap(low), cap(high)), num_sequences=n, num_tokens=n * tokens_per_sequence,
                             network_calls=calls, method=method, num_points=num_points, form=form, note=note)

@@ -18,7 +18,7 @@ from torch import Tensor
 from .processes import Process
 from .schedules import Schedule
 
-__all__ = ["sample_t", "score_entropy_loss", "masked_diffusion_loss"]
+__all__ = ["masked_diffusion_loss", "sample_t", "score_entropy_loss"]
 
 
 def sample_t(

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .losses import masked_diffusion_loss, sample_t, score_entropy_loss
+from .modeling_ddit import accepts_score_mask
 from .processes import AbsorbingProcess, Process, get_process
 from .schedules import Schedule, get_schedule
 
@@ -105,8 +106,15 @@ class DiffusionObjective:
     def score(
         self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, *, attention_mask: Tensor | None = None
     ) -> ObjectiveOutput:
-        """Run the denoiser on ``xt`` and return the loss of recovering ``x0``."""
+        """Run the denoiser on ``xt`` and return the loss of recovering ``x0``.
+
+        For the absorbing process only masked positions carry loss, so a model that accepts ``score_mask``
+        (:class:`~diffusion.DDiTModel`) computes its output head there only (about half the positions on
+        average); the loss is the same sum, see :meth:`_score_masked_positions`.
+        """
         sigma_bar = self.schedule.total_noise(t)
+        if isinstance(self.process, AbsorbingProcess) and accepts_score_mask(model):
+            return self._score_masked_positions(model, x0, xt, t, sigma_bar, attention_mask)
         output = model(input_ids=xt, sigma=sigma_bar, attention_mask=attention_mask).logits
         if self.objective == "masked_elbo":
             per_sequence = masked_diffusion_loss(
@@ -117,6 +125,33 @@ class DiffusionObjective:
             if self.parameterization == "subs":
                 output = self.process.log_score_from_log_probs(output, sigma_bar, xt)
             per_sequence = score_entropy_loss(output, x0, xt, t, self.process, self.schedule, attention_mask)
+        num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
+        return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)
+
+    def _score_masked_positions(self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, sigma_bar: Tensor,
+                                attention_mask: Tensor | None) -> ObjectiveOutput:
+        """The absorbing losses from the outputs at masked positions only.
+
+        Both losses vanish where ``x_t^i != MASK`` (MDLM: the sum runs over masked i; SEDD absorbing:
+        ``SE_i = 0`` at unmasked i), so ``L(x0, t) = w(t) sum_{i masked} l_i`` is summed per row from the
+        ``n`` selected positions: outputs ``[n, S]``, per-position terms ``[n]``, row sums ``[B]``.
+        """
+        scored = xt == self.process.mask_id
+        if attention_mask is not None:
+            scored = scored & attention_mask.bool()
+        rows = scored.nonzero(as_tuple=True)[0]
+        output = model(input_ids=xt, sigma=sigma_bar, attention_mask=attention_mask, score_mask=scored).logits
+        x0_sel, xt_sel, sigma_sel = x0[scored], xt[scored], sigma_bar[rows]
+        if self.objective == "masked_elbo":
+            terms = -output.float().gather(-1, x0_sel.unsqueeze(-1)).squeeze(-1)
+            weight = self.schedule.elbo_weight(t)
+        else:
+            if self.parameterization == "subs":
+                output = self.process.log_score_from_log_probs(output, sigma_sel, xt_sel)
+            terms = self.process.score_entropy(output, sigma_sel, xt_sel, x0_sel)
+            weight = self.schedule(t)[1]
+        sums = torch.zeros(x0.shape[0], dtype=terms.dtype, device=terms.device).index_add(0, rows, terms)
+        per_sequence = weight.to(terms.dtype) * sums
         num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
         return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)
 

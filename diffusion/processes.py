@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Process", "AbsorbingProcess", "UniformProcess", "get_process", "PROCESSES"]
+__all__ = ["PROCESSES", "AbsorbingProcess", "Process", "UniformProcess", "get_process"]
 
 
 def _broadcast_noise(sigma_bar: Tensor | float, tokens: Tensor) -> Tensor:

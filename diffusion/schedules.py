@@ -19,13 +19,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Schedule",
-    "LogLinearSchedule",
-    "GeometricSchedule",
-    "CosineSchedule",
-    "LinearSchedule",
-    "get_schedule",
     "SCHEDULES",
+    "CosineSchedule",
+    "GeometricSchedule",
+    "LinearSchedule",
+    "LogLinearSchedule",
+    "Schedule",
+    "get_schedule",
 ]
 
 

@@ -14,7 +14,7 @@ TRAIN_OBJECTIVES = (*OBJECTIVES, "autoregressive")  # autoregressive: the causal
 from .processes import PROCESSES
 from .schedules import SCHEDULES, get_schedule
 
-__all__ = ["TrainConfig", "PRECISIONS", "RESUMABLE_CHANGES"]
+__all__ = ["PRECISIONS", "RESUMABLE_CHANGES", "TrainConfig"]
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .autoregressive import AutoregressiveObjective, build_causal_lm
 from .checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -50,11 +51,10 @@ from .data import (
 )
 from .ema import EMA
 from .modeling_ddit import DDiTConfig, DDiTModel
-from .autoregressive import AutoregressiveObjective, build_causal_lm
 from .objectives import DiffusionObjective
 from .train_config import RESUMABLE_CHANGES, TrainConfig
 
-__all__ = ["TrainResult", "train", "build_model_config", "build_model_and_objective", "evaluate_loss", "lr_factor"]
+__all__ = ["TrainResult", "build_model_and_objective", "build_model_config", "evaluate_loss", "lr_factor", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def train(config: TrainConfig) -> TrainResult:
         texts = load_texts(config.dataset, dataset_config=config.dataset_config, text_column=config.text_column,
                            valid_fraction=config.valid_fraction, seed=config.seed, streaming=config.streaming)
     if config.streaming:
-        make_texts = lambda: load_texts(config.dataset, dataset_config=config.dataset_config,  # noqa: E731
+        make_texts = lambda: load_texts(config.dataset, dataset_config=config.dataset_config,
                                         text_column=config.text_column, seed=config.seed, streaming=True)["train"]
         batches: Any = StreamingBlockBatches(make_texts, tokenizer, config.seq_len)
         valid_texts = (text for _, text in zip(range(10 * config.eval_blocks), texts["validation"]))
@@ -338,8 +338,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model, objective = build_model_and_objective(config, tokenizer)
+    # fused: one kernel over all parameters (CPU and CUDA), 4-5x faster than the foreach loop on a CPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_eps, weight_decay=config.weight_decay)
+                                  eps=config.adam_eps, weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
 

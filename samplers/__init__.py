@@ -12,7 +12,18 @@ from .sedd import AnalyticSampler, EulerSampler
 from .threshold import ThresholdSampler
 
 __all__ = [
-    "FREE", "SAMPLERS", "SampleOutput", "Sampler", "get_sampler", "register_sampler", "MaskedLMAdapter",
-    "DiffusionLMAdapter", "load_denoiser",
-    "MaskedAncestralSampler", "ConfidenceRemaskingSampler", "EulerSampler", "AnalyticSampler", "ThresholdSampler",
+    "FREE",
+    "SAMPLERS",
+    "AnalyticSampler",
+    "ConfidenceRemaskingSampler",
+    "DiffusionLMAdapter",
+    "EulerSampler",
+    "MaskedAncestralSampler",
+    "MaskedLMAdapter",
+    "SampleOutput",
+    "Sampler",
+    "ThresholdSampler",
+    "get_sampler",
+    "load_denoiser",
+    "register_sampler",
 ]

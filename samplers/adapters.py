@@ -24,7 +24,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from diffusion.modeling_ddit import subs_log_probs
 
-__all__ = ["DenoiserConfig", "DiffusionLMAdapter", "MaskedLMAdapter", "load_denoiser", "SHIFTED_FAMILIES"]
+__all__ = ["SHIFTED_FAMILIES", "DenoiserConfig", "DiffusionLMAdapter", "MaskedLMAdapter", "load_denoiser"]
 
 # model_type (lower case) -> whether the family's logits are shifted by one position
 SHIFTED_FAMILIES = {"llada": False, "dream": True}

@@ -19,7 +19,16 @@ from torch import Tensor
 
 from diffusion.schedules import get_schedule
 
-from .base import FREE, SampleOutput, Sampler, check_filters, register_sampler, sample_categorical, token_probs
+from .base import (
+    FREE,
+    SampleOutput,
+    Sampler,
+    check_filters,
+    outputs_at,
+    register_sampler,
+    sample_categorical,
+    token_probs,
+)
 
 __all__ = ["MaskedAncestralSampler"]
 
@@ -64,19 +73,25 @@ class MaskedAncestralSampler(Sampler):
         x = torch.where(canvas == FREE, torch.full_like(canvas, mask_id), canvas)
         batch = x.shape[0]
         times = torch.linspace(1.0, self.eps, num_steps + 1, dtype=torch.float64)
-        log_probs: Tensor | None = None
+        log_probs: Tensor | None = None  # (B, L, V): the latest outputs, read at masked positions only
         stale = torch.ones(batch, dtype=torch.bool, device=x.device)
         nfe, trajectory = 0, [x.clone()] if return_trajectory else None
 
         def refresh(t: Tensor) -> None:
+            """Recompute the outputs of the stale sequences (all of them without the cache), at their masked
+            positions only: the only ones a step reads."""
             nonlocal log_probs, nfe
             rows = stale if (use_cache and log_probs is not None) else torch.ones_like(stale)
-            sigma = schedule.total_noise(t).float().expand(int(rows.sum())).to(x.device)
-            fresh = model(input_ids=x[rows], sigma=sigma).logits.float()
+            if use_cache:
+                rows = rows & (x == mask_id).any(-1)  # a finished sequence is never read again
+                if not bool(rows.any()):
+                    return
             if log_probs is None:
-                log_probs = fresh
-            else:
-                log_probs[rows] = fresh
+                log_probs = torch.zeros(x.shape + (config.vocab_size,), device=x.device)
+            where = torch.zeros_like(x, dtype=torch.bool)
+            where[rows] = x[rows] == mask_id
+            sigma = schedule.total_noise(t).float().expand(int(rows.sum())).to(x.device)
+            log_probs[where] = outputs_at(model, where[rows], x[rows], sigma=sigma).logits.float()
             nfe += 1
 
         for i in range(num_steps):
@@ -105,8 +120,8 @@ class MaskedAncestralSampler(Sampler):
         if bool(still_masked.any()):  # noise removal: the most likely token
             if not use_cache or bool(stale.any()):
                 refresh(times[-1])
-            best = token_probs(log_probs, exclude=mask_id, temperature=0).argmax(-1)
-            x = torch.where(still_masked, best, x)
+            x = x.clone()
+            x[still_masked] = token_probs(log_probs[still_masked], exclude=mask_id, temperature=0).argmax(-1)
             if trajectory is not None:
                 trajectory.append(x.clone())
         return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)

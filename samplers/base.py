@@ -20,8 +20,22 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["FREE", "SampleOutput", "Sampler", "register_sampler", "get_sampler", "SAMPLERS",
-           "make_canvas", "sample_categorical", "token_probs", "check_positive_int", "check_filters"]
+from diffusion.modeling_ddit import accepts_score_mask
+
+__all__ = [
+    "FREE",
+    "SAMPLERS",
+    "SampleOutput",
+    "Sampler",
+    "check_filters",
+    "check_positive_int",
+    "get_sampler",
+    "make_canvas",
+    "outputs_at",
+    "register_sampler",
+    "sample_categorical",
+    "token_probs",
+]
 
 FREE = -1
 
@@ -89,6 +103,21 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None, u: Tens
     cdf = probs.double().cumsum(-1)
     index = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     return index.clamp_max(probs.shape[-1] - 1)
+
+
+def outputs_at(model: Any, where: Tensor, input_ids: Tensor, **kwargs: Any) -> Any:
+    """Call ``model(input_ids=..., **kwargs)`` for its outputs at the positions ``where [B, L]`` selects.
+
+    The returned output's ``logits`` are ``[n, S]``, the selected positions in row-major order.  A model
+    that takes ``score_mask`` (a :class:`~diffusion.DDiTModel`) runs its output head there only, which is
+    most of a sampler step's saving when few positions are still masked; any other model computes every
+    position and is indexed.
+    """
+    if accepts_score_mask(model):
+        return model(input_ids=input_ids, score_mask=where, **kwargs)
+    out = model(input_ids=input_ids, **kwargs)
+    out.logits = out.logits[where]
+    return out
 
 
 def make_canvas(config: Any, *, batch_size: int | None, prompt_ids: Tensor | None, length: int | None,

@@ -23,9 +23,19 @@ from torch import Tensor
 from diffusion.schedules import get_schedule
 
 from .ancestral import check_masked_model
-from .base import FREE, SampleOutput, Sampler, check_filters, check_positive_int, register_sampler, sample_categorical, token_probs
+from .base import (
+    FREE,
+    SampleOutput,
+    Sampler,
+    check_filters,
+    check_positive_int,
+    outputs_at,
+    register_sampler,
+    sample_categorical,
+    token_probs,
+)
 
-__all__ = ["STRATEGIES", "transfer_schedule", "ConfidenceRemaskingSampler", "decode_blocks"]
+__all__ = ["STRATEGIES", "ConfidenceRemaskingSampler", "decode_blocks", "transfer_schedule"]
 
 STRATEGIES = ("low_confidence", "margin", "entropy", "random")
 
@@ -71,26 +81,24 @@ class _BlockCaller:
     def __init__(self, model: Any, mode: str | None, start: int, end: int) -> None:
         self.model, self.mode, self.start, self.end = model, mode, start, end
         self.context = None
-        self.log_probs: Tensor | None = None
 
-    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        if self.mode is None or self.context is None:
-            out = self.model(input_ids=x, sigma=sigma, use_cache=self.mode is not None)
-            self.log_probs = out.logits
-            if self.mode is not None:
-                positions = out.key_values.positions
-                keep = positions < self.start
-                if self.mode == "dual":
-                    keep |= positions >= self.end
-                self.context = out.key_values.select(keep)
-            return self.log_probs
+    def __call__(self, x: Tensor, sigma: Tensor, where: Tensor) -> Tensor:
+        """Outputs ``[n, V]`` at the positions ``where [B, L]`` selects (all inside the block)."""
+        if self.mode is None:
+            return outputs_at(self.model, where, x, sigma=sigma).logits
+        if self.context is None:
+            out = outputs_at(self.model, where, x, sigma=sigma, use_cache=True)
+            positions = out.key_values.positions
+            keep = positions < self.start
+            if self.mode == "dual":
+                keep |= positions >= self.end
+            self.context = out.key_values.select(keep)
+            return out.logits
         stop = x.shape[1] if self.mode == "prefix" else self.end
         positions = torch.arange(self.start, stop, device=x.device)
-        out = self.model(input_ids=x[:, self.start:stop], sigma=sigma, positions=positions,
-                         past_key_values=self.context)
-        self.log_probs = self.log_probs.clone()
-        self.log_probs[:, self.start:stop] = out.logits
-        return self.log_probs
+        # ``where`` lies inside [start, stop), so the slice keeps its row-major order.
+        return outputs_at(self.model, where[:, self.start:stop], x[:, self.start:stop], sigma=sigma,
+                          positions=positions, past_key_values=self.context).logits
 
 
 def decode_blocks(model: Any, canvas: Tensor, num_steps: int, block_length: int | None, *, strategy: str,
@@ -130,18 +138,18 @@ def decode_blocks(model: Any, canvas: Tensor, num_steps: int, block_length: int 
                 break
             fraction = masked.sum().item() / max(1, ((canvas == FREE) & in_block).sum().item())
             sigma = schedule.total_noise(torch.tensor(min(max(fraction, 1e-3), 1.0), dtype=torch.float64))
-            log_probs = call(x, sigma.float().expand(batch).to(x.device))
+            log_probs = call(x, sigma.float().expand(batch).to(x.device), masked)  # (n, V) at masked positions
             nfe += 1
             # Uniforms for every position (cache or not); distributions only for the block's masked positions.
             u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
             # Confidence is read off the model's own distribution, whatever filters chose the token.
-            model_probs = token_probs(log_probs[masked], exclude=mask_id)
+            model_probs = token_probs(log_probs, exclude=mask_id)
             if temperature == 0:
                 picked = model_probs.argmax(-1)
             else:
                 unfiltered = temperature == 1 and top_k is None and top_p is None
                 probs = model_probs if unfiltered else token_probs(
-                    log_probs[masked], exclude=mask_id, temperature=temperature, top_k=top_k, top_p=top_p)
+                    log_probs, exclude=mask_id, temperature=temperature, top_k=top_k, top_p=top_p)
                 picked = sample_categorical(probs, None, u=u[masked])
             scores = confidence(model_probs[:, None], picked[:, None], strategy, generator)[:, 0]
             chosen = x.clone()

@@ -9,7 +9,7 @@ From t = 1 to t = eps in ``num_steps`` steps of size dt, then a final denoising 
 * denoise: the analytic step with ``dsigma = sigma_bar(eps)`` (all remaining noise); MASK excluded.
 
 A ``subs`` model is used through RADD's identity ``log s = log p(x0 | x_t) - log(exp(sigma_bar) - 1)``.
-Fixed (prompt) positions are reset after every step, so they never change.
+Fixed (prompt) positions are never moved; with the absorbing process only masked positions are computed.
 """
 
 from __future__ import annotations
@@ -22,9 +22,16 @@ from torch import Tensor
 from diffusion.processes import AbsorbingProcess, get_process
 from diffusion.schedules import get_schedule
 
-from .base import FREE, SampleOutput, Sampler, register_sampler, sample_categorical
+from .base import (
+    FREE,
+    SampleOutput,
+    Sampler,
+    outputs_at,
+    register_sampler,
+    sample_categorical,
+)
 
-__all__ = ["EulerSampler", "AnalyticSampler"]
+__all__ = ["AnalyticSampler", "EulerSampler"]
 
 
 class _SEDDSampler(Sampler):
@@ -38,41 +45,55 @@ class _SEDDSampler(Sampler):
     def _step_probs(self, process: Any, x: Tensor, score: Tensor, schedule: Any, t: Tensor, s: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _log_score(self, model: Any, process: Any, x: Tensor, sigma_bar: Tensor) -> Tensor:
+    def _log_score(self, model: Any, process: Any, x: Tensor, sigma_bar: Tensor, where: Tensor) -> Tensor:
+        """float64 log-scores ``[n, S]`` at the positions ``where [B, L]`` selects."""
         sigma = sigma_bar.float().expand(x.shape[0]).to(x.device)
-        out = model(input_ids=x, sigma=sigma).logits.double()
+        out = outputs_at(model, where, x, sigma=sigma).logits.double()
         if model.config.parameterization == "subs":
-            out = process.log_score_from_log_probs(out, sigma.double(), x)
+            out = process.log_score_from_log_probs(out, sigma_bar.double(), x[where])
         return out
 
     def _generate(self, model: Any, canvas: Tensor, num_steps: int, generator: torch.Generator | None,
                   return_trajectory: bool, callback: Any) -> SampleOutput:
         config = model.config
         process = get_process(config.process, config.vocab_size - (1 if config.process == "absorbing" else 0))
+        absorbing = isinstance(process, AbsorbingProcess)
         schedule = get_schedule(config.schedule, **config.schedule_kwargs)
         free = canvas == FREE
         x = torch.where(free, process.sample_limit(canvas.shape, generator=generator).to(canvas.device), canvas)
         times = torch.linspace(1.0, self.eps, num_steps + 1, dtype=torch.float64)
         trajectory = [x.clone()] if return_trajectory else None
         nfe = 0
-        for i in range(num_steps):
-            t, s = times[i], times[i + 1]
-            score = self._log_score(model, process, x, schedule.total_noise(t)).exp()
+
+        def move(t: Tensor, s: Tensor | None) -> None:
+            """One step t -> s (``s`` None: the final denoising step) at the free positions that can move:
+            all of them (uniform) or the masked ones (absorbing: a real token never leaves).  One uniform
+            per position is drawn either way, so the random stream does not depend on how many move."""
+            nonlocal x, nfe
+            u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            where = free & (x == process.mask_id) if absorbing else free
+            if not bool(where.any()):
+                return
+            sigma_bar = schedule.total_noise(t)
+            score = self._log_score(model, process, x, sigma_bar, where).exp()
             nfe += 1
-            probs = self._step_probs(process, x, score, schedule, t, s).clamp_min(0.0)
-            x = torch.where(free, sample_categorical(probs, generator), canvas)
+            if s is None:
+                probs = process.analytic_transition(x[where], score, sigma_bar).clamp_min(0.0)
+                if absorbing:
+                    probs[..., process.mask_id] = 0.0
+            else:
+                probs = self._step_probs(process, x[where], score, schedule, t, s).clamp_min(0.0)
+            x = x.clone()
+            x[where] = sample_categorical(probs, None, u=u[where])
+
+        for i in range(num_steps):
+            move(times[i], times[i + 1])
             if trajectory is not None:
                 trajectory.append(x.clone())
             if callback is not None:
                 callback(i, x)
         if self.denoise:
-            sigma_end = schedule.total_noise(times[-1])
-            score = self._log_score(model, process, x, sigma_end).exp()
-            nfe += 1
-            probs = process.analytic_transition(x, score, sigma_end).clamp_min(0.0)
-            if isinstance(process, AbsorbingProcess):
-                probs[..., process.mask_id] = 0.0
-            x = torch.where(free, sample_categorical(probs, generator), canvas)
+            move(times[-1], None)
             if trajectory is not None:
                 trajectory.append(x.clone())
         return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)
@@ -84,7 +105,7 @@ class EulerSampler(_SEDDSampler):
 
     name = "euler"
 
-    def _step_probs(self, process, x, score, schedule, t, s):  # noqa: ANN001, ANN202
+    def _step_probs(self, process, x, score, schedule, t, s):
         return process.euler_transition(x, score, (t - s) * schedule.rate_noise(t))
 
 
@@ -94,5 +115,5 @@ class AnalyticSampler(_SEDDSampler):
 
     name = "analytic"
 
-    def _step_probs(self, process, x, score, schedule, t, s):  # noqa: ANN001, ANN202
+    def _step_probs(self, process, x, score, schedule, t, s):
         return process.analytic_transition(x, score, schedule.total_noise(t) - schedule.total_noise(s))

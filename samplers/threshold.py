@@ -14,7 +14,13 @@ import torch
 from torch import Tensor
 
 from .ancestral import check_masked_model
-from .base import SampleOutput, Sampler, check_filters, check_positive_int, register_sampler
+from .base import (
+    SampleOutput,
+    Sampler,
+    check_filters,
+    check_positive_int,
+    register_sampler,
+)
 from .remasking import check_kv_cache, decode_blocks
 
 __all__ = ["ThresholdSampler"]

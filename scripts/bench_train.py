@@ -49,7 +49,7 @@ def run_one(size: str, precision: str, steps: int, batch_size: int, seq_len: int
                         **SIZES[size])
     model = DDiTModel(config)
     objective = DiffusionObjective.from_config(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x0 = torch.randint(0, 4096, (batch_size, seq_len))
     gen = torch.Generator().manual_seed(0)
 
