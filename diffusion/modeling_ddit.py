@@ -172,18 +172,21 @@ class DDiTConfig(PretrainedConfig):
 
 
 def _rotary_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables ``[L, head_dim]`` for absolute ``positions [L]`` (each frequency repeated for both halves)."""
+    """Rotary tables ``[L, head_dim]`` for absolute ``positions [L]``: ``cos`` and the signed ``sin``.
+
+    Each frequency is repeated for both halves; the sine's first half is negated, so that with
+    ``swap(x) = (x_2, x_1)`` the rotate-half rotation ``x cos + (-x_2, x_1) sin`` is ``x cos + swap(x) sin``.
+    """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = torch.outer(positions.float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding on ``x [..., L, D]`` with tables ``[L, D]`` (rotate-half convention)."""
+def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotary position embedding (rotate-half convention) on ``x [..., D]`` with tables broadcasting to it."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, config: DDiTConfig) -> Tensor:
@@ -320,9 +323,11 @@ class DDiTBlock(nn.Module):
         else:
             h = self.norm1(x)
 
-        qkv = rearrange(self.qkv(h), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
-        v = qkv[2]  # (B, nh, Lq, hd)
-        q, k = _rotate(qkv[:2], cos.to(v.dtype), sin.to(v.dtype)).unbind(0)  # both at once: fewer kernels
+        # Rotate q and k together in the projection's own layout (contiguous rows of 2H), then view as heads.
+        qkv = rearrange(self.qkv(h), "b l (three h d) -> b l three h d", three=3, h=self.num_heads)
+        cos, sin = cos[:, None, None, :].to(qkv.dtype), sin[:, None, None, :].to(qkv.dtype)  # (Lq, 1, 1, hd)
+        q, k = rearrange(_rotate(qkv[:, :, :2], cos, sin), "b l two h d -> two b h l d").unbind(0)
+        v = rearrange(qkv[:, :, 2], "b l h d -> b h l d")  # q, k, v: (B, nh, Lq, hd)
         fresh = (k, v)
         if past is not None:
             k = torch.cat([k, past[0].to(k.dtype)], dim=2)  # (B, nh, Lq + Lc, hd)

@@ -4,10 +4,15 @@ From t = 1 (free positions MASK) down to t = eps in ``num_steps`` steps t -> s: 
 unmasks with probability (alpha_s - alpha_t) / (1 - alpha_t) to y ~ p_theta(. | x_t); unmasked tokens
 (and the prompt) never change.  At the end every token still masked takes its most likely value.
 
-For a time-free network the step is exact-cached per sequence (RADD): a sequence that did not change
-since the last network call reuses that call's output, and only the changed sequences are recomputed,
-in one smaller batch.  The random numbers drawn do not depend on the cache, so cached and uncached runs
-give the same tokens.  Expected calls for L free tokens: about n (1 - (1 - 1/n)^L).
+For a time-free network the sampler is exact-cached per sequence (RADD): a sequence is recomputed
+only when it changed.  Which positions unmask at which step depends on the random numbers alone, not
+on the network, so the whole unmasking schedule is drawn first (the same draws, in the same order, as
+the step loop) and each sequence's calls are its *events*, the steps at which some of its tokens
+unmask.  The k-th events of all sequences are independent of each other and run as one batch, so a
+batch needs about ``max_b events_b`` calls of the full batch instead of one call per step; a sequence
+takes about ``n (1 - (1 - 1/n)^L)`` events for L free tokens and n steps.  Each token is drawn from
+the output of its sequence's state just before its step with that step's uniform, exactly as in the
+uncached loop, so cached and uncached runs give the same tokens.
 """
 
 from __future__ import annotations
@@ -67,61 +72,111 @@ class MaskedAncestralSampler(Sampler):
     def _generate(self, model: Any, canvas: Tensor, num_steps: int, generator: torch.Generator | None,
                   return_trajectory: bool, callback: Any) -> SampleOutput:
         config = model.config
-        schedule = get_schedule(config.schedule, **config.schedule_kwargs)
-        mask_id = config.mask_token_id
-        use_cache = self.cache and not config.time_conditioning
-        x = torch.where(canvas == FREE, torch.full_like(canvas, mask_id), canvas)
-        batch = x.shape[0]
+        x = torch.where(canvas == FREE, torch.full_like(canvas, config.mask_token_id), canvas)
         times = torch.linspace(1.0, self.eps, num_steps + 1, dtype=torch.float64)
-        log_probs: Tensor | None = None  # (B, L, V): the latest outputs, read at masked positions only
-        stale = torch.ones(batch, dtype=torch.bool, device=x.device)
+        if self.cache and not config.time_conditioning:
+            return self._generate_by_events(model, x, times, generator, return_trajectory, callback)
+        return self._generate_stepwise(model, x, times, generator, return_trajectory, callback)
+
+    def _draw(self, log_probs: Tensor, u: Tensor, mask_id: int) -> Tensor:
+        """Tokens ``[n]`` from outputs ``[n, V]`` (after the filters) with the uniforms ``u [n]``."""
+        probs = token_probs(log_probs, exclude=mask_id, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return sample_categorical(probs, None, u=u)
+
+    def _generate_stepwise(self, model: Any, x: Tensor, times: Tensor, generator: torch.Generator | None,
+                           return_trajectory: bool, callback: Any) -> SampleOutput:
+        """The plain loop: one network call per step for the whole batch (at its masked positions)."""
+        config = model.config
+        schedule = get_schedule(config.schedule, **config.schedule_kwargs)
+        mask_id, batch = config.mask_token_id, x.shape[0]
         nfe, trajectory = 0, [x.clone()] if return_trajectory else None
 
-        def refresh(t: Tensor) -> None:
-            """Recompute the outputs of the stale sequences (all of them without the cache), at their masked
-            positions only: the only ones a step reads."""
-            nonlocal log_probs, nfe
-            rows = stale if (use_cache and log_probs is not None) else torch.ones_like(stale)
-            if use_cache:
-                rows = rows & (x == mask_id).any(-1)  # a finished sequence is never read again
-                if not bool(rows.any()):
-                    return
-            if log_probs is None:
-                log_probs = torch.zeros(x.shape + (config.vocab_size,), device=x.device)
-            where = torch.zeros_like(x, dtype=torch.bool)
-            where[rows] = x[rows] == mask_id
-            sigma = schedule.total_noise(t).float().expand(int(rows.sum())).to(x.device)
-            log_probs[where] = outputs_at(model, where[rows], x[rows], sigma=sigma).logits.float()
+        def outputs(t: Tensor, where: Tensor) -> Tensor:
+            nonlocal nfe
             nfe += 1
+            sigma = schedule.total_noise(t).float().expand(batch).to(x.device)
+            return outputs_at(model, where, x, sigma=sigma).logits.float()
 
-        for i in range(num_steps):
+        for i in range(len(times) - 1):
             t, s = times[i], times[i + 1]
-            if log_probs is None or not use_cache or bool(stale.any()):
-                refresh(t)
+            masked = x == mask_id
+            log_probs = outputs(t, masked)  # (n, V) at the masked positions
             alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
             p_unmask = float((alpha_s - alpha_t) / (1 - alpha_t))
-            # Two uniforms per position every step (cache or not); distributions only where a token moves.
+            # Two uniforms per position every step; distributions only where a token moves.
             u_move = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
             u_token = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
-            move = (x == mask_id) & (u_move < p_unmask)
-            x_next = x.clone()
+            move = masked & (u_move < p_unmask)
             if bool(move.any()):
-                probs = token_probs(log_probs[move], exclude=mask_id, temperature=self.temperature,
-                                    top_k=self.top_k, top_p=self.top_p)
-                x_next[move] = sample_categorical(probs, None, u=u_token[move])
-            stale = (x_next != x).any(-1)
-            x = x_next
+                x = x.clone()
+                x[move] = self._draw(log_probs[move[masked]], u_token[move], mask_id)
             if trajectory is not None:
                 trajectory.append(x.clone())
             if callback is not None:
                 callback(i, x)
-
         still_masked = x == mask_id
         if bool(still_masked.any()):  # noise removal: the most likely token
-            if not use_cache or bool(stale.any()):
-                refresh(times[-1])
+            best = token_probs(outputs(times[-1], still_masked), exclude=mask_id, temperature=0).argmax(-1)
             x = x.clone()
-            x[still_masked] = token_probs(log_probs[still_masked], exclude=mask_id, temperature=0).argmax(-1)
+            x[still_masked] = best
             if trajectory is not None:
                 trajectory.append(x.clone())
+        return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)
+
+    def _generate_by_events(self, model: Any, x: Tensor, times: Tensor, generator: torch.Generator | None,
+                            return_trajectory: bool, callback: Any) -> SampleOutput:
+        """The exact per-sequence cache, batched by event rounds (see the module docstring)."""
+        config = model.config
+        schedule = get_schedule(config.schedule, **config.schedule_kwargs)
+        mask_id, num_steps = config.mask_token_id, len(times) - 1
+        start = x.clone()
+
+        # 1. The unmasking schedule, from the step loop's draws in its order: the step at which each
+        #    position unmasks (num_steps: never, noise removal) and the token uniform of that step.
+        masked = x == mask_id
+        unmask_step = torch.full(x.shape, num_steps, dtype=torch.long, device=x.device)
+        u_token_at = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+        for i in range(num_steps):
+            alpha_t, alpha_s = schedule.alpha(times[i]), schedule.alpha(times[i + 1])
+            p_unmask = float((alpha_s - alpha_t) / (1 - alpha_t))
+            u_move = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            u_token = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            move = masked & (u_move < p_unmask)
+            unmask_step[move] = i
+            u_token_at[move] = u_token[move]
+            masked &= ~move
+
+        # 2. Rounds: the k-th event of every sequence that has one, in one batch.
+        events = [torch.unique(row[row < num_steps]) for row in unmask_step]  # sorted steps per sequence
+        nfe = 0
+        for k in range(max(len(e) for e in events)):
+            rows = torch.tensor([b for b, e in enumerate(events) if len(e) > k], device=x.device)
+            step = torch.stack([events[b][k] for b in rows.tolist()])  # (r,)
+            sub = x[rows]
+            where = sub == mask_id
+            sigma = schedule.total_noise(times[step.cpu()]).float().to(x.device)
+            log_probs = outputs_at(model, where, sub, sigma=sigma).logits.float()  # (n, V)
+            nfe += 1
+            moving = unmask_step[rows] == step[:, None]  # (r, L), inside ``where``
+            sub[moving] = self._draw(log_probs[moving[where]], u_token_at[rows][moving], mask_id)
+            x[rows] = sub
+
+        # 3. Noise removal for the sequences with masks left, from their final state.
+        still_masked = x == mask_id
+        rows = still_masked.any(-1).nonzero(as_tuple=True)[0]
+        if len(rows):
+            sigma = schedule.total_noise(times[-1]).float().expand(len(rows)).to(x.device)
+            log_probs = outputs_at(model, still_masked[rows], x[rows], sigma=sigma).logits.float()
+            nfe += 1
+            x[still_masked] = token_probs(log_probs, exclude=mask_id, temperature=0).argmax(-1)
+
+        trajectory = None
+        if return_trajectory or callback is not None:  # the canvases of the step loop, rebuilt
+            canvases = [torch.where(start == mask_id, torch.where(unmask_step <= i, x, start), start)
+                        for i in range(num_steps)]
+            if callback is not None:
+                for i, canvas in enumerate(canvases):
+                    callback(i, canvas)
+            if return_trajectory:
+                trajectory = [start, *canvases] + ([x.clone()] if len(rows) else [])
         return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)

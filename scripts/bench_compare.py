@@ -127,6 +127,173 @@ def train_part(args: argparse.Namespace, rates: dict) -> list[dict]:
     return rows
 
 
+SAMPLERS = [("euler", "sedd", {}), ("analytic", "sedd", {}), ("ancestral", "mdlm", {"cache": False}),
+            ("ancestral cached", "mdlm", {"cache": True})]
+
+
+def generate(model: Any, sampler: str, options: dict, steps: int, precision: str, length: int = SEQ_LEN,
+             batch: int = BATCH) -> tuple[Any, float]:
+    """(output, seconds) of one seeded generation, in bf16 autocast when ``precision`` says so."""
+    from samplers import get_sampler
+
+    name = sampler.split()[0]
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = get_sampler(name, **options).generate(model, batch_size=batch, length=length, num_steps=steps,
+                                                    generator=torch.Generator().manual_seed(0))
+    return out, time.perf_counter() - start
+
+
+def sample_part() -> list[dict]:
+    rows = []
+    models = {kind: build_model(kind, "sdpa").eval() for kind in MODELS}
+    for precision in ("fp32", "bf16"):
+        for sampler, kind, options in SAMPLERS:
+            out, seconds = generate(models[kind], sampler, options, SEQ_LEN, precision)
+            row = {"sampler": sampler, "model": kind, "precision": precision, "steps": SEQ_LEN, "nfe": out.nfe,
+                   "seconds": seconds, "reference_seconds": REFERENCE.get(("sample", sampler, precision))}
+            rows.append(row)
+            print(f"sample {sampler} {precision}: {seconds:.1f} s, {out.nfe} calls", flush=True)
+    return rows
+
+
+def cache_part(steps: int, verify: bool) -> dict:
+    model = build_model("mdlm", "sdpa").eval()
+    cached, seconds = generate(model, "ancestral cached", {"cache": True}, steps, "fp32")
+    row = {"steps": steps, "nfe": cached.nfe, "seconds": seconds,
+           "reference_seconds": REFERENCE[("cache", "ancestral cached", "fp32")],
+           "expected_events_per_sequence": steps * (1 - (1 - 1 / steps) ** SEQ_LEN)}
+    print(f"exact cache, {steps} steps: {seconds:.1f} s, {cached.nfe} calls", flush=True)
+    if verify:
+        plain, plain_seconds = generate(model, "ancestral", {"cache": False}, steps, "fp32")
+        row.update(uncached_seconds=plain_seconds, uncached_nfe=plain.nfe,
+                   same_tokens=bool(torch.equal(cached.tokens, plain.tokens)),
+                   token_agreement=float((cached.tokens == plain.tokens).float().mean()))
+        print(f"uncached, {steps} steps: {plain_seconds:.1f} s, {plain.nfe} calls; same tokens: {row['same_tokens']}",
+              flush=True)
+    return row
+
+
+def decode_part(length: int, precision: str) -> dict:
+    """Semi-AR (block 32, one token per step) against threshold 0.9 + dual KV cache, both ``length`` steps."""
+    model = build_model("mdlm", "sdpa").eval()
+    semi, semi_s = generate(model, "remask", {"block_length": 32}, length, precision, length=length)
+    fast, fast_s = generate(model, "threshold", {"threshold": 0.9, "block_length": 32, "kv_cache": "dual"}, length,
+                            precision, length=length)
+    row = {"length": length, "precision": precision, "semi_ar_seconds": semi_s, "semi_ar_nfe": semi.nfe,
+           "threshold_kv_seconds": fast_s, "threshold_kv_nfe": fast.nfe, "speedup": semi_s / fast_s}
+    print(f"decode {length} tokens, {precision}: semi-AR {semi_s:.1f} s ({semi.nfe} calls), threshold + dual KV "
+          f"{fast_s:.1f} s ({fast.nfe} calls): {row['speedup']:.2f}x", flush=True)
+    return row
+
+
+def quality_part(model_dir: str, scorer_dir: str, length: int, block: int) -> dict:
+    """On a trained model: the decode speed-up and generative-perplexity change, and bf16 against float32
+    (held-out negative ELBO and sample agreement)."""
+    from transformers import AutoModelForCausalLM
+
+    from diffusion import DDiTModel
+    from diffusion.data import build_blocks, load_texts, load_tokenizer
+    from diffusion.likelihood import evaluate_likelihood
+    from diffusion.sample_quality import generative_perplexity
+
+    model = DDiTModel.from_pretrained(model_dir).eval()
+    scorer = AutoModelForCausalLM.from_pretrained(scorer_dir).eval()
+    batch = 32
+    result: dict[str, Any] = {"model": model_dir, "scorer": scorer_dir, "length": length, "block": block}
+    samples = {}
+    for label, sampler, options in [("semi-AR", "remask", {"block_length": block}),
+                                    ("threshold 0.9 + dual KV", "threshold",
+                                     {"threshold": 0.9, "block_length": block, "kv_cache": "dual"})]:
+        out, seconds = generate(model, sampler, options, length, "fp32", length=length, batch=batch)
+        samples[label] = out.tokens
+        result[label] = {"seconds": seconds, "nfe": out.nfe, **generative_perplexity(out.tokens, scorer)}
+        print(f"quality {label}: {seconds:.2f} s, {out.nfe} calls, gen-ppl {result[label]['gen_ppl']:.0f}", flush=True)
+    result["speedup"] = result["semi-AR"]["seconds"] / result["threshold 0.9 + dual KV"]["seconds"]
+    result["gen_ppl_change"] = result["threshold 0.9 + dual KV"]["gen_ppl"] / result["semi-AR"]["gen_ppl"] - 1
+
+    blocks = build_blocks(load_texts("builtin:shakespeare")["validation"], load_tokenizer("builtin"), length)[:128]
+    nelbo = {}
+    for precision in ("fp32", "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            nelbo[precision] = evaluate_likelihood(model, blocks, method="quadrature", num_points=8, batch_size=32,
+                                                   progress=False).nats_per_token
+    # Per-token log-probabilities of the held-out tokens at half the positions masked, bf16 against float32.
+    x0 = blocks[:32]
+    xt = torch.where(torch.rand(x0.shape, generator=torch.Generator().manual_seed(0)) < 0.5,
+                     torch.full_like(x0, model.config.mask_token_id), x0)
+    where = xt == model.config.mask_token_id
+    with torch.no_grad():
+        reference_lp = model(input_ids=xt, score_mask=where).logits.gather(-1, x0[where][:, None])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_lp = model(input_ids=xt, score_mask=where).logits.gather(-1, x0[where][:, None])
+    difference = (bf16_lp - reference_lp).abs()
+    ancestral = {p: generate(model, "ancestral cached", {"cache": True}, length, p, length=length, batch=batch)[0]
+                 for p in ("fp32", "bf16")}
+    result["bf16"] = {"nelbo_fp32": nelbo["fp32"], "nelbo_bf16": nelbo["bf16"],
+                      "nelbo_relative_change": nelbo["bf16"] / nelbo["fp32"] - 1,
+                      "log_prob_abs_diff_mean": float(difference.mean()), "log_prob_abs_diff_max": float(difference.max()),
+                      "ancestral_token_agreement": float((ancestral["fp32"].tokens == ancestral["bf16"].tokens)
+                                                         .float().mean())}
+    print(f"bf16 vs float32: |log p| difference mean {difference.mean():.4f}, max {difference.max():.4f}; "
+          f"held-out nats/token {nelbo['fp32']:.4f} -> {nelbo['bf16']:.4f}; ancestral samples agree "
+          f"on {result['bf16']['ancestral_token_agreement']:.1%} of tokens", flush=True)
+    return result
+
+
+def report(results: dict) -> str:
+    """The comparison as a markdown table with the targets' verdicts."""
+    rates = results["matmul_gflops"]
+    lines = [f"matmul 2048 x 2048, {results['threads']} threads: float32 {rates['before']['fp32']:.0f} -> "
+             f"{rates['after']['fp32']:.0f} GFLOP/s, bf16 {rates['before']['bf16']:.0f} -> {rates['after']['bf16']:.0f} "
+             "GFLOP/s (start -> end of the run)", "",
+             "| work | reference | ours | ratio | target | met |", "|---|---|---|---|---|---|"]
+
+    def row(work: str, reference: str, ours: str, ratio: str, target: str, met: bool) -> None:
+        lines.append(f"| {work} | {reference} | {ours} | {ratio} | {target} | {'yes' if met else 'no'} |")
+
+    for r in results.get("train", []):
+        mfu_target = TARGETS["mfu_fp32" if r["precision"] == "fp32" else "mfu_bf16"]
+        row(f"train {r['kind'].upper()} {r['precision']} (tokens/s)", f"{r['reference_tokens_per_s']:,}",
+            f"{r['tokens_per_s']:,.0f} (MFU {r['mfu']:.0%})", f"{r['speedup']:.2f}x",
+            f">= {TARGETS['train_speedup']}x, MFU >= {mfu_target:.0%}",
+            r["speedup"] >= TARGETS["train_speedup"] and r["mfu"] >= mfu_target)
+    for r in results.get("sample", []):
+        limit = TARGETS["sample_fp32_s" if r["precision"] == "fp32" else "sample_bf16_s"]
+        reference = r["reference_seconds"]
+        row(f"sample {r['sampler']} ({r['model'].upper()}), 128 steps, {r['precision']}",
+            f"{REFERENCE_NAMES[r['sampler']]} {reference} s" if reference else "-",
+            f"{r['seconds']:.1f} s ({r['nfe']} calls)", f"{reference / r['seconds']:.2f}x" if reference else "-",
+            f"<= {limit:.0f} s", r["seconds"] <= limit)
+    if "cache" in results:
+        r = results["cache"]
+        same = r.get("same_tokens")
+        row(f"exact cache, {r['steps']} steps, fp32", f"MDLM ddpm_cache {r['reference_seconds']:.0f} s",
+            f"{r['seconds']:.1f} s ({r['nfe']} calls; uncached {r.get('uncached_seconds', float('nan')):.0f} s, "
+            f"same tokens: {same})", f"{r['reference_seconds'] / r['seconds']:.2f}x",
+            f"<= {TARGETS['cache_fp32_s']:.0f} s, same tokens", r["seconds"] <= TARGETS["cache_fp32_s"] and bool(same))
+    if "decode" in results:
+        r = results["decode"]
+        row(f"threshold 0.9 + dual KV vs semi-AR, {r['length']} tokens, {r['precision']} (random weights)", "-",
+            f"{r['threshold_kv_seconds']:.1f} s vs {r['semi_ar_seconds']:.1f} s "
+            f"({r['threshold_kv_nfe']} vs {r['semi_ar_nfe']} calls)", f"{r['speedup']:.2f}x",
+            f">= {TARGETS['decode_speedup']:.0f}x", r["speedup"] >= TARGETS["decode_speedup"])
+    if "quality" in results:
+        q = results["quality"]
+        fast, semi = q["threshold 0.9 + dual KV"], q["semi-AR"]
+        row(f"same, trained model, {q['length']} tokens, block {q['block']}", "-",
+            f"{fast['seconds']:.2f} s vs {semi['seconds']:.2f} s; gen-ppl {semi['gen_ppl']:.0f} -> {fast['gen_ppl']:.0f} "
+            f"({q['gen_ppl_change']:+.1%})", f"{q['speedup']:.2f}x", f">= {TARGETS['decode_speedup']:.0f}x",
+            q["speedup"] >= TARGETS["decode_speedup"])
+        b = q["bf16"]
+        lines += ["", f"bf16 autocast against float32 on the trained model: held-out negative ELBO {b['nelbo_fp32']:.4f} -> "
+                      f"{b['nelbo_bf16']:.4f} nats/token ({b['nelbo_relative_change']:+.3%}); per-token log-probabilities "
+                      f"differ by {b['log_prob_abs_diff_mean']:.4f} on average (max {b['log_prob_abs_diff_max']:.3f}); "
+                      f"ancestral samples under one seed agree on {b['ancestral_token_agreement']:.1%} of tokens (one "
+                      "different draw changes every later step's context)"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="train,sample,cache,decode", help="comma-separated subset to run")
@@ -134,6 +301,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", choices=("sdpa", "eager"), default=None,
                         help="attention for training (default: sdpa in float32, eager in bf16)")
+    parser.add_argument("--cache-steps", type=int, default=1024, help="steps of the exact-cache comparison")
+    parser.add_argument("--no-verify", action="store_true", help="skip the uncached run of the cache part (slow)")
+    parser.add_argument("--decode-length", type=int, default=256, help="tokens per sequence in the decode part")
+    parser.add_argument("--decode-model", help="a trained masked-diffusion model folder for the decode quality rows")
+    parser.add_argument("--scorer", help="a causal LM folder to score generative perplexity (with --decode-model)")
+    parser.add_argument("--quality-length", type=int, default=64, help="sequence length of the quality rows")
     parser.add_argument("--json", default="bench_compare.json", help="where to write the results")
     parser.add_argument("--single", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,8 +327,20 @@ def main() -> None:
     results: dict[str, Any] = {"config": {**CONFIG, "seq_len": SEQ_LEN, "batch": BATCH}, "threads": args.threads}
     if "train" in parts:
         results["train"] = train_part(args, rates_before)
+    if "sample" in parts:
+        results["sample"] = sample_part()
+    if "cache" in parts:
+        results["cache"] = cache_part(args.cache_steps, verify=not args.no_verify)
+    if "decode" in parts:
+        results["decode"] = decode_part(args.decode_length, "fp32")
+        if args.decode_model and args.scorer:
+            results["quality"] = quality_part(args.decode_model, args.scorer, args.quality_length, 16)
+        else:
+            print("decode quality rows skipped: pass --decode-model and --scorer (trained by scripts/results.py)")
     rates_after = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
     results["matmul_gflops"] = {"before": rates_before, "after": rates_after}
+    print()
+    print(report(results))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
