@@ -67,11 +67,11 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 9) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def build_model(kind: str, attention: str = "eager") -> Any:
+def build_model(kind: str, attention: str = "sdpa", context: int = SEQ_LEN) -> Any:
     from diffusion import DDiTConfig, DDiTModel
 
     torch.manual_seed(0)
-    config = DDiTConfig(max_position_embeddings=SEQ_LEN, attn_implementation=attention, **CONFIG, **MODELS[kind])
+    config = DDiTConfig(max_position_embeddings=context, attn_implementation=attention, **CONFIG, **MODELS[kind])
     return DDiTModel(config)
 
 
@@ -115,7 +115,7 @@ def train_part(args: argparse.Namespace, rates: dict) -> list[dict]:
     rows = []
     for kind in ("sedd", "mdlm"):
         for precision in ("fp32", "bf16"):
-            attention = args.attention or ("sdpa" if precision == "fp32" else "eager")
+            attention = args.attention
             row = run_subprocess("train", kind, precision, str(args.train_steps), attention, str(args.threads))
             row.update(kind=kind, precision=precision, attention=attention,
                        reference_tokens_per_s=REFERENCE[("train", kind, precision)])
@@ -176,7 +176,7 @@ def cache_part(steps: int, verify: bool) -> dict:
 
 def decode_part(length: int, precision: str) -> dict:
     """Semi-AR (block 32, one token per step) against threshold 0.9 + dual KV cache, both ``length`` steps."""
-    model = build_model("mdlm", "sdpa").eval()
+    model = build_model("mdlm", "sdpa", context=max(SEQ_LEN, length)).eval()
     semi, semi_s = generate(model, "remask", {"block_length": 32}, length, precision, length=length)
     fast, fast_s = generate(model, "threshold", {"threshold": 0.9, "block_length": 32, "kv_cache": "dual"}, length,
                             precision, length=length)
@@ -299,8 +299,8 @@ def main() -> None:
     parser.add_argument("--parts", default="train,sample,cache,decode", help="comma-separated subset to run")
     parser.add_argument("--train-steps", type=int, default=20, help="timed training steps (after 5 warm-up steps)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--attention", choices=("sdpa", "eager"), default=None,
-                        help="attention for training (default: sdpa in float32, eager in bf16)")
+    parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
+                        help="attention implementation for training (sdpa uses the matmul form when training on a CPU)")
     parser.add_argument("--cache-steps", type=int, default=1024, help="steps of the exact-cache comparison")
     parser.add_argument("--no-verify", action="store_true", help="skip the uncached run of the cache part (slow)")
     parser.add_argument("--decode-length", type=int, default=256, help="tokens per sequence in the decode part")
@@ -325,25 +325,32 @@ def main() -> None:
     print(f"matmul 2048 x 2048, {args.threads} threads: float32 {rates_before['fp32']:.0f} GFLOP/s, "
           f"bf16 {rates_before['bf16']:.0f} GFLOP/s", flush=True)
     results: dict[str, Any] = {"config": {**CONFIG, "seq_len": SEQ_LEN, "batch": BATCH}, "threads": args.threads}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part, so that a failure late in the run keeps the earlier figures
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
     if "train" in parts:
         results["train"] = train_part(args, rates_before)
+        save()
     if "sample" in parts:
         results["sample"] = sample_part()
+        save()
     if "cache" in parts:
         results["cache"] = cache_part(args.cache_steps, verify=not args.no_verify)
+        save()
     if "decode" in parts:
         results["decode"] = decode_part(args.decode_length, "fp32")
+        save()
         if args.decode_model and args.scorer:
             results["quality"] = quality_part(args.decode_model, args.scorer, args.quality_length, 16)
         else:
             print("decode quality rows skipped: pass --decode-model and --scorer (trained by scripts/results.py)")
     rates_after = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
     results["matmul_gflops"] = {"before": rates_before, "after": rates_after}
+    save()
     print()
     print(report(results))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
     print(f"wrote {args.json}")
 
 
