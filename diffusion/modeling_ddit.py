@@ -311,10 +311,12 @@ class DDiTBlock(nn.Module):
         _tag(self.mlp_out, "residual")
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cond: Tensor | None, attn_mask: Tensor | None,
-                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                past: tuple[Tensor, Tensor, int] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """``x [B, Lq, H]`` -> (``[B, Lq, H]``, the keys/values ``[B, nh, Lq, hd]`` of these positions).
 
-        ``past`` holds cached keys/values of other positions, attended to after the new ones.
+        ``past`` = (keys, values, reserved): cached keys/values of other positions, attended to after the new
+        ones; with ``reserved == Lq`` their first ``Lq`` slots are free and this call's keys/values are
+        written there in place (inference only) instead of concatenating the whole cache anew.
         """
         if self.modulation is not None:
             mod = self.modulation(cond)[:, None, :]  # (B, 1, 6H)
@@ -330,8 +332,16 @@ class DDiTBlock(nn.Module):
         v = rearrange(qkv[:, :, 2], "b l h d -> b h l d")  # q, k, v: (B, nh, Lq, hd)
         fresh = (k, v)
         if past is not None:
-            k = torch.cat([k, past[0].to(k.dtype)], dim=2)  # (B, nh, Lq + Lc, hd)
-            v = torch.cat([v, past[1].to(v.dtype)], dim=2)
+            past_k, past_v, reserved = past
+            if reserved:
+                if reserved != k.shape[2]:
+                    raise ValueError(f"the cache reserves {reserved} slots for {k.shape[2]} new positions")
+                past_k[:, :, :reserved] = k
+                past_v[:, :, :reserved] = v
+                k, v = past_k, past_v  # (B, nh, Lq + Lc, hd)
+            else:
+                k = torch.cat([k, past_k.to(k.dtype)], dim=2)  # (B, nh, Lq + Lc, hd)
+                v = torch.cat([v, past_v.to(v.dtype)], dim=2)
         attn = _attention(q, k, v, attn_mask, self.dropout.p if self.training else 0.0, self.config)
         attn = self.dropout(self.attn_out(rearrange(attn, "b h l d -> b l (h d)")))
         x = torch.addcmul(x, gate1, attn) if self.modulation is not None else x + attn
@@ -345,19 +355,33 @@ class DDiTBlock(nn.Module):
 class KVCache:
     """Keys and values of some positions, per layer, to reuse across denoising steps (Fast-dLLM).
 
-    ``keys[i]``/``values[i]``: ``[B, nh, Lc, hd]`` of layer i (rotary already applied); ``positions [Lc]``.
+    ``keys[i]``/``values[i]``: ``[B, nh, reserved + Lc, hd]`` of layer i (rotary already applied);
+    ``positions [Lc]`` of the cached part.  ``reserved`` leading slots (0 unless :meth:`with_slots`) are
+    left for the positions a call recomputes, which then write their keys/values there instead of
+    concatenating the whole cache at every layer of every call.
     """
 
     keys: list[Tensor]
     values: list[Tensor]
     positions: Tensor
+    reserved: int = 0
 
     def select(self, keep: Tensor) -> KVCache:
         """The cache restricted to the positions where ``keep [Lc]`` is True."""
+        if self.reserved:
+            raise ValueError("select() needs a cache without reserved slots")
         return KVCache([k[:, :, keep] for k in self.keys], [v[:, :, keep] for v in self.values], self.positions[keep])
+
+    def with_slots(self, count: int) -> KVCache:
+        """A copy with ``count`` free leading slots for the recomputed positions (for inference)."""
+        def grow(t: Tensor) -> Tensor:
+            return torch.cat([t.new_zeros(t.shape[:2] + (count,) + t.shape[3:]), t], dim=2)
+        return KVCache([grow(k) for k in self.keys], [grow(v) for v in self.values], self.positions, count)
 
     @staticmethod
     def concat(first: KVCache, second: KVCache) -> KVCache:
+        if first.reserved or second.reserved:
+            raise ValueError("concat() needs caches without reserved slots")
         return KVCache([torch.cat([a, b], 2) for a, b in zip(first.keys, second.keys)],
                        [torch.cat([a, b], 2) for a, b in zip(first.values, second.values)],
                        torch.cat([first.positions, second.positions]))
@@ -522,7 +546,8 @@ class DDiTModel(DDiTPreTrainedModel):
 
         new_keys, new_values = [], []
         for i, block in enumerate(self.blocks):
-            past = (past_key_values.keys[i], past_key_values.values[i]) if past_key_values is not None else None
+            past = ((past_key_values.keys[i], past_key_values.values[i], past_key_values.reserved)
+                    if past_key_values is not None else None)
             x, (k, v) = block(x, cos, sin, cond, attn_mask, past)
             if use_cache:
                 new_keys.append(k)

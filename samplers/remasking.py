@@ -92,7 +92,9 @@ class _BlockCaller:
             keep = positions < self.start
             if self.mode == "dual":
                 keep |= positions >= self.end
-            self.context = out.key_values.select(keep)
+            stop = x.shape[1] if self.mode == "prefix" else self.end
+            # Room for the recomputed positions at the front: later calls write there in place.
+            self.context = out.key_values.select(keep).with_slots(stop - self.start)
             return out.logits
         stop = x.shape[1] if self.mode == "prefix" else self.end
         positions = torch.arange(self.start, stop, device=x.device)
