@@ -189,16 +189,18 @@ def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, config: DDiTConfig) -> Tensor:
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, config: DDiTConfig,
+               training: bool = False) -> Tensor:
     """Bidirectional attention ``[B, nh, Lq, hd] -> [B, nh, Lq, hd]`` (keys/values ``[B, nh, Lk, hd]``).
 
-    ``sdpa`` (default) calls ``scaled_dot_product_attention``, except while training on a CPU: there the
-    two-matmul form below is used, whose backward at these lengths is about 1.5x (float32) to 4x (bf16)
-    faster than the fused CPU kernel's.  ``eager`` always uses the two-matmul form.  Select with
-    ``from_pretrained(..., attn_implementation="eager")`` or ``config._attn_implementation``.
+    ``sdpa`` (default) calls ``scaled_dot_product_attention``, except in training mode with autograd on
+    a CPU: there the two-matmul form below is used, whose backward at these lengths is about 1.5x
+    (float32) to 4x (bf16) faster than the fused CPU kernel's.  A model in eval mode computes the same
+    with and without autograd (GRPO's first ratio is exactly 1).  ``eager`` always uses the two-matmul
+    form.  Select with ``from_pretrained(..., attn_implementation="eager")`` or ``config._attn_implementation``.
     """
     fused = getattr(config, "_attn_implementation", "sdpa") != "eager"
-    if fused and not (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad):
+    if fused and not (training and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (B, nh, Lq, Lk)
     if mask is not None:  # the most negative finite value: a row with no visible key stays finite
@@ -342,7 +344,7 @@ class DDiTBlock(nn.Module):
             else:
                 k = torch.cat([k, past_k.to(k.dtype)], dim=2)  # (B, nh, Lq + Lc, hd)
                 v = torch.cat([v, past_v.to(v.dtype)], dim=2)
-        attn = _attention(q, k, v, attn_mask, self.dropout.p if self.training else 0.0, self.config)
+        attn = _attention(q, k, v, attn_mask, self.dropout.p if self.training else 0.0, self.config, self.training)
         attn = self.dropout(self.attn_out(rearrange(attn, "b h l d -> b l (h d)")))
         x = torch.addcmul(x, gate1, attn) if self.modulation is not None else x + attn
 

@@ -159,10 +159,13 @@ def test_training_attention_form_equals_the_fused_kernel():
     sigma = torch.tensor([0.5, 1.5])
     with torch.no_grad():  # inference: scaled_dot_product_attention
         fused = model(input_ids=x, sigma=sigma, attention_mask=padding).logits
-    trained = model(input_ids=x, sigma=sigma, attention_mask=padding).logits  # grad on: the matmul form
+    assert torch.equal(model(input_ids=x, sigma=sigma, attention_mask=padding).logits.detach(), fused)  # eval + grad
+    model.train()  # training mode with autograd on a CPU: the matmul form (no dropout here)
+    trained = model(input_ids=x, sigma=sigma, attention_mask=padding).logits
     real = fused > -1e5
     torch.testing.assert_close(trained.detach()[real], fused[real], rtol=1e-5, atol=1e-5)
     # A sequence that is all padding has no visible key; the matmul form stays finite there.
     padding[0] = 0
     out = model(input_ids=x, sigma=sigma, attention_mask=padding).logits
     assert bool(torch.isfinite(out[out > -1e5]).all())
+    model.eval()
