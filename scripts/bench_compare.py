@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from scripts.bench_common import matmul_rate, time_training_steps
+
 CONFIG = dict(vocab_size=4097, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, cond_dim=128)
 SEQ_LEN, BATCH = 128, 8
 MODELS = {"sedd": dict(parameterization="score"), "mdlm": dict(parameterization="subs")}
@@ -54,19 +56,6 @@ TARGETS = {"train_speedup": 1.3, "mfu_fp32": 0.85, "mfu_bf16": 0.50, "sample_fp3
            "cache_fp32_s": 20.0, "decode_speedup": 5.0}
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 9) -> float:
-    """Median GFLOP/s of an n x n matmul."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
 def build_model(kind: str, attention: str = "sdpa", context: int = SEQ_LEN) -> Any:
     from diffusion import DDiTConfig, DDiTModel
 
@@ -77,28 +66,9 @@ def build_model(kind: str, attention: str = "sdpa", context: int = SEQ_LEN) -> A
 
 def time_training(kind: str, precision: str, steps: int, attention: str) -> dict:
     """Median seconds of one training step (after warm-up) of ``kind`` in ``precision``."""
-    from diffusion.objectives import DiffusionObjective
-
     model = build_model(kind, attention)
-    objective = DiffusionObjective.from_config(model.config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x0 = torch.randint(0, 4096, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
-    generator = torch.Generator().manual_seed(0)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = objective(model, x0, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-
-    for _ in range(5):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = time_training_steps(model, x0, precision, steps)
     total = sum(p.numel() for p in model.parameters())
     return {"params": total, "non_embedding_params": total - model.embed_tokens.weight.numel(),
             "step_s": statistics.median(times), "step_s_all": times,
@@ -294,6 +264,22 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad arguments before any work, naming the flag and its value."""
+    unknown = [p for p in args.parts.split(",") if p not in ("train", "sample", "cache", "decode")]
+    if unknown:
+        parser.error(f"--parts {args.parts!r}: unknown part(s) {unknown}; valid: train, sample, cache, decode")
+    for flag in ("train_steps", "threads", "cache_steps", "decode_length", "quality_length"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if (args.decode_model is None) != (args.scorer is None):
+        parser.error("--decode-model and --scorer go together: pass both or neither")
+    for flag in ("decode_model", "scorer"):
+        folder = getattr(args, flag)
+        if folder is not None and not (Path(folder) / "config.json").is_file():
+            parser.error(f"--{flag.replace('_', '-')} {folder!r} is not a model folder (no config.json)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="train,sample,cache,decode", help="comma-separated subset to run")
@@ -310,6 +296,8 @@ def main() -> None:
     parser.add_argument("--json", default="bench_compare.json", help="where to write the results")
     parser.add_argument("--single", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.single:
+        check_arguments(parser, args)
     torch.set_num_threads(args.threads)
 
     if args.single:

@@ -4,7 +4,8 @@
 
 Without ``--model`` a randomly initialised time-free masked model (256 wide, 4 blocks, vocabulary
 4096 + MASK) is timed: speed does not depend on the weights.  Quality is the unigram entropy of the
-samples in nats (it falls when a sampler repeats itself); generative perplexity needs the reference AR
+samples in nats (the mean over samples of each one's own token entropy, as in
+``diffusion.sample_quality``; it falls when a sampler repeats itself); generative perplexity needs the reference AR
 model of the likelihood issue and is not reported yet.  Rows:
 
 * every sampler at length 128 with 128 steps;
@@ -17,17 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
-from collections import Counter
 
 import torch
-
-
-def unigram_entropy(tokens: torch.Tensor) -> float:
-    counts = Counter(tokens.flatten().tolist())
-    total = sum(counts.values())
-    return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
 def main() -> None:
@@ -41,6 +34,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from diffusion import DDiTConfig, DDiTModel
+    from diffusion.sample_quality import unigram_entropy
     from samplers import get_sampler
 
     if args.model:

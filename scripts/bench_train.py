@@ -16,9 +16,10 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from scripts.bench_common import matmul_rate, time_training_steps
 
 SIZES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4),
@@ -27,46 +28,15 @@ SIZES = {
 }
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> float:
-    """Median GFLOP/s of an n x n matmul."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
 def run_one(size: str, precision: str, steps: int, batch_size: int, seq_len: int, attention: str) -> dict:
     from diffusion import DDiTConfig, DDiTModel
-    from diffusion.objectives import DiffusionObjective
 
     torch.manual_seed(0)
     config = DDiTConfig(vocab_size=4097, cond_dim=128, max_position_embeddings=seq_len, attn_implementation=attention,
                         **SIZES[size])
     model = DDiTModel(config)
-    objective = DiffusionObjective.from_config(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x0 = torch.randint(0, 4096, (batch_size, seq_len))
-    gen = torch.Generator().manual_seed(0)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = objective(model, x0, generator=gen)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = time_training_steps(model, x0, precision, steps, warmup=3)
     total = sum(p.numel() for p in model.parameters())
     embedding = model.embed_tokens.weight.numel() + (0 if config.tie_word_embeddings else model.lm_head.weight.numel())
     return {

@@ -341,6 +341,12 @@ def test_numeric_reward_types_and_masked_overflow_are_safe():
                         log_ref=torch.tensor([[0.0, -1e4]]))
     loss.backward()
     assert torch.isfinite(loss) and bool(torch.isfinite(theta.grad).all())
+    # ... and the masked-out position does not count at all: the same loss as with a benign value there,
+    # and no gradient reaches it.
+    benign, _ = grpo_loss(torch.tensor([[0.1, 0.0]]), torch.zeros(1, 2), torch.tensor([-1.0]),
+                          torch.tensor([[True, False]]), beta=0.1, log_ref=torch.tensor([[0.0, 0.0]]))
+    torch.testing.assert_close(loss.detach(), benign, rtol=0, atol=1e-7)
+    assert theta.grad[0, 1].item() == 0.0 and theta.grad[0, 0].item() != 0.0
 
 
 def test_coupled_with_full_mask_averages_the_d1_view():

@@ -1,0 +1,58 @@
+"""Pieces the benchmark scripts share: the machine's matmul rate and the timed training step.
+
+Both are measured the same way everywhere, so that MFU figures of different benchmarks compare.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 9) -> float:
+    """Median GFLOP/s of an ``n x n`` matmul in ``dtype`` (after 3 warm-up products), current threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def time_training_steps(model: Any, x0: torch.Tensor, precision: str, steps: int, warmup: int = 5) -> list[float]:
+    """Seconds of each of ``steps`` training steps of ``model`` on the clean tokens ``x0 [B, L]``.
+
+    One step = the model's diffusion objective (forward), backward and a fused AdamW step, in bf16
+    autocast when ``precision == "bf16"``; ``warmup`` untimed steps come first.
+    """
+    from diffusion.objectives import DiffusionObjective
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got precision={precision!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got steps={steps}")
+    objective = DiffusionObjective.from_config(model.config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = objective(model, x0, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
