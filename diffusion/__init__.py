@@ -1,13 +1,22 @@
-"""ddlm.diffusion: the maths and the model of discrete diffusion language models.
+"""diffusion: the maths and the model of discrete diffusion language models.
 
-Nothing here imports ``samplers`` or ``rl``.
+The top level holds the maths and the model: noise schedules, forward processes, the time-node rules,
+the losses, the :class:`DiffusionSpec` a model config describes, the training objective, the DDiT
+denoiser and adapters for outside models.  The run machinery sits in sub-packages: ``data`` (corpus,
+tokenizer, packing), ``training`` (config, loop, checkpoints, EMA), ``evaluation`` (likelihood, sample
+quality, the AR baseline), ``hub`` (export) and ``cli`` (argument parsing, ``ddlm-push``).
+
+Nothing here imports ``samplers``, ``rl`` or ``scripts``.
 """
 
 from transformers import AutoConfig, AutoModelForMaskedLM
 
+from .adapters import DiffusionLMAdapter, MaskedLMAdapter, load_denoiser
 from .modeling_ddit import DDiTConfig, DDiTModel
+from .objectives import DiffusionObjective
 from .processes import AbsorbingProcess, Process, UniformProcess, get_process
 from .schedules import (
+    LINEAR_MASKING,
     CosineSchedule,
     GeometricSchedule,
     LinearSchedule,
@@ -15,22 +24,29 @@ from .schedules import (
     Schedule,
     get_schedule,
 )
+from .spec import DiffusionSpec
 
 # Make "ddit" checkpoints loadable through the Auto classes once this package is imported.
 AutoConfig.register(DDiTConfig.model_type, DDiTConfig, exist_ok=True)
 AutoModelForMaskedLM.register(DDiTConfig, DDiTModel, exist_ok=True)
 
 __all__ = [
+    "LINEAR_MASKING",
     "AbsorbingProcess",
     "CosineSchedule",
     "DDiTConfig",
     "DDiTModel",
+    "DiffusionLMAdapter",
+    "DiffusionObjective",
+    "DiffusionSpec",
     "GeometricSchedule",
     "LinearSchedule",
     "LogLinearSchedule",
+    "MaskedLMAdapter",
     "Process",
     "Schedule",
     "UniformProcess",
     "get_process",
     "get_schedule",
+    "load_denoiser",
 ]

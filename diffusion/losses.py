@@ -1,13 +1,16 @@
-"""Training losses of discrete diffusion LMs, each a per-sequence upper bound on -log p(x0) in nats.
+"""The training objectives' formulas, each a per-sequence upper bound on -log p(x0) in nats, written once.
 
-* :func:`score_entropy_loss` (SEDD): the diffusion-weighted denoising score entropy
-  ``sigma(t) sum_i SE_i(s_theta(x_t, t), x_t, x0)`` for the absorbing or uniform process.
-* :func:`masked_diffusion_loss` (MDLM / RADD, absorbing): the masked cross-entropy ELBO
-  ``sigma(t) / (exp(sigma_bar(t)) - 1) sum_{i masked} -log p_theta(x0_i | x_t)``
-  (``1 / t`` for the log-linear schedule).
+* The masked ELBO (MDLM / RADD, absorbing): ``w(t) sum_{i : x_t^i = MASK} -log p_theta(x0^i | x_t)`` with
+  ``w(t) = sigma(t) / (exp(sigma_bar(t)) - 1)`` (``1/t`` for the log-linear schedule, and ``1/lambda`` when
+  time is the masking probability lambda).  :func:`masked_nll` is its per-position term and
+  :func:`masked_elbo` the weighted sum; the training objective, the likelihood bound, the RL estimators and
+  masked SFT all call them.
+* Score entropy (SEDD, absorbing or uniform): ``sigma(t) sum_i SE_i(s_theta(x_t, t), x_t, x0)``
+  (:func:`score_entropy_loss`; the per-position ``SE_i`` is :meth:`diffusion.processes.Process.score_entropy`).
 
-Averaged over ``t ~ U(t_eps, 1)`` (see :func:`sample_t`) either gives the negative ELBO up to the
-truncation at ``t_eps``.
+Both share the outer form ``w(t) sum_i term_i`` (:func:`weighted_row_sum`), over a dense ``[B, L]`` batch
+or over packed positions ``[n]`` with the row of each.  Averaged over ``t ~ U(t_min, 1)``
+(:func:`diffusion.time_nodes.sample_t`) either gives the negative ELBO up to the truncation at ``t_min``.
 """
 
 from __future__ import annotations
@@ -18,32 +21,53 @@ from torch import Tensor
 from .processes import Process
 from .schedules import Schedule
 
-__all__ = ["masked_diffusion_loss", "sample_t", "score_entropy_loss"]
+__all__ = ["masked_diffusion_loss", "masked_elbo", "masked_nll", "score_entropy_loss", "weighted_row_sum"]
 
 
-def sample_t(
-    batch_size: int,
-    *,
-    eps: float = 1e-3,
-    antithetic: bool = False,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Draw diffusion times ``t in [eps, 1)`` for a batch, ``Tensor[batch_size]``.
+def weighted_row_sum(terms: Tensor, weight: Tensor, rows: Tensor | None = None) -> Tensor:
+    """``w_b sum_i terms_{b,i}``: ``terms [B, L]`` (dense) or ``[n]`` with ``rows [n]`` naming each one's row.
 
-    With ``antithetic=True`` the draws are stratified (MDLM's low-discrepancy sampler):
-    ``u_i = (i + U_i) / n`` puts exactly one ``u`` in each stratum ``[i/n, (i+1)/n)``, which lowers
-    the variance of the batch-mean loss without biasing it.  Then ``t = eps + (1 - eps) u``.
+    Returns ``Tensor[B]`` (``B = weight.shape[0]``) in ``terms``' dtype.
     """
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive int, got batch_size={batch_size!r}")
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"eps must be in [0, 1), got eps={eps!r}")
-    u = torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
-    if antithetic:
-        u = (u + torch.arange(batch_size, device=device, dtype=dtype)) / batch_size
-    return eps + (1.0 - eps) * u
+    if rows is None:
+        sums = terms.sum(-1)
+    else:
+        sums = torch.zeros(weight.shape[0], dtype=terms.dtype, device=terms.device).index_add(0, rows, terms)
+    return weight.to(terms.dtype) * sums
+
+
+def masked_nll(log_probs: Tensor, targets: Tensor, masked: Tensor | None = None) -> Tensor:
+    """``-log p_theta(x0^i | x_t)`` at the positions ``masked`` selects, 0 elsewhere.
+
+    Args:
+        log_probs: ``[..., S]`` log-probabilities (half precision is read in float32).
+        targets: ``LongTensor[...]`` the clean tokens x0.
+        masked: optional ``BoolTensor[...]``; None scores every position (already selected ones, say).
+
+    Returns:
+        ``Tensor[...]`` shaped like ``targets``.
+    """
+    if log_probs.dtype in (torch.float16, torch.bfloat16):
+        log_probs = log_probs.float()
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return nll if masked is None else torch.where(masked, nll, torch.zeros_like(nll))
+
+
+def masked_elbo(log_probs: Tensor, x0: Tensor, masked: Tensor | None, weight: Tensor, *,
+                rows: Tensor | None = None) -> Tensor:
+    """The masked-diffusion ELBO integrand per sequence, ``w_b sum_{i masked} -log p_theta(x0^i | x_t)``.
+
+    Args:
+        log_probs: ``[B, L, S]``, or ``[n, S]`` at packed (already selected) positions.
+        x0: ``LongTensor[B, L]``, or ``[n]``.
+        masked: ``BoolTensor[B, L]`` (dense) or None (packed: every given position is masked).
+        weight: ``[B]`` the ELBO weight ``w(t)`` of each row.
+        rows: ``[n]`` the row of each packed position (packed form only).
+
+    Returns:
+        ``Tensor[B]`` in nats.
+    """
+    return weighted_row_sum(masked_nll(log_probs, x0, masked), weight, rows)
 
 
 def _check_tokens(x0: Tensor, xt: Tensor, t: Tensor, outputs: Tensor) -> None:
@@ -83,7 +107,7 @@ def score_entropy_loss(
     se = process.score_entropy(model_output, sigma_bar, xt, x0)  # (B, L)
     if attention_mask is not None:
         se = se * attention_mask.to(se.dtype)
-    return sigma.to(se.dtype) * se.sum(-1)
+    return weighted_row_sum(se, sigma)
 
 
 def masked_diffusion_loss(
@@ -97,9 +121,7 @@ def masked_diffusion_loss(
     attention_mask: Tensor | None = None,
     normalized: bool = False,
 ) -> Tensor:
-    """Masked cross-entropy ELBO (MDLM / RADD), per sequence.
-
-    ``L(x0, t) = w(t) sum_{i : x_t^i = MASK} -log p_theta(x0^i | x_t)``, ``w(t) = sigma(t) / expm1(sigma_bar(t))``.
+    """Masked cross-entropy ELBO (MDLM / RADD), per sequence: :func:`masked_elbo` at ``w(t)`` of ``schedule``.
 
     Args:
         logits: ``[B, L, S]`` unnormalised scores or log-probabilities of x0 (normalised here over
@@ -119,9 +141,7 @@ def masked_diffusion_loss(
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     log_probs = logits if normalized else torch.log_softmax(logits, -1)
-    nll = -log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (B, L)
     masked = (xt == mask_id) if mask_id is not None else (xt != x0)
     if attention_mask is not None:
         masked = masked & attention_mask.bool()
-    nll = torch.where(masked, nll, torch.zeros_like(nll))
-    return schedule.elbo_weight(t).to(nll.dtype) * nll.sum(-1)
+    return masked_elbo(log_probs, x0, masked, schedule.elbo_weight(t))

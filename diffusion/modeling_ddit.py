@@ -20,6 +20,7 @@ embedding).  Two output parameterisations:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,8 +162,8 @@ class DDiTConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
-    def num_real_tokens(self) -> int:
-        """N, the number of real (non-MASK) token states."""
+    def num_tokens(self) -> int:
+        """N, the number of real (non-MASK) token states (``vocab_size`` counts MASK too, for the absorbing process)."""
         return self.vocab_size - 1 if self.process == "absorbing" else self.vocab_size
 
     @property
@@ -282,10 +283,10 @@ class NoiseEmbedding(nn.Module):
         self.frequency_dim = frequency_dim
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
-    def forward(self, sigma: Tensor) -> Tensor:
+    def forward(self, sigma_bar: Tensor) -> Tensor:
         half = self.frequency_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
-        args = sigma.float()[:, None] * freqs[None]
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma_bar.device, dtype=torch.float32) / half)
+        args = sigma_bar.float()[:, None] * freqs[None]
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
@@ -425,7 +426,7 @@ class DDiTPreTrainedModel(PreTrainedModel):
 
 
 class DDiTModel(DDiTPreTrainedModel):
-    """The DDiT denoiser. ``forward(input_ids [B, L], sigma [B]) -> logits [B, L, vocab_size]`` (float32).
+    """The DDiT denoiser. ``forward(input_ids [B, L], total_noise [B]) -> logits [B, L, vocab_size]`` (float32).
 
     ``logits`` holds log-probabilities (``subs``) or log-scores (``score``), see the module docstring.
     """
@@ -476,7 +477,7 @@ class DDiTModel(DDiTPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def _check_inputs(self, input_ids: Tensor, sigma: Tensor | float | None, attention_mask: Tensor | None) -> None:
+    def _check_inputs(self, input_ids: Tensor, total_noise: Tensor | float | None, attention_mask: Tensor | None) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] > self.config.max_position_embeddings:
@@ -484,9 +485,9 @@ class DDiTModel(DDiTPreTrainedModel):
                 f"input length {input_ids.shape[1]} exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}"
             )
-        if self.config.needs_sigma and sigma is None:
+        if self.config.needs_sigma and total_noise is None:
             raise ValueError(
-                "this model reads the noise level: pass sigma (total noise sigma_bar, shape [batch]) "
+                "this model reads the noise level: pass total_noise (sigma_bar, shape [batch]) "
                 f"(time_conditioning={self.config.time_conditioning}, scale_by_sigma={self.config.scale_by_sigma})"
             )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -498,7 +499,7 @@ class DDiTModel(DDiTPreTrainedModel):
     def forward(
         self,
         input_ids: Tensor,
-        sigma: Tensor | float | None = None,
+        total_noise: Tensor | float | None = None,
         attention_mask: Tensor | None = None,
         positions: Tensor | None = None,
         past_key_values: KVCache | None = None,
@@ -511,7 +512,8 @@ class DDiTModel(DDiTPreTrainedModel):
 
         Args:
             input_ids: ``LongTensor[B, L]`` noisy tokens x_t.
-            sigma: total noise sigma_bar, scalar or ``[B]``; needed when ``config.needs_sigma``.
+            total_noise: the total noise sigma_bar(t), scalar or ``[B]``; needed when ``config.needs_sigma``.
+                (``sigma=`` is its deprecated name.)
             attention_mask: optional ``[B, L]``, 1 for real tokens and 0 for padding (padding keys are ignored).
             positions: absolute positions ``[L]`` of ``input_ids`` (default ``0..L-1``); with a cache, the
                 positions of the part of the sequence being recomputed.
@@ -526,21 +528,25 @@ class DDiTModel(DDiTPreTrainedModel):
             are the parameterised outputs; with ``score_mask``, ``logits [n, vocab_size]`` hold the ``n``
             selected positions in row-major order (``logits[k]`` belongs to ``score_mask.nonzero()[k]``).
         """
-        self._check_inputs(input_ids, sigma, attention_mask)
+        if "sigma" in kwargs:
+            warnings.warn("DDiTModel.forward(sigma=...) is deprecated; pass total_noise=", FutureWarning, stacklevel=2)
+            total_noise = kwargs.pop("sigma")
+        self._check_inputs(input_ids, total_noise, attention_mask)
+        sigma_bar = total_noise
         if score_mask is not None and (score_mask.shape != input_ids.shape or score_mask.dtype != torch.bool):
             raise ValueError(f"score_mask must be a bool tensor of shape {tuple(input_ids.shape)}, got "
                              f"{score_mask.dtype} {tuple(score_mask.shape)}")
         if past_key_values is not None and attention_mask is not None:
             raise ValueError("attention_mask (padding) cannot be combined with past_key_values")
         batch, length = input_ids.shape
-        if sigma is not None:
-            sigma = torch.as_tensor(sigma, device=input_ids.device, dtype=torch.float32)
-            sigma = sigma.expand(batch) if sigma.dim() == 0 else sigma.reshape(batch)
+        if sigma_bar is not None:
+            sigma_bar = torch.as_tensor(sigma_bar, device=input_ids.device, dtype=torch.float32)
+            sigma_bar = sigma_bar.expand(batch) if sigma_bar.dim() == 0 else sigma_bar.reshape(batch)
         if positions is None:
             positions = torch.arange(length, device=input_ids.device)
 
         x = self.embed_tokens(input_ids)  # (B, L, H)
-        cond = F.silu(self.noise_embed(sigma)) if self.noise_embed is not None else None
+        cond = F.silu(self.noise_embed(sigma_bar)) if self.noise_embed is not None else None
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         cos, sin = _rotary_tables(positions, head_dim, self.config.rope_theta)
         key_positions = positions if past_key_values is None else torch.cat([positions, past_key_values.positions])
@@ -563,8 +569,8 @@ class DDiTModel(DDiTPreTrainedModel):
         if score_mask is not None:  # keep only the rows whose outputs are wanted: [n, H]
             rows = score_mask.nonzero(as_tuple=True)[0]
             h, ids = h[score_mask], input_ids[score_mask]
-            sigma = sigma[rows] if sigma is not None else None
-        logits = self._head(h, ids, sigma)
+            sigma_bar = sigma_bar[rows] if sigma_bar is not None else None
+        logits = self._head(h, ids, sigma_bar)
         if return_dict is False:
             return (logits,)
         if use_cache:
@@ -580,10 +586,10 @@ class DDiTModel(DDiTPreTrainedModel):
             mask = causal if mask is None else mask & causal
         return mask
 
-    def _head(self, h: Tensor, input_ids: Tensor, sigma: Tensor | None) -> Tensor:
+    def _head(self, h: Tensor, input_ids: Tensor, sigma_bar: Tensor | None) -> Tensor:
         """Output head and parameterisation: hidden states ``[..., H]`` -> float32 outputs ``[..., S]``.
 
-        ``input_ids [...]`` are the noisy tokens of those positions and ``sigma`` their rows' noise (its
+        ``input_ids [...]`` are the noisy tokens of those positions and ``sigma_bar`` their rows' noise (its
         leading dims match the first dims of ``input_ids``).  With the absorbing process the head's MASK row
         is never read where ``subs`` is used (MASK gets probability 0) nor at masked positions of a score
         model (the score of the current state is the ratio 1, log 0); there only the N real rows are
@@ -594,21 +600,21 @@ class DDiTModel(DDiTPreTrainedModel):
         real_only = config.process == "absorbing" and (
             config.parameterization == "subs" or bool((input_ids == mask_id).all()))
         if not real_only:
-            return self._parameterize(_linear_rows(h, self.lm_head.weight), input_ids, sigma)
+            return self._parameterize(_linear_rows(h, self.lm_head.weight), input_ids, sigma_bar)
         raw = _linear_rows(h, self.lm_head.weight[:mask_id])  # (..., N)
         if config.parameterization == "subs":
             return _subs_from_real(raw, input_ids, mask_id)
-        return F.pad(self._scale_scores(raw, sigma), (0, 1), value=0.0)  # log s_MASK = 0 at a masked position
+        return F.pad(self._scale_scores(raw, sigma_bar), (0, 1), value=0.0)  # log s_MASK = 0 at a masked position
 
-    def _scale_scores(self, raw: Tensor, sigma: Tensor | None) -> Tensor:
+    def _scale_scores(self, raw: Tensor, sigma_bar: Tensor | None) -> Tensor:
         """SEDD's absorbing output scaling ``raw - log(e^sigma_bar - 1) - log N`` (when ``scale_by_sigma``)."""
         if not self.config.scale_by_sigma:
             return raw
-        offset = torch.log(torch.expm1(sigma)) + math.log(self.config.num_real_tokens)
+        offset = torch.log(torch.expm1(sigma_bar)) + math.log(self.config.num_tokens)
         return raw - offset.reshape(offset.shape + (1,) * (raw.dim() - offset.dim()))
 
-    def _parameterize(self, raw: Tensor, input_ids: Tensor, sigma: Tensor | None) -> Tensor:
+    def _parameterize(self, raw: Tensor, input_ids: Tensor, sigma_bar: Tensor | None) -> Tensor:
         """Turn raw head outputs ``[..., S]`` into log-probabilities (subs) or log-scores (score)."""
         if self.config.parameterization == "subs":
             return subs_log_probs(raw, input_ids, self.config.mask_token_id)
-        return self._scale_scores(raw, sigma).scatter(-1, input_ids.unsqueeze(-1), 0.0)
+        return self._scale_scores(raw, sigma_bar).scatter(-1, input_ids.unsqueeze(-1), 0.0)

@@ -12,10 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .losses import masked_diffusion_loss, sample_t, score_entropy_loss
+from .losses import masked_elbo, score_entropy_loss, weighted_row_sum
 from .modeling_ddit import accepts_score_mask
-from .processes import AbsorbingProcess, Process, get_process
-from .schedules import Schedule, get_schedule
+from .processes import AbsorbingProcess, Process
+from .schedules import Schedule
+from .spec import DiffusionSpec
+from .time_nodes import sample_t
 
 __all__ = ["OBJECTIVES", "DiffusionObjective", "ObjectiveOutput"]
 
@@ -44,7 +46,7 @@ class DiffusionObjective:
         parameterization: what the model outputs: ``score`` (log-scores) or ``subs`` (log p(x0 | x_t)).
             A ``subs`` model trained with ``score_entropy`` uses RADD's identity
             ``log s = log p - log(e^sigma_bar - 1)``.
-        t_eps: smallest diffusion time drawn (t ~ U(t_eps, 1)).
+        t_min: smallest diffusion time drawn (t ~ U(t_min, 1)).
         antithetic: stratified (low-discrepancy) draws of t across the batch.
     """
 
@@ -52,7 +54,7 @@ class DiffusionObjective:
     schedule: Schedule
     objective: str
     parameterization: str
-    t_eps: float = 1e-3
+    t_min: float = 1e-3
     antithetic: bool = True
 
     def __post_init__(self) -> None:
@@ -68,42 +70,46 @@ class DiffusionObjective:
             )
         if self.parameterization == "subs" and not absorbing:
             raise ValueError(f"parameterization='subs' needs the absorbing process, got {self.process.name!r}")
-        if not 0.0 < self.t_eps < 1.0:
-            raise ValueError(f"t_eps must be in (0, 1), got t_eps={self.t_eps!r}")
+        if not 0.0 < self.t_min < 1.0:
+            raise ValueError(f"t_min must be in (0, 1), got t_min={self.t_min!r}")
 
     @classmethod
-    def from_config(cls, config: Any, objective: str | None = None, **kwargs: Any) -> DiffusionObjective:
-        """Build the objective a :class:`~diffusion.modeling_ddit.DDiTConfig` describes.
+    def from_spec(cls, spec: DiffusionSpec, objective: str | None = None, **kwargs: Any) -> DiffusionObjective:
+        """The objective of the diffusion ``spec`` describes.
 
         ``objective`` defaults to ``masked_elbo`` for ``subs`` models and ``score_entropy`` otherwise.
         """
-        process = get_process(config.process, config.num_real_tokens)
-        schedule = get_schedule(config.schedule, **config.schedule_kwargs)
         if objective is None:
-            objective = "masked_elbo" if config.parameterization == "subs" else "score_entropy"
-        return cls(process, schedule, objective, config.parameterization, **kwargs)
+            objective = "masked_elbo" if spec.parameterization == "subs" else "score_entropy"
+        return cls(spec.process, spec.schedule, objective, spec.parameterization, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: Any, objective: str | None = None, **kwargs: Any) -> DiffusionObjective:
+        """The objective a model config (:class:`~diffusion.DDiTConfig`) describes; see :meth:`from_spec`."""
+        return cls.from_spec(DiffusionSpec.from_config(config), objective, **kwargs)
 
     def corrupt(
         self, x0: Tensor, *, t: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """Draw ``t [B]`` (unless given) and ``x_t ~ q(x_t | x0)`` for clean tokens ``x0 [B, L]`` (ids < N).
 
-        Kept apart from :meth:`score` so that several devices can corrupt one global batch identically
+        Kept apart from :meth:`loss` so that several devices can corrupt one global batch identically
         and each score its own rows.
         """
         if x0.dim() != 2:
             raise ValueError(f"x0 must be [batch, length], got shape {tuple(x0.shape)}")
-        if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= self.process.vocab_size):
+        if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= self.process.num_tokens):
             raise ValueError(
-                f"x0 holds ids outside the {self.process.vocab_size} real tokens "
+                f"x0 holds ids outside the {self.process.num_tokens} real tokens "
                 f"(min {int(x0.min())}, max {int(x0.max())})"
             )
         if t is None:
-            t = sample_t(x0.shape[0], eps=self.t_eps, antithetic=self.antithetic, generator=generator, device=x0.device)
+            t = sample_t(x0.shape[0], t_min=self.t_min, antithetic=self.antithetic, generator=generator,
+                         device=x0.device)
         xt = self.process.sample_xt(x0, self.schedule.total_noise(t), generator=generator)
         return t, xt
 
-    def score(
+    def loss(
         self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, *, attention_mask: Tensor | None = None
     ) -> ObjectiveOutput:
         """Run the denoiser on ``xt`` and return the loss of recovering ``x0``.
@@ -115,12 +121,12 @@ class DiffusionObjective:
         sigma_bar = self.schedule.total_noise(t)
         if isinstance(self.process, AbsorbingProcess) and accepts_score_mask(model):
             return self._score_masked_positions(model, x0, xt, t, sigma_bar, attention_mask)
-        output = model(input_ids=xt, sigma=sigma_bar, attention_mask=attention_mask).logits
-        if self.objective == "masked_elbo":
-            per_sequence = masked_diffusion_loss(
-                output, x0, xt, t, self.schedule, mask_id=self.process.mask_id, attention_mask=attention_mask,
-                normalized=True,  # a subs denoiser returns log-probabilities
-            )
+        output = model(input_ids=xt, total_noise=sigma_bar, attention_mask=attention_mask).logits
+        if self.objective == "masked_elbo":  # a subs denoiser returns log-probabilities
+            masked = xt == self.process.mask_id
+            if attention_mask is not None:
+                masked = masked & attention_mask.bool()
+            per_sequence = masked_elbo(output, x0, masked, self.schedule.elbo_weight(t))
         else:
             if self.parameterization == "subs":
                 output = self.process.log_score_from_log_probs(output, sigma_bar, xt)
@@ -140,18 +146,15 @@ class DiffusionObjective:
         if attention_mask is not None:
             scored = scored & attention_mask.bool()
         rows = scored.nonzero(as_tuple=True)[0]
-        output = model(input_ids=xt, sigma=sigma_bar, attention_mask=attention_mask, score_mask=scored).logits
+        output = model(input_ids=xt, total_noise=sigma_bar, attention_mask=attention_mask, score_mask=scored).logits
         x0_sel, xt_sel, sigma_sel = x0[scored], xt[scored], sigma_bar[rows]
         if self.objective == "masked_elbo":
-            terms = -output.float().gather(-1, x0_sel.unsqueeze(-1)).squeeze(-1)
-            weight = self.schedule.elbo_weight(t)
+            per_sequence = masked_elbo(output, x0_sel, None, self.schedule.elbo_weight(t), rows=rows)
         else:
             if self.parameterization == "subs":
                 output = self.process.log_score_from_log_probs(output, sigma_sel, xt_sel)
             terms = self.process.score_entropy(output, sigma_sel, xt_sel, x0_sel)
-            weight = self.schedule(t)[1]
-        sums = torch.zeros(x0.shape[0], dtype=terms.dtype, device=terms.device).index_add(0, rows, terms)
-        per_sequence = weight.to(terms.dtype) * sums
+            per_sequence = weighted_row_sum(terms, self.schedule.rate(t), rows)
         num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
         return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)
 
@@ -164,6 +167,6 @@ class DiffusionObjective:
         t: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> ObjectiveOutput:
-        """Loss of a batch of clean tokens ``x0 [B, L]``: :meth:`corrupt`, then :meth:`score`."""
+        """Loss of a batch of clean tokens ``x0 [B, L]``: :meth:`corrupt`, then :meth:`loss`."""
         t, xt = self.corrupt(x0, t=t, generator=generator)
-        return self.score(model, x0, xt, t, attention_mask=attention_mask)
+        return self.loss(model, x0, xt, t, attention_mask=attention_mask)

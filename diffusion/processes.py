@@ -16,13 +16,14 @@ estimates ``log p_t(x_t with x_t^i -> y) / p_t(x_t)``; the *score* is its expone
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PROCESSES", "AbsorbingProcess", "Process", "UniformProcess", "get_process"]
+__all__ = ["PROCESSES", "AbsorbingProcess", "Process", "UniformProcess", "draw_moves", "get_process", "mask_tokens"]
 
 
 def _broadcast_noise(sigma_bar: Tensor | float, tokens: Tensor) -> Tensor:
@@ -42,6 +43,42 @@ def _broadcast_noise(sigma_bar: Tensor | float, tokens: Tensor) -> Tensor:
     return sigma_bar.reshape(sigma_bar.shape + (1,) * (tokens.dim() - sigma_bar.dim()))
 
 
+def draw_moves(shape: torch.Size | tuple[int, ...], probability: Tensor, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> Tensor:
+    """``BoolTensor[shape]``: each position moves independently with ``probability`` (broadcast to ``shape``).
+
+    One uniform per position in ``probability``'s dtype, ``u < probability``, drawn where ``generator`` lives
+    (else on ``device``, default ``probability``'s), so that a CPU generator drives a run on any device.  Every
+    corruption of the toolkit draws its Bernoulli choices here.
+    """
+    if generator is not None:
+        device = generator.device
+    elif device is None:
+        device = probability.device
+    u = torch.rand(shape, generator=generator, device=device, dtype=probability.dtype)
+    return u.to(probability.device) < probability
+
+
+def mask_tokens(x0: Tensor, probability: Tensor | float, mask_id: int, *, generator: torch.Generator | None = None,
+                where: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Absorbing corruption: replace each token by ``mask_id`` with ``probability``; ``(x_t, masked)``.
+
+    Args:
+        x0: ``LongTensor[...]`` clean tokens.
+        probability: the masking probability ``1 - alpha``: a number, ``[B]`` (one per row) or broadcastable to
+            ``x0``; its dtype (at least float32) is the dtype of the uniforms drawn, one per position.
+        mask_id: the MASK id (anywhere in the vocabulary: outside models put it where they like).
+        where: optional ``BoolTensor`` like ``x0``: only these positions may be masked (a completion, say).
+    Returns:
+        ``x_t`` like ``x0`` and ``masked``, the ``BoolTensor`` of positions replaced.
+    """
+    probability = _broadcast_noise(probability, x0)
+    masked = draw_moves(x0.shape, probability.to(x0.device), generator, device=x0.device)
+    if where is not None:
+        masked = masked & where
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
+
+
 def _phi(u: Tensor) -> Tensor:
     """phi(u) = e^u - 1 - u >= 0, accurate near u = 0 (where the score entropy terms vanish)."""
     return torch.expm1(u) - u
@@ -51,16 +88,24 @@ class Process(ABC):
     """A forward noising process over ``num_states`` token states."""
 
     name: str
-    vocab_size: int
-    num_states: int
+    num_tokens: int  # N, the real tokens
+    num_states: int  # N + 1 (absorbing: MASK is state N) or N (uniform)
+    mask_id: int | None
 
-    def __init__(self, vocab_size: int) -> None:
-        if not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got vocab_size={vocab_size!r}")
-        self.vocab_size = vocab_size
+    def __init__(self, num_tokens: int) -> None:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 2:
+            raise ValueError(f"num_tokens must be an int >= 2, got num_tokens={num_tokens!r}")
+        self.num_tokens = num_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        """Deprecated name of :attr:`num_tokens` (the real tokens N, not the states)."""
+        warnings.warn("Process.vocab_size is deprecated; use num_tokens (N) or num_states", DeprecationWarning,
+                      stacklevel=2)
+        return self.num_tokens
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+        return f"{type(self).__name__}(num_tokens={self.num_tokens})"
 
     def _check_states(self, name: str, tensor: Tensor) -> None:
         if tensor.shape[-1] != self.num_states:
@@ -151,21 +196,19 @@ class Process(ABC):
 class AbsorbingProcess(Process):
     """Absorbing (masked) process: each real token jumps to MASK at rate sigma(t).
 
-    States ``0..vocab_size-1`` are real tokens and ``mask_id = vocab_size`` is MASK.
+    States ``0..num_tokens-1`` are real tokens and ``mask_id = num_tokens`` is MASK.
     ``q(x_t = x0 | x0) = alpha = exp(-sigma_bar)``, ``q(x_t = MASK | x0) = 1 - alpha``.
     """
 
     name = "absorbing"
 
-    def __init__(self, vocab_size: int) -> None:
-        super().__init__(vocab_size)
-        self.num_states = vocab_size + 1
-        self.mask_id = vocab_size
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__(num_tokens)
+        self.num_states = num_tokens + 1
+        self.mask_id = num_tokens
 
     def sample_xt(self, x0: Tensor, sigma_bar: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
-        move_chance = -torch.expm1(-_broadcast_noise(sigma_bar, x0))
-        u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=move_chance.dtype)
-        return torch.where(u < move_chance, torch.full_like(x0, self.mask_id), x0)
+        return mask_tokens(x0, -torch.expm1(-_broadcast_noise(sigma_bar, x0)), self.mask_id, generator=generator)[0]
 
     def transition_probs(self, x0: Tensor, sigma_bar: Tensor | float) -> Tensor:
         sigma_bar = _broadcast_noise(sigma_bar, x0)
@@ -240,7 +283,7 @@ class AbsorbingProcess(Process):
 
 
 class UniformProcess(Process):
-    """Uniform process: at rate sigma(t) a token is redrawn uniformly from all ``vocab_size`` states.
+    """Uniform process: at rate sigma(t) a token is redrawn uniformly from all ``num_tokens`` states.
 
     ``Q = (1/N) 1 1^T - I`` (symmetric), so ``exp(s Q) = e^{-s} I + (1 - e^{-s}) (1/N) 1 1^T`` and
     ``q(x_t = y | x0) = (1 - alpha)/N + alpha [y = x0]``.
@@ -248,22 +291,22 @@ class UniformProcess(Process):
 
     name = "uniform"
 
-    def __init__(self, vocab_size: int) -> None:
-        super().__init__(vocab_size)
-        self.num_states = vocab_size
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__(num_tokens)
+        self.num_states = num_tokens
         self.mask_id = None
 
     def sample_xt(self, x0: Tensor, sigma_bar: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
-        move_chance = -torch.expm1(-_broadcast_noise(sigma_bar, x0))
-        u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=move_chance.dtype)
-        redrawn = torch.randint(0, self.vocab_size, x0.shape, generator=generator, device=x0.device)
-        return torch.where(u < move_chance, redrawn, x0)
+        moves = draw_moves(x0.shape, -torch.expm1(-_broadcast_noise(sigma_bar, x0)).to(x0.device), generator,
+                           device=x0.device)
+        redrawn = torch.randint(0, self.num_tokens, x0.shape, generator=generator, device=x0.device)
+        return torch.where(moves, redrawn, x0)
 
     def _kernel_row(self, index: Tensor, total: Tensor) -> Tensor:
         # exp(total Q)[index, .] = exp(total Q)[., index] by symmetry.
         keep = torch.exp(-total).unsqueeze(-1)
         row = keep * F.one_hot(index, self.num_states).to(keep.dtype)
-        return row + (1.0 - keep) / self.vocab_size
+        return row + (1.0 - keep) / self.num_tokens
 
     def transition_probs(self, x0: Tensor, sigma_bar: Tensor | float) -> Tensor:
         return self._kernel_row(x0, _broadcast_noise(sigma_bar, x0))
@@ -271,10 +314,10 @@ class UniformProcess(Process):
     def sample_limit(
         self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
     ) -> Tensor:
-        return torch.randint(0, self.vocab_size, shape, generator=generator, device=device)
+        return torch.randint(0, self.num_tokens, shape, generator=generator, device=device)
 
     def rate_into(self, x_t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        return 1.0 / self.vocab_size - F.one_hot(x_t, self.num_states).to(dtype)
+        return 1.0 / self.num_tokens - F.one_hot(x_t, self.num_states).to(dtype)
 
     def reverse_transition(self, x_t: Tensor, dsigma: Tensor | float) -> Tensor:
         return self._kernel_row(x_t, _broadcast_noise(dsigma, x_t))
@@ -283,7 +326,7 @@ class UniformProcess(Process):
         # exp(-dsigma Q) s = e^dsigma s + (1 - e^dsigma)/N sum_z s_z
         self._check_states("score", score)
         dsigma = _broadcast_noise(dsigma, score[..., 0]).unsqueeze(-1).to(score.dtype)
-        return torch.exp(dsigma) * score - torch.expm1(dsigma) * score.sum(-1, keepdim=True) / self.vocab_size
+        return torch.exp(dsigma) * score - torch.expm1(dsigma) * score.sum(-1, keepdim=True) / self.num_tokens
 
     def score_entropy(self, log_score: Tensor, sigma_bar: Tensor | float, x_t: Tensor, x0: Tensor) -> Tensor:
         # With esigm1 = e^sigma_bar - 1 and rho = esigm1 / (esigm1 + N):
@@ -293,7 +336,7 @@ class UniformProcess(Process):
         # x0 term of the second case (r = 1/rho, huge for small sigma_bar) in the cancellation-free phi form.
         self._check_states("log_score", log_score)
         log_score = log_score.float() if log_score.dtype in (torch.float16, torch.bfloat16) else log_score
-        n = self.vocab_size
+        n = self.num_tokens
         sigma_bar = _broadcast_noise(sigma_bar, x_t).to(log_score.dtype)
         esigm1 = torch.expm1(sigma_bar)
         log_rho = -torch.log1p(n / esigm1)
@@ -314,8 +357,8 @@ class UniformProcess(Process):
 PROCESSES: dict[str, type[Process]] = {cls.name: cls for cls in (AbsorbingProcess, UniformProcess)}
 
 
-def get_process(name: str, vocab_size: int) -> Process:
-    """Build a process by name (``absorbing`` or ``uniform``) over ``vocab_size`` real tokens."""
+def get_process(name: str, num_tokens: int) -> Process:
+    """Build a process by name (``absorbing`` or ``uniform``) over ``num_tokens`` real tokens."""
     if name not in PROCESSES:
         raise ValueError(f"unknown process name={name!r}; valid names: {sorted(PROCESSES)}")
-    return PROCESSES[name](vocab_size)
+    return PROCESSES[name](num_tokens)

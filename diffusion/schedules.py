@@ -1,8 +1,8 @@
 """Noise schedules for continuous-time discrete diffusion.
 
 A schedule maps diffusion time ``t in [0, 1]`` to the *total noise* ``sigma_bar(t)``
-(the integrated rate, ``sigma_bar(0) ~ 0``) and to its *rate*
-``sigma(t) = d sigma_bar / dt``.  A token of an absorbing process is still clean at
+(:meth:`Schedule.total_noise`, the integrated rate, ``sigma_bar(0) ~ 0``) and to its *rate*
+``sigma(t) = d sigma_bar / dt`` (:meth:`Schedule.rate`).  A token of an absorbing process is still clean at
 time ``t`` with probability ``alpha_t = exp(-sigma_bar(t))``.
 
 Every method works elementwise on tensors of any shape and keeps the dtype of ``t``,
@@ -12,6 +12,7 @@ so float64 references can be computed with the same objects.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "SCHEDULES",
     "CosineSchedule",
     "GeometricSchedule",
+    "LINEAR_MASKING",
     "LinearSchedule",
     "LogLinearSchedule",
     "Schedule",
@@ -38,7 +40,7 @@ def _as_tensor(t: Tensor | float) -> Tensor:
 class Schedule(ABC):
     """A noise schedule ``t -> (sigma_bar(t), sigma(t))``.
 
-    Subclasses implement :meth:`total_noise` and :meth:`rate_noise`; the derived
+    Subclasses implement :meth:`total_noise` and :meth:`rate`; the derived
     quantities (``alpha_t``, the masking probability, the ELBO weight) are shared.
     """
 
@@ -49,7 +51,7 @@ class Schedule(ABC):
         """sigma_bar(t), the integrated noise rate, elementwise."""
 
     @abstractmethod
-    def rate_noise(self, t: Tensor | float) -> Tensor:
+    def rate(self, t: Tensor | float) -> Tensor:
         """sigma(t) = d sigma_bar / dt, elementwise."""
 
     @abstractmethod
@@ -58,7 +60,12 @@ class Schedule(ABC):
 
     def __call__(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """Return ``(sigma_bar(t), sigma(t))``."""
-        return self.total_noise(t), self.rate_noise(t)
+        return self.total_noise(t), self.rate(t)
+
+    def rate_noise(self, t: Tensor | float) -> Tensor:
+        """Deprecated name of :meth:`rate`."""
+        warnings.warn("Schedule.rate_noise is deprecated; use Schedule.rate", DeprecationWarning, stacklevel=2)
+        return self.rate(t)
 
     def alpha(self, t: Tensor | float) -> Tensor:
         """alpha_t = exp(-sigma_bar(t)): probability that an absorbing token is still clean."""
@@ -73,7 +80,7 @@ class Schedule(ABC):
 
         For the log-linear schedule this is exactly ``1 / t``.
         """
-        return self.rate_noise(t) / torch.expm1(self.total_noise(t))
+        return self.rate(t) / torch.expm1(self.total_noise(t))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "name")
@@ -108,7 +115,7 @@ class LogLinearSchedule(Schedule):
         t = _as_tensor(t)
         return -torch.log1p(-(1.0 - self.eps) * t)
 
-    def rate_noise(self, t: Tensor | float) -> Tensor:
+    def rate(self, t: Tensor | float) -> Tensor:
         t = _as_tensor(t)
         return (1.0 - self.eps) / (1.0 - (1.0 - self.eps) * t)
 
@@ -144,7 +151,7 @@ class GeometricSchedule(Schedule):
         t = _as_tensor(t)
         return self.sigma_min ** (1.0 - t) * self.sigma_max**t
 
-    def rate_noise(self, t: Tensor | float) -> Tensor:
+    def rate(self, t: Tensor | float) -> Tensor:
         return self.total_noise(t) * math.log(self.sigma_max / self.sigma_min)
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,7 +179,7 @@ class CosineSchedule(Schedule):
     def total_noise(self, t: Tensor | float) -> Tensor:
         return -torch.log(self.alpha(t))
 
-    def rate_noise(self, t: Tensor | float) -> Tensor:
+    def rate(self, t: Tensor | float) -> Tensor:
         t = _as_tensor(t)
         return 0.5 * math.pi * (1.0 - self.eps) * torch.sin(0.5 * math.pi * t) / self.alpha(t)
 
@@ -202,13 +209,17 @@ class LinearSchedule(Schedule):
         t = _as_tensor(t)
         return self.sigma_min + (self.sigma_max - self.sigma_min) * t
 
-    def rate_noise(self, t: Tensor | float) -> Tensor:
+    def rate(self, t: Tensor | float) -> Tensor:
         t = _as_tensor(t)
         return torch.full_like(t, self.sigma_max - self.sigma_min)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
+
+# Time read as the masking probability itself: 1 - alpha_t = t, sigma_bar(t) = -log(1 - t), ELBO weight 1/t.
+# RADD's lambda form of the masked ELBO, the RL likelihood estimators and masked SFT all use it.
+LINEAR_MASKING = LogLinearSchedule(eps=0.0)
 
 SCHEDULES: dict[str, type[Schedule]] = {
     cls.name: cls for cls in (LogLinearSchedule, GeometricSchedule, CosineSchedule, LinearSchedule)

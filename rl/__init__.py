@@ -1,4 +1,4 @@
-"""ddlm.rl: GRPO-family fine-tuning of masked diffusion LMs with pluggable likelihood estimators.
+"""rl: GRPO-family fine-tuning of masked diffusion LMs with pluggable likelihood estimators.
 
     from rl import GRPOConfig, GRPOTrainer
     trainer = GRPOTrainer(model, tokenizer, GRPOConfig(...), [reward_fn, ...], records)

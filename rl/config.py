@@ -37,13 +37,13 @@ class GRPOConfig:
     num_points: int = _help("quadrature / monte_carlo: time points (network calls) per estimate", default=2)
     level: str = _help("importance ratio per 'token' or per 'sequence' (length-normalised, GDPO/GSPO); 'auto': "
                        "sequence for the ELBO estimators (quadrature, monte_carlo), token otherwise", default="auto")
-    eps_low: float = _help("clip range below 1: rho >= 1 - eps_low", default=0.2)
-    eps_high: float = _help("clip range above 1: rho <= 1 + eps_high", default=0.2)
+    clip_eps_low: float = _help("clip range below 1: rho >= 1 - clip_eps_low", default=0.2)
+    clip_eps_high: float = _help("clip range above 1: rho <= 1 + clip_eps_high", default=0.2)
     beta: float = _help("weight of the k3 KL to the frozen reference model (0: no reference model)", default=0.0)
     advantage_scale: str = _help("'group' (divide by the group std, GRPO) or 'none' (Dr. GRPO, d1, GDPO)",
                                  default="group")
     sampler: str = _help("rollout sampler (any name from samplers.SAMPLERS)", default="remask")
-    sampler_steps: int = _help("rollout sampling steps", default=32)
+    sampling_steps: int = _help("rollout sampling steps", default=32)
     sampler_options: dict | None = _help("JSON object of extra sampler options, e.g. {\"block_length\": 8}",
                                          default=None)
     temperature: float = _help("rollout sampling temperature", default=1.0)
@@ -65,7 +65,7 @@ class GRPOConfig:
     progress: bool = _help("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "prompts_per_step", "inner_steps", "completion_length", "sampler_steps",
+        for name in ("max_steps", "prompts_per_step", "inner_steps", "completion_length", "sampling_steps",
                      "num_points", "log_every", "keep_last"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -89,15 +89,15 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be one of {valid}, got {name}={getattr(self, name)!r}")
         positive = {"lr": self.lr, "lora_alpha": self.lora_alpha}
         non_negative = {"weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm, "beta": self.beta,
-                        "eps_low": self.eps_low, "eps_high": self.eps_high, "temperature": self.temperature}
+                        "clip_eps_low": self.clip_eps_low, "clip_eps_high": self.clip_eps_high, "temperature": self.temperature}
         for name, value in positive.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {name}={value!r}")
         for name, value in non_negative.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
-        if self.eps_low >= 1:
-            raise ValueError(f"eps_low must be < 1 (the ratio is positive), got eps_low={self.eps_low}")
+        if self.clip_eps_low >= 1:
+            raise ValueError(f"clip_eps_low must be < 1 (the ratio is positive), got clip_eps_low={self.clip_eps_low}")
         if not 0 <= self.p_mask_prompt < 1:
             raise ValueError(f"p_mask_prompt must be in [0, 1), got p_mask_prompt={self.p_mask_prompt}")
         if not 0 < self.coupled_t_min <= self.coupled_t_max < 1:

@@ -1,10 +1,10 @@
 """Likelihood estimators for masked diffusion policies: log pi(y | q) is intractable, these estimate it.
 
 Every estimator works in two steps so that pi_theta, pi_old and pi_ref see **identical masks**
-(ALGORITHMS invariant 23: at theta = theta_old every ratio is exactly 1):
+(so at theta = theta_old every ratio is exactly 1):
 
     draw = estimator.draw(sequences, completion, generator)     # masks and weights, no network call
-    per_token = estimator.score(model, draw)                    # [B, Lc] contributions, one call per view
+    per_token = estimator.estimate(model, draw)                 # [B, Lc] contributions, one call per view
 
 ``per_token[b, k]`` is completion token k's contribution; ``per_token.sum(-1)`` estimates the sequence
 log-likelihood (or its ELBO).  Shapes: ``sequences [B, L]`` (prompt then completion), ``completion [B, L]``
@@ -18,10 +18,15 @@ bool (True on completion positions; every row has the same number Lc of them).
 - ``quadrature`` (GDPO, semi-deterministic MC): Gauss-Legendre nodes ``t_n`` on [0, 1] with weights ``w_n``
   (sum 1), one Bernoulli(t_n) mask per node; ``l_k = sum_n w_n (1/t_n) 1[k masked at t_n] log p(y_k | view_n)``
   (N calls), an estimate of the ELBO ``int_0^1 E[(1/t) sum_{masked} log p] dt``.
-- ``monte_carlo`` (double MC ELBO): the same integrand at N i.i.d. ``t_n ~ U(0, 1)`` with weights 1/N.
+- ``monte_carlo`` (double MC ELBO): the same integrand at N i.i.d. ``t_n ~ U(0, 1)`` with weights 1/N;
+  ``stratified``: at ``t_n = (n + u_n) / N``, one node in each stratum.
 
-For a model with exact conditionals the ELBO equals log p(y | q), so ``quadrature`` and ``monte_carlo``
-are unbiased for it; ``one_step`` and ``coupled`` are surrogates (biased, but cheap and low-variance).
+The nodes come from :mod:`diffusion.time_nodes`, the masks from :func:`diffusion.processes.mask_tokens` and
+the per-token term from :func:`diffusion.losses.masked_nll`; time is the masking probability
+(:data:`diffusion.schedules.LINEAR_MASKING`, ELBO weight ``1/t``).
+
+For a model with exact conditionals the ELBO equals log p(y | q), so ``quadrature``, ``monte_carlo`` and
+``stratified`` are unbiased for it; ``one_step`` and ``coupled`` are surrogates (biased, but cheap and low-variance).
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion.likelihood import gauss_legendre_01
+from diffusion.losses import masked_nll
+from diffusion.processes import draw_moves, mask_tokens
+from diffusion.schedules import LINEAR_MASKING
+from diffusion.time_nodes import time_nodes
 
-__all__ = ["ESTIMATORS", "Draw", "LikelihoodEstimator", "get_estimator", "gauss_legendre_01", "model_log_probs"]
+__all__ = ["ESTIMATORS", "Draw", "LikelihoodEstimator", "get_estimator", "model_log_probs"]
 
 
 @dataclass
@@ -55,19 +63,20 @@ class Draw:
 
 
 def model_log_probs(model: Any, input_ids: Tensor, t: Tensor) -> Tensor:
-    """``log p_theta(x0 | x_t)`` ``[B, L, S]`` from a subs denoiser; sigma is passed when the model wants time."""
-    config = model.config
-    sigma = None
-    if getattr(config, "time_conditioning", False):
-        # The views mask with probability t; the absorbing process masks with 1 - exp(-sigma_bar), so the
-        # model is told sigma_bar = -log(1 - t) whatever its schedule.
-        sigma = -torch.log1p(-t.to(torch.float64).clamp(1e-4, 1 - 1e-6))
-        sigma = sigma.to(device=input_ids.device, dtype=torch.float32)
-    return model(input_ids=input_ids, sigma=sigma).logits.float()
+    """``log p_theta(x0 | x_t)`` ``[B, L, S]`` from a subs denoiser; the noise is passed when the model wants time.
+
+    The views mask with probability t, so a time-conditioned model is told the total noise of
+    :data:`~diffusion.schedules.LINEAR_MASKING` at t (``-log(1 - t)``), whatever its own schedule.
+    """
+    total_noise = None
+    if getattr(model.config, "time_conditioning", False):
+        total_noise = LINEAR_MASKING.total_noise(t.to(torch.float64).clamp(1e-4, 1 - 1e-6))
+        total_noise = total_noise.to(device=input_ids.device, dtype=torch.float32)
+    return model(input_ids=input_ids, total_noise=total_noise).logits.float()
 
 
 class LikelihoodEstimator(ABC):
-    """Draws masks (no network call), then scores a model under them."""
+    """Draws masks (no network call), then estimates a model's log-likelihoods under them."""
 
     name: str
     calls: int  # network calls per estimate
@@ -79,17 +88,17 @@ class LikelihoodEstimator(ABC):
     def draw(self, sequences: Tensor, completion: Tensor, generator: torch.Generator | None = None) -> Draw:
         """Masks and weights for one estimate of every row's log-likelihood."""
 
-    def score(self, model: Any, draw: Draw) -> Tensor:
+    def estimate(self, model: Any, draw: Draw) -> Tensor:
         """``[B, Lc]`` per-completion-token contributions (differentiable through ``model``)."""
         device = next(model.parameters()).device
         views, weights, targets = draw.views.to(device), draw.weights.to(device), draw.targets.to(device)
         total = torch.zeros(weights.shape[1:], dtype=torch.float32, device=device)
         for v in range(views.shape[0]):
-            if not bool((weights[v] != 0).any()):
+            scored = weights[v] != 0
+            if not bool(scored.any()):
                 continue  # nothing masked in this view: no call needed
             log_probs = model_log_probs(model, views[v], draw.t[v])
-            token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            total = total + torch.where(weights[v] != 0, weights[v].float() * token_lp, torch.zeros_like(token_lp))
+            total = total - weights[v].float() * masked_nll(log_probs, targets, scored)
         rows = draw.completion.shape[0]
         return total[draw.completion.to(device)].view(rows, -1)
 
@@ -126,8 +135,8 @@ class OneStep(LikelihoodEstimator):
 
     def draw(self, sequences: Tensor, completion: Tensor, generator: torch.Generator | None = None) -> Draw:
         _check(sequences, completion)
-        u = _uniform(tuple(sequences.shape), generator, sequences.device)
-        mask = completion | (u < self.p_mask_prompt)
+        p = torch.tensor(self.p_mask_prompt, dtype=torch.float64, device=sequences.device)
+        mask = completion | draw_moves(sequences.shape, p, generator)
         weight = completion.double()
         t = torch.ones(len(sequences), dtype=torch.float64, device=sequences.device)
         return self._draw(sequences, completion, [mask], [weight], [t])
@@ -153,10 +162,10 @@ class Coupled(LikelihoodEstimator):
         _check(sequences, completion)
         rows = len(sequences)
         t = self.t_min + (self.t_max - self.t_min) * _uniform((rows,), generator, sequences.device)
-        u = _uniform(tuple(sequences.shape), generator, sequences.device)
-        first = completion & (u < t[:, None])
+        _, first = mask_tokens(sequences, t, self.mask_id, generator=generator, where=completion)
         second = completion & ~first  # the complement within the completion
-        weights = [first.double() / t[:, None], second.double() / (1 - t[:, None])]
+        weights = [first.double() * LINEAR_MASKING.elbo_weight(t)[:, None],
+                   second.double() * LINEAR_MASKING.elbo_weight(1 - t)[:, None]]
         if not self.with_full_mask:
             return self._draw(sequences, completion, [first, second], weights, [t, t])
         weights = [completion.double() / 2] + [w / 2 for w in weights]
@@ -164,7 +173,10 @@ class Coupled(LikelihoodEstimator):
 
 
 class _TimeIntegral(LikelihoodEstimator):
-    """``sum_n w_n (1/t_n) sum_{k masked at t_n} log p(y_k | view_n)`` with one Bernoulli(t_n) mask per node."""
+    """``sum_n w_n (1/t_n) sum_{k masked at t_n} log p(y_k | view_n)`` with one Bernoulli(t_n) mask per node,
+    the nodes from the rule ``name`` of :func:`diffusion.time_nodes.time_nodes`."""
+
+    t_min: float = 0.0
 
     def __init__(self, mask_id: int, num_points: int = 2) -> None:
         super().__init__(mask_id)
@@ -172,20 +184,15 @@ class _TimeIntegral(LikelihoodEstimator):
             raise ValueError(f"num_points must be a positive int, got num_points={num_points!r}")
         self.num_points = self.calls = num_points
 
-    @abstractmethod
-    def _nodes(self, rows: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """``t [N, B]`` and ``w [N, B]``."""
-
     def draw(self, sequences: Tensor, completion: Tensor, generator: torch.Generator | None = None) -> Draw:
         _check(sequences, completion)
-        t, w = self._nodes(len(sequences), generator)
+        t, w = time_nodes(self.name, self.num_points, len(sequences), generator=generator, t_min=self.t_min)
         t, w = t.to(sequences.device), w.to(sequences.device)
         masks, weights = [], []
         for n in range(len(t)):
-            u = _uniform(tuple(sequences.shape), generator, sequences.device)
-            mask = completion & (u < t[n][:, None])
+            _, mask = mask_tokens(sequences, t[n], self.mask_id, generator=generator, where=completion)
             masks.append(mask)
-            weights.append(mask.double() * (w[n] / t[n])[:, None])
+            weights.append(mask.double() * (w[n] * LINEAR_MASKING.elbo_weight(t[n]))[:, None])
         return self._draw(sequences, completion, masks, weights, list(t))
 
 
@@ -194,29 +201,30 @@ class Quadrature(_TimeIntegral):
 
     name = "quadrature"
 
-    def _nodes(self, rows: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        t, w = gauss_legendre_01(self.num_points)
-        return t[:, None].expand(-1, rows), w[:, None].expand(-1, rows)
-
 
 class MonteCarlo(_TimeIntegral):
-    """Double Monte Carlo ELBO: ``t_n ~ U(0, 1)`` i.i.d. per row (floored at 1e-3: weights 1/t stay
+    """Double Monte Carlo ELBO: ``t_n ~ U(0, 1)`` i.i.d. per row (floored at ``t_min = 1e-3``: weights 1/t stay
     below 1000/N, a negligible bias), weights 1/N."""
 
     name = "monte_carlo"
+    t_min = 1e-3
 
-    def _nodes(self, rows: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        t = _uniform((self.num_points, rows), generator, torch.device("cpu")).clamp_min(1e-3)
-        return t, torch.full_like(t, 1.0 / self.num_points)
+
+class Stratified(_TimeIntegral):
+    """The same ELBO at stratified nodes ``t_n = (n + u_n) / N`` (floored at ``t_min = 1e-3``), weights 1/N."""
+
+    name = "stratified"
+    t_min = 1e-3
 
 
 ESTIMATORS: dict[str, type[LikelihoodEstimator]] = {
     "one_step": OneStep, "coupled": Coupled, "quadrature": Quadrature, "monte_carlo": MonteCarlo,
+    "stratified": Stratified,
 }
 
 
 def get_estimator(name: str, mask_id: int, **options: Any) -> LikelihoodEstimator:
-    """An estimator by name (``one_step``, ``coupled``, ``quadrature``, ``monte_carlo``)."""
+    """An estimator by name (``one_step``, ``coupled``, ``quadrature``, ``monte_carlo``, ``stratified``)."""
     if name not in ESTIMATORS:
         raise ValueError(f"unknown estimator name={name!r}; valid: {sorted(ESTIMATORS)}")
     return ESTIMATORS[name](mask_id, **options)

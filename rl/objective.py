@@ -1,13 +1,13 @@
 """GRPO maths: group advantages, the clipped surrogate, the k3 KL, token- or sequence-level ratios.
 
-Notation (DESIGN, RL): G completions per prompt with rewards r_i; log-likelihood estimates
+Notation: G completions per prompt with rewards r_i; log-likelihood estimates
 ``l_theta, l_old, l_ref`` per completion token ``[B, Lc]`` (B = prompts x G) under shared masks.
 
-- advantages: ``A_i = (r_i - mean_g r) / (std_g r + eps)`` (``scale="group"``, GRPO) or ``r_i - mean_g r``
+- advantages: ``A_i = (r_i - mean_g r) / (std_g r + std_eps)`` (``scale="group"``, GRPO) or ``r_i - mean_g r``
   (``scale="none"``, Dr. GRPO / d1 / GDPO).  Excluded completions (reward NaN) get A = 0 and do not enter
   the group statistics.
 - token level: ``rho_k = exp(l_theta,k - l_old,k)``; loss ``= sum_k m_k * ell_k / sum_k m_k`` over the batch
-  with ``ell_k = -min(rho_k A, clip(rho_k, 1 - eps_low, 1 + eps_high) A) + beta * KL3_k``.
+  with ``ell_k = -min(rho_k A, clip(rho_k, 1 - clip_eps_low, 1 + clip_eps_high) A) + beta * KL3_k``.
 - sequence level (GSPO / GDPO): ``rho = exp(sum_k m_k (l_theta,k - l_old,k) / sum_k m_k)``, one ``ell`` per
   completion, mean over completions; KL3 on the length-normalised sequence difference.
 - ``KL3(ref, theta) = exp(ref - theta) - (ref - theta) - 1 >= 0`` (Schulman's k3; 0 when equal).
@@ -23,7 +23,7 @@ from torch import Tensor
 __all__ = ["group_advantages", "k3_kl", "grpo_loss", "LossStats"]
 
 
-def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", std_eps: float = 1e-4) -> Tensor:
     """``[B]`` advantages for rewards ``[B]`` laid out as consecutive groups of ``group_size``.
 
     NaN rewards (excluded completions) get advantage 0 and are left out of their group's mean and std.
@@ -42,7 +42,7 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", 
     centred = torch.where(valid, r - mean, 0)
     if scale == "group":
         std = (centred.pow(2).sum(-1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()  # unbiased, as torch.std
-        centred = centred / (std + eps)
+        centred = centred / (std + std_eps)
     return centred.view(-1).to(rewards.dtype)
 
 
@@ -57,13 +57,13 @@ class LossStats:
     """Diagnostics of one loss evaluation (floats)."""
 
     ratio_mean: float
-    clip_low: float  # fraction of scored units with rho < 1 - eps_low and A < 0 (the clip is active)
-    clip_high: float  # fraction with rho > 1 + eps_high and A > 0
+    clip_low: float  # fraction of scored units with rho < 1 - clip_eps_low and A < 0 (the clip is active)
+    clip_high: float  # fraction with rho > 1 + clip_eps_high and A > 0
     kl: float
 
 
-def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tensor, *, eps_low: float = 0.2,
-              eps_high: float = 0.2, beta: float = 0.0, log_ref: Tensor | None = None,
+def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tensor, *, clip_eps_low: float = 0.2,
+              clip_eps_high: float = 0.2, beta: float = 0.0, log_ref: Tensor | None = None,
               level: str = "token") -> tuple[Tensor, LossStats]:
     """The clipped GRPO surrogate (to minimise).
 
@@ -93,13 +93,13 @@ def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tens
                     torch.zeros_like(lengths))
               if log_ref is not None else torch.zeros_like(diff))
     ratio = torch.exp(diff)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * adv)
     per_unit = -surrogate + beta * kl
     total = weight.sum().clamp_min(1)
     loss = (per_unit * weight).sum() / total
     with torch.no_grad():
-        low = ((ratio < 1 - eps_low) & (adv < 0)).to(weight.dtype)
-        high = ((ratio > 1 + eps_high) & (adv > 0)).to(weight.dtype)
+        low = ((ratio < 1 - clip_eps_low) & (adv < 0)).to(weight.dtype)
+        high = ((ratio > 1 + clip_eps_high) & (adv > 0)).to(weight.dtype)
         stats = LossStats(ratio_mean=float((ratio * weight).sum() / total), clip_low=float((low * weight).sum() / total),
                           clip_high=float((high * weight).sum() / total), kl=float((kl * weight).sum() / total))
     return loss, stats

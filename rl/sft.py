@@ -13,6 +13,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from diffusion.losses import masked_elbo
+from diffusion.processes import mask_tokens
+from diffusion.schedules import LINEAR_MASKING
+from diffusion.time_nodes import sample_t
+
 from .estimators import model_log_probs
 
 __all__ = ["sft_loss", "supervised_warmup"]
@@ -20,14 +25,15 @@ __all__ = ["sft_loss", "supervised_warmup"]
 
 def sft_loss(model: nn.Module, sequences: Tensor, completion: Tensor, mask_id: int,
              generator: torch.Generator | None = None, t_min: float = 1e-3) -> Tensor:
-    """Masked-diffusion SFT loss on the completion tokens, averaged per completion token."""
-    rows = sequences.shape[0]
-    t = t_min + (1 - t_min) * torch.rand(rows, generator=generator)
-    masked = completion & (torch.rand(sequences.shape, generator=generator) < t[:, None])
-    x_t = torch.where(masked, torch.full_like(sequences, mask_id), sequences)
+    """Masked-diffusion SFT loss on the completion tokens, averaged per completion token.
+
+    ``sequences [B, L]`` (prompt then completion), ``completion [B, L]`` bool; returns a scalar (nats per
+    completion token): :func:`diffusion.losses.masked_elbo` at ``t ~ U(t_min, 1)`` masking the completion only.
+    """
+    t = sample_t(sequences.shape[0], t_min=t_min, generator=generator)
+    x_t, masked = mask_tokens(sequences, t, mask_id, generator=generator, where=completion)
     log_probs = model_log_probs(model, x_t, t)
-    nll = -log_probs.gather(-1, sequences.unsqueeze(-1)).squeeze(-1)
-    per_row = torch.where(masked, nll, torch.zeros_like(nll)).sum(-1) / t
+    per_row = masked_elbo(log_probs, sequences, masked, LINEAR_MASKING.elbo_weight(t))
     return per_row.sum() / completion.sum().clamp_min(1)
 
 

@@ -1,6 +1,6 @@
 """``GRPOTrainer``: reinforcement learning from verifiable rewards for masked diffusion LMs.
 
-One rollout step (DESIGN, RL; ALGORITHMS sections 7-9):
+One rollout step (GRPO, Shao et al. 2024; with d1's, DiffuCoder's and GDPO's likelihood estimators):
 
 1. take ``prompts_per_step`` prompt records, draw ``group_size`` completions each with a sampler;
 2. score them with the reward functions (weighted sum; see :mod:`rl.rewards` for failures) and turn the
@@ -8,7 +8,8 @@ One rollout step (DESIGN, RL; ALGORITHMS sections 7-9):
 3. draw one set of masks per inner step and compute ``l_old`` (and ``l_ref``) under them, no gradient;
 4. ``inner_steps`` times: recompute ``l_theta`` under the same masks, minimise :func:`rl.objective.grpo_loss`.
 
-Every random choice is drawn from a generator seeded by ``(seed, step, purpose)``, so a resumed run
+Every random choice is drawn from a generator seeded by ``(seed, step, purpose)``
+(:func:`diffusion.training.seeding.derive_generator`, shared with the training loop), so a resumed run
 replays exactly what an uninterrupted one does.  Checkpoints are pickle-free (safetensors + JSON) and
 written atomically.  The model stays in eval mode (no dropout) so that l_theta = l_old at the first inner step.
 """
@@ -28,13 +29,15 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffusion.checkpoint import (
+from diffusion.adapters import DiffusionLMAdapter
+from diffusion.spec import DiffusionSpec
+from diffusion.training.checkpoint import (
     CheckpointError,
     atomic_directory,
+    check_resumable,
     checkpoint_name,
     find_latest_checkpoint,
     load_tensors,
-    mark_complete,
     optimizer_from_files,
     optimizer_to_files,
     prune_checkpoints,
@@ -42,8 +45,8 @@ from diffusion.checkpoint import (
     save_weights,
     write_json,
 )
+from diffusion.training.seeding import derive_generator
 from samplers import FREE, get_sampler
-from samplers.adapters import DiffusionLMAdapter
 
 from .config import GRPOConfig
 from .estimators import LikelihoodEstimator, get_estimator
@@ -52,12 +55,8 @@ from .rewards import RewardFunction, compute_rewards
 
 __all__ = ["GRPOTrainer", "completion_mask", "wrap_lora"]
 
-_PURPOSES = {"prompts": 1, "rollout": 2, "masks": 3, "variance": 4}
-
-
-def _generator(seed: int, step: int, purpose: str, index: int = 0) -> torch.Generator:
-    value = (seed * 1_000_003 + step * 10_007 + _PURPOSES[purpose] * 101 + index) % (2**63 - 1)
-    return torch.Generator().manual_seed(value)
+# Settings a resumed run may change: bookkeeping, not the run's course.
+RESUMABLE_CHANGES = frozenset({"max_steps", "resume", "progress", "save_every", "keep_last", "log_every", "output_dir"})
 
 
 def completion_mask(completions: Tensor, eos_id: int | None) -> Tensor:
@@ -113,10 +112,10 @@ class GRPOTrainer:
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: GRPOConfig, reward_functions: Sequence[RewardFunction],
                  records: Sequence[dict[str, Any]], reward_weights: Sequence[float] | None = None) -> None:
-        mc = model.config
-        if getattr(mc, "parameterization", "subs") != "subs" or getattr(mc, "process", "absorbing") != "absorbing":
+        spec = DiffusionSpec.from_config(model.config)
+        if not spec.masked:
             raise ValueError("GRPO needs a masked (absorbing, subs) denoiser, got process="
-                             f"{getattr(mc, 'process', None)!r}, parameterization={getattr(mc, 'parameterization', None)!r}")
+                             f"{spec.process_name!r}, parameterization={spec.parameterization!r}")
         if not reward_functions:
             raise ValueError("reward_functions is empty: GRPO needs at least one reward")
         if not records or any("prompt" not in r for r in records):
@@ -129,7 +128,7 @@ class GRPOTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         if self.accelerator.num_processes > 1:
             raise NotImplementedError("GRPOTrainer runs in one process for now; launch it without accelerate/torchrun")
-        self.mask_id = mc.mask_token_id
+        self.mask_id = spec.mask_id
         self.eos_id = tokenizer.eos_token_id
         targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
         if config.lora_rank:
@@ -161,9 +160,10 @@ class GRPOTrainer:
     def rollout(self, step: int) -> dict[str, Any]:
         """Prompts, completions, rewards and advantages of one step (no gradient)."""
         cfg = self.config
-        picks = torch.randint(0, len(self.records), (cfg.prompts_per_step,), generator=_generator(cfg.seed, step, "prompts"))
+        picks = torch.randint(0, len(self.records), (cfg.prompts_per_step,),
+                              generator=derive_generator(cfg.seed, step, "prompts"))
         records = [self.records[i] for i in picks.tolist() for _ in range(cfg.group_size)]
-        batch = self._complete(records, _generator(cfg.seed, step, "rollout"))
+        batch = self._complete(records, derive_generator(cfg.seed, step, "rollout"))
         advantages = group_advantages(batch["rewards"], cfg.group_size, scale=cfg.advantage_scale).float()
         batch["advantages"] = torch.nan_to_num(advantages, nan=0.0)
         batch["mask"] = batch["mask"] & ~torch.isnan(batch["rewards"])[:, None]  # excluded: no loss
@@ -175,7 +175,7 @@ class GRPOTrainer:
         prompt_ids = self._prompt_ids(records)
         canvas = torch.cat([prompt_ids, torch.full((len(records), self.config.completion_length), FREE)], dim=1)
         self.model.eval()
-        out = self.sampler.generate(self.model, canvas=canvas, num_steps=self.config.sampler_steps, generator=generator)
+        out = self.sampler.generate(self.model, canvas=canvas, num_steps=self.config.sampling_steps, generator=generator)
         sequences = out.tokens.cpu()
         completions = sequences[:, prompt_ids.shape[1]:]
         mask = completion_mask(completions, self.eos_id)
@@ -198,7 +198,7 @@ class GRPOTrainer:
         return result
 
     def _score(self, model: nn.Module, draw: Any) -> Tensor:
-        return self.estimator.score(model, draw)
+        return self.estimator.estimate(model, draw)
 
     @torch.no_grad()
     def _reference_scores(self, draw: Any) -> Tensor | None:
@@ -215,7 +215,8 @@ class GRPOTrainer:
         mask = batch["mask"].to(next(self.model.parameters()).device)
         draws = []
         for k in range(self.config.variance_draws):
-            draw = self.estimator.draw(batch["sequences"], batch["layout"], _generator(self.config.seed, step, "variance", k))
+            generator = derive_generator(self.config.seed, step, "variance", k)
+            draw = self.estimator.draw(batch["sequences"], batch["layout"], generator)
             draws.append(torch.where(mask, self._score(self.model, draw), 0.0).sum(-1))  # what the loss sees
         return float(torch.stack(draws).var(dim=0).mean())
 
@@ -224,7 +225,7 @@ class GRPOTrainer:
         start = time.perf_counter()
         batch = self.rollout(step)
         rollout_seconds = time.perf_counter() - start
-        draws = [self.estimator.draw(batch["sequences"], batch["layout"], _generator(cfg.seed, step, "masks", j))
+        draws = [self.estimator.draw(batch["sequences"], batch["layout"], derive_generator(cfg.seed, step, "masks", j))
                  for j in range(cfg.inner_steps)]
         with torch.no_grad():  # pi_old is the policy that drew the rollouts
             old = [self._score(self.model, d) for d in draws] if cfg.inner_steps > 1 else [None]
@@ -235,8 +236,9 @@ class GRPOTrainer:
         for j, draw in enumerate(draws):
             current = self._score(self.model, draw)
             previous = old[j] if old[j] is not None else current.detach()
-            loss, info = grpo_loss(current, previous, advantages, mask, eps_low=cfg.eps_low,
-                                   eps_high=cfg.eps_high, beta=cfg.beta, log_ref=ref[j], level=cfg.resolved_level)
+            loss, info = grpo_loss(current, previous, advantages, mask, clip_eps_low=cfg.clip_eps_low,
+                                   clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, log_ref=ref[j],
+                                   level=cfg.resolved_level)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm > 0:
@@ -295,14 +297,13 @@ class GRPOTrainer:
         root = self.output_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         target = root / checkpoint_name(self.step)
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, complete=True) as tmp:
             save_weights(_plain_state(self.model), tmp / "model.safetensors")
             if self.reference is not None:
                 save_weights(_plain_state(self.reference), tmp / "reference.safetensors")
             (tmp / "optimizer").mkdir()
             optimizer_to_files(self.optimizer, tmp / "optimizer")
             write_json(tmp / "trainer_state.json", {"step": self.step, "config": asdict(self.config)})
-            mark_complete(tmp)
         prune_checkpoints(root, self.config.keep_last)
         return target
 
@@ -316,12 +317,7 @@ class GRPOTrainer:
         if not path.is_dir():
             raise FileNotFoundError(f"resume checkpoint does not exist: {str(path)!r}")
         state = read_json(path / "trainer_state.json")
-        saved, now = state["config"], asdict(self.config)
-        changed = {k for k in now if saved.get(k) != now[k]} - {"max_steps", "resume", "progress", "save_every",
-                                                                  "keep_last", "log_every", "output_dir"}
-        if changed:
-            raise CheckpointError(f"cannot resume {path}: these settings differ from the checkpoint's: "
-                                  + ", ".join(f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in sorted(changed)))
+        check_resumable(state["config"], asdict(self.config), RESUMABLE_CHANGES, path)
         self._load_state(self.model, load_tensors(path / "model.safetensors"), path)
         if self.reference is not None:
             self._load_state(self.reference, load_tensors(path / "reference.safetensors"), path)
@@ -349,7 +345,7 @@ class GRPOTrainer:
             model = model.model  # an outside model: save it in its own format
         if not hasattr(model, "save_pretrained"):
             raise ValueError(f"cannot export a {type(model).__name__}: it has no save_pretrained")
-        with atomic_directory(Path(folder)) as tmp:
+        with atomic_directory(Path(folder), complete=True) as tmp:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             if outside:  # keep the mask id with the model wherever the original kept it (Dream: generation config)

@@ -1,10 +1,9 @@
-"""ddlm.samplers: one interface, many decoding algorithms; every sampler counts its network calls (``nfe``).
+"""samplers: one interface, many decoding algorithms; every sampler counts its network calls (``nfe``).
 
     from samplers import get_sampler
     out = get_sampler("ancestral").generate(model, batch_size=4, length=128, num_steps=128)
 """
 
-from .adapters import DiffusionLMAdapter, MaskedLMAdapter, load_denoiser
 from .ancestral import MaskedAncestralSampler
 from .base import FREE, SAMPLERS, SampleOutput, Sampler, get_sampler, register_sampler
 from .remasking import ConfidenceRemaskingSampler
@@ -16,14 +15,11 @@ __all__ = [
     "SAMPLERS",
     "AnalyticSampler",
     "ConfidenceRemaskingSampler",
-    "DiffusionLMAdapter",
     "EulerSampler",
     "MaskedAncestralSampler",
-    "MaskedLMAdapter",
     "SampleOutput",
     "Sampler",
     "ThresholdSampler",
     "get_sampler",
-    "load_denoiser",
     "register_sampler",
 ]

@@ -1,6 +1,6 @@
 """Masked ancestral sampling (MDLM "ddpm") for absorbing models with the subs parameterisation.
 
-From t = 1 (free positions MASK) down to t = eps in ``num_steps`` steps t -> s: every masked token
+From t = 1 (free positions MASK) down to t = t_final in ``num_steps`` steps t -> s: every masked token
 unmasks with probability (alpha_s - alpha_t) / (1 - alpha_t) to y ~ p_theta(. | x_t); unmasked tokens
 (and the prompt) never change.  At the end every token still masked takes its most likely value.
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion.schedules import get_schedule
+from diffusion.spec import DiffusionSpec
 
 from .base import (
     FREE,
@@ -38,64 +38,51 @@ from .base import (
 __all__ = ["MaskedAncestralSampler"]
 
 
-def check_masked_model(config: Any, sampler: str) -> None:
-    if config.process != "absorbing" or config.parameterization != "subs":
-        raise ValueError(
-            f"the {sampler} sampler needs an absorbing model with parameterization='subs', got "
-            f"process={config.process!r}, parameterization={config.parameterization!r}"
-        )
-
-
 @register_sampler
 class MaskedAncestralSampler(Sampler):
     """Ancestral sampler for masked diffusion.
 
     Args:
-        eps: final diffusion time (the last step goes to ``eps``).
+        t_final: final diffusion time (the last step goes to ``t_final``).
         cache: reuse the network output of sequences that did not change (time-free models only).
         temperature, top_k, top_p: filters on each token distribution (temperature 0: argmax).
     """
 
     name = "ancestral"
+    masked_only = True
 
-    def __init__(self, eps: float = 1e-5, cache: bool = True, temperature: float = 1.0,
+    def __init__(self, t_final: float = 1e-5, cache: bool = True, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None) -> None:
-        if not 0.0 < eps < 1.0:
-            raise ValueError(f"eps must be in (0, 1), got eps={eps!r}")
+        if not 0.0 < t_final < 1.0:
+            raise ValueError(f"t_final must be in (0, 1), got t_final={t_final!r}")
         check_filters(temperature, top_k, top_p)
-        self.eps, self.cache = eps, cache
+        self.t_final, self.cache = t_final, cache
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
-    def check_model(self, config: Any) -> None:
-        check_masked_model(config, self.name)
-
-    def _generate(self, model: Any, canvas: Tensor, num_steps: int, generator: torch.Generator | None,
-                  return_trajectory: bool, callback: Any) -> SampleOutput:
-        config = model.config
-        x = torch.where(canvas == FREE, torch.full_like(canvas, config.mask_token_id), canvas)
-        times = torch.linspace(1.0, self.eps, num_steps + 1, dtype=torch.float64)
-        if self.cache and not config.time_conditioning:
-            return self._generate_by_events(model, x, times, generator, return_trajectory, callback)
-        return self._generate_stepwise(model, x, times, generator, return_trajectory, callback)
+    def _generate(self, model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int,
+                  generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
+        x = torch.where(canvas == FREE, torch.full_like(canvas, spec.mask_id), canvas)
+        times = torch.linspace(1.0, self.t_final, num_steps + 1, dtype=torch.float64)
+        if self.cache and not spec.time_conditioning:
+            return self._generate_by_events(model, spec, x, times, generator, return_trajectory, callback)
+        return self._generate_stepwise(model, spec, x, times, generator, return_trajectory, callback)
 
     def _draw(self, log_probs: Tensor, u: Tensor, mask_id: int) -> Tensor:
         """Tokens ``[n]`` from outputs ``[n, V]`` (after the filters) with the uniforms ``u [n]``."""
         probs = token_probs(log_probs, exclude=mask_id, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         return sample_categorical(probs, None, u=u)
 
-    def _generate_stepwise(self, model: Any, x: Tensor, times: Tensor, generator: torch.Generator | None,
-                           return_trajectory: bool, callback: Any) -> SampleOutput:
+    def _generate_stepwise(self, model: Any, spec: DiffusionSpec, x: Tensor, times: Tensor,
+                           generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
         """The plain loop: one network call per step for the whole batch (at its masked positions)."""
-        config = model.config
-        schedule = get_schedule(config.schedule, **config.schedule_kwargs)
-        mask_id, batch = config.mask_token_id, x.shape[0]
+        schedule, mask_id, batch = spec.schedule, spec.mask_id, x.shape[0]
         nfe, trajectory = 0, [x.clone()] if return_trajectory else None
 
         def outputs(t: Tensor, where: Tensor) -> Tensor:
             nonlocal nfe
             nfe += 1
-            sigma = schedule.total_noise(t).float().expand(batch).to(x.device)
-            return outputs_at(model, where, x, sigma=sigma).logits.float()
+            sigma_bar = schedule.total_noise(t).float().expand(batch).to(x.device)
+            return outputs_at(model, where, x, total_noise=sigma_bar).logits.float()
 
         for i in range(len(times) - 1):
             t, s = times[i], times[i + 1]
@@ -123,12 +110,10 @@ class MaskedAncestralSampler(Sampler):
                 trajectory.append(x.clone())
         return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)
 
-    def _generate_by_events(self, model: Any, x: Tensor, times: Tensor, generator: torch.Generator | None,
-                            return_trajectory: bool, callback: Any) -> SampleOutput:
+    def _generate_by_events(self, model: Any, spec: DiffusionSpec, x: Tensor, times: Tensor,
+                            generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
         """The exact per-sequence cache, batched by event rounds (see the module docstring)."""
-        config = model.config
-        schedule = get_schedule(config.schedule, **config.schedule_kwargs)
-        mask_id, num_steps = config.mask_token_id, len(times) - 1
+        schedule, mask_id, num_steps = spec.schedule, spec.mask_id, len(times) - 1
         start = x.clone()
 
         # 1. The unmasking schedule, from the step loop's draws in its order: the step at which each
@@ -154,8 +139,8 @@ class MaskedAncestralSampler(Sampler):
             step = torch.stack([events[b][k] for b in rows.tolist()])  # (r,)
             sub = x[rows]
             where = sub == mask_id
-            sigma = schedule.total_noise(times[step.cpu()]).float().to(x.device)
-            log_probs = outputs_at(model, where, sub, sigma=sigma).logits.float()  # (n, V)
+            sigma_bar = schedule.total_noise(times[step.cpu()]).float().to(x.device)
+            log_probs = outputs_at(model, where, sub, total_noise=sigma_bar).logits.float()  # (n, V)
             nfe += 1
             moving = unmask_step[rows] == step[:, None]  # (r, L), inside ``where``
             sub[moving] = self._draw(log_probs[moving[where]], u_token_at[rows][moving], mask_id)
@@ -165,8 +150,8 @@ class MaskedAncestralSampler(Sampler):
         still_masked = x == mask_id
         rows = still_masked.any(-1).nonzero(as_tuple=True)[0]
         if len(rows):
-            sigma = schedule.total_noise(times[-1]).float().expand(len(rows)).to(x.device)
-            log_probs = outputs_at(model, still_masked[rows], x[rows], sigma=sigma).logits.float()
+            sigma_bar = schedule.total_noise(times[-1]).float().expand(len(rows)).to(x.device)
+            log_probs = outputs_at(model, still_masked[rows], x[rows], total_noise=sigma_bar).logits.float()
             nfe += 1
             x[still_masked] = token_probs(log_probs, exclude=mask_id, temperature=0).argmax(-1)
 

@@ -3,9 +3,10 @@
 A sampler turns a denoiser into tokens: ``get_sampler(name, **hyper_parameters).generate(model, ...)``.
 The model is anything with a ``config`` (``process``, ``parameterization``, ``mask_token_id``,
 ``vocab_size``, ``max_position_embeddings``, ``schedule``, ``schedule_kwargs``, ``time_conditioning``)
-whose call ``model(input_ids=x, sigma=sigma_bar).logits`` gives log-probabilities of x0 (``subs``) or
-log-scores (``score``) over ``vocab_size`` states: a :class:`~diffusion.DDiTModel`, or another masked
-LM through :class:`~samplers.adapters.MaskedLMAdapter`.
+whose call ``model(input_ids=x, total_noise=sigma_bar).logits`` gives log-probabilities of x0 (``subs``) or
+log-scores (``score``) over ``vocab_size`` states: a :class:`~diffusion.DDiTModel`, or an outside model
+through :mod:`diffusion.adapters`.  :meth:`Sampler.generate` reads the config once into a
+:class:`~diffusion.DiffusionSpec` (process, schedule, mask id) and hands it to the algorithm.
 
 The canvas: ``LongTensor[B, L]`` whose entries are fixed tokens or :data:`FREE` (-1) for positions to
 generate; prompts (prefix, suffix or anywhere) are fixed tokens and are never changed.
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from diffusion.modeling_ddit import accepts_score_mask
+from diffusion.spec import DiffusionSpec
 
 __all__ = [
     "FREE",
@@ -166,9 +168,11 @@ def make_canvas(config: Any, *, batch_size: int | None, prompt_ids: Tensor | Non
 
 class Sampler(ABC):
     """A decoding algorithm. Subclasses validate their hyper-parameters in ``__init__`` and implement
-    :meth:`_generate` on a validated canvas."""
+    :meth:`_generate` on a validated canvas.  ``masked_only`` samplers need a masked-diffusion denoiser
+    (absorbing, ``subs``): they read ``p_theta(x0 | x_t)`` and the mask id, never a score."""
 
     name: ClassVar[str]
+    masked_only: ClassVar[bool] = False
 
     @torch.no_grad()
     def generate(
@@ -186,18 +190,24 @@ class Sampler(ABC):
     ) -> SampleOutput:
         """Generate tokens. ``callback(step, x)`` (optional) sees the canvas after every step."""
         check_positive_int("num_steps", num_steps)
-        self.check_model(model.config)
+        spec = DiffusionSpec.from_config(model.config)
+        self.check_model(spec)
         start = make_canvas(model.config, batch_size=batch_size, prompt_ids=prompt_ids, length=length, canvas=canvas)
         device = next(model.parameters()).device
-        return self._generate(model, start.to(device), num_steps, generator, return_trajectory, callback)
+        return self._generate(model, spec, start.to(device), num_steps, generator, return_trajectory, callback)
 
-    def check_model(self, config: Any) -> None:
+    def check_model(self, spec: DiffusionSpec) -> None:
         """Raise ``ValueError`` when the model's process or parameterisation does not suit this sampler."""
+        if self.masked_only and not spec.masked:
+            raise ValueError(
+                f"the {self.name} sampler needs an absorbing model with parameterization='subs', got "
+                f"process={spec.process_name!r}, parameterization={spec.parameterization!r}"
+            )
 
     @abstractmethod
-    def _generate(self, model: Any, canvas: Tensor, num_steps: int, generator: torch.Generator | None,
-                  return_trajectory: bool, callback: Any) -> SampleOutput:
-        ...
+    def _generate(self, model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int,
+                  generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
+        """Fill ``canvas [B, L]`` (on the model's device; :data:`FREE` marks positions to generate)."""
 
 
 SAMPLERS: dict[str, type[Sampler]] = {}

@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion.schedules import get_schedule
+from diffusion.spec import DiffusionSpec
 
-from .ancestral import check_masked_model
 from .base import (
     FREE,
     SampleOutput,
@@ -82,12 +81,12 @@ class _BlockCaller:
         self.model, self.mode, self.start, self.end = model, mode, start, end
         self.context = None
 
-    def __call__(self, x: Tensor, sigma: Tensor, where: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, total_noise: Tensor, where: Tensor) -> Tensor:
         """Outputs ``[n, V]`` at the positions ``where [B, L]`` selects (all inside the block)."""
         if self.mode is None:
-            return outputs_at(self.model, where, x, sigma=sigma).logits
+            return outputs_at(self.model, where, x, total_noise=total_noise).logits
         if self.context is None:
-            out = outputs_at(self.model, where, x, sigma=sigma, use_cache=True)
+            out = outputs_at(self.model, where, x, total_noise=total_noise, use_cache=True)
             positions = out.key_values.positions
             keep = positions < self.start
             if self.mode == "dual":
@@ -99,11 +98,12 @@ class _BlockCaller:
         stop = x.shape[1] if self.mode == "prefix" else self.end
         positions = torch.arange(self.start, stop, device=x.device)
         # ``where`` lies inside [start, stop), so the slice keeps its row-major order.
-        return outputs_at(self.model, where[:, self.start:stop], x[:, self.start:stop], sigma=sigma,
+        return outputs_at(self.model, where[:, self.start:stop], x[:, self.start:stop], total_noise=total_noise,
                           positions=positions, past_key_values=self.context).logits
 
 
-def decode_blocks(model: Any, canvas: Tensor, num_steps: int, block_length: int | None, *, strategy: str,
+def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int, block_length: int | None, *,
+                  strategy: str,
                   temperature: float, top_k: int | None, top_p: float | None, threshold: float | None,
                   generator: torch.Generator | None, return_trajectory: bool, callback: Any,
                   kv_cache: str | None = None) -> SampleOutput:
@@ -115,9 +115,7 @@ def decode_blocks(model: Any, canvas: Tensor, num_steps: int, block_length: int 
     """
     if kv_cache is not None and not getattr(model, "supports_kv_cache", False):
         raise ValueError(f"kv_cache={kv_cache!r} needs a model whose forward takes past_key_values (a DDiTModel)")
-    config = model.config
-    mask_id = config.mask_token_id
-    schedule = get_schedule(config.schedule, **config.schedule_kwargs)
+    mask_id, schedule = spec.mask_id, spec.schedule
     x = torch.where(canvas == FREE, torch.full_like(canvas, mask_id), canvas)
     batch, length = x.shape
     block_length = block_length or length
@@ -139,8 +137,8 @@ def decode_blocks(model: Any, canvas: Tensor, num_steps: int, block_length: int 
             if not bool(masked.any()):
                 break
             fraction = masked.sum().item() / max(1, ((canvas == FREE) & in_block).sum().item())
-            sigma = schedule.total_noise(torch.tensor(min(max(fraction, 1e-3), 1.0), dtype=torch.float64))
-            log_probs = call(x, sigma.float().expand(batch).to(x.device), masked)  # (n, V) at masked positions
+            sigma_bar = schedule.total_noise(torch.tensor(min(max(fraction, 1e-3), 1.0), dtype=torch.float64))
+            log_probs = call(x, sigma_bar.float().expand(batch).to(x.device), masked)  # (n, V) at masked positions
             nfe += 1
             # Uniforms for every position (cache or not); distributions only for the block's masked positions.
             u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
@@ -182,6 +180,7 @@ class ConfidenceRemaskingSampler(Sampler):
     """
 
     name = "remask"
+    masked_only = True
 
     def __init__(self, strategy: str = "low_confidence", block_length: int | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None) -> None:
@@ -194,12 +193,9 @@ class ConfidenceRemaskingSampler(Sampler):
         self.strategy, self.block_length, self.kv_cache = strategy, block_length, kv_cache
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
-    def check_model(self, config: Any) -> None:
-        check_masked_model(config, self.name)
-
-    def _generate(self, model: Any, canvas: Tensor, num_steps: int, generator: torch.Generator | None,
-                  return_trajectory: bool, callback: Any) -> SampleOutput:
-        return decode_blocks(model, canvas, num_steps, self.block_length, strategy=self.strategy,
+    def _generate(self, model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int,
+                  generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
+        return decode_blocks(model, spec, canvas, num_steps, self.block_length, strategy=self.strategy,
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, threshold=None,
                              generator=generator, return_trajectory=return_trajectory, callback=callback,
                              kv_cache=self.kv_cache)

@@ -1,12 +1,12 @@
 """SEDD predictors for score models (absorbing or uniform): Euler and analytic (Tweedie tau-leaping).
 
-From t = 1 to t = eps in ``num_steps`` steps of size dt, then a final denoising step:
+From t = 1 to t = t_final in ``num_steps`` steps of size dt, then a final denoising step:
 
 * Euler: per token, ``p(x_{t-dt} = y) = [y = x_t] + dt sigma(t) R(x_t, y)`` with the reverse rate
   ``R(x_t, y) = Q(x_t, y) s_y`` (negative entries clipped to 0 and the row renormalised);
 * analytic: ``p(x_{t-dt} = y) ~ [exp(-dsigma Q) s]_y exp(dsigma Q)(x_t, y)``,
   ``dsigma = sigma_bar(t) - sigma_bar(t - dt)``, exact for one token with the exact score;
-* denoise: the analytic step with ``dsigma = sigma_bar(eps)`` (all remaining noise); MASK excluded.
+* denoise: the analytic step with ``dsigma = sigma_bar(t_final)`` (all remaining noise); MASK excluded.
 
 A ``subs`` model is used through RADD's identity ``log s = log p(x0 | x_t) - log(exp(sigma_bar) - 1)``.
 Fixed (prompt) positions are never moved; with the absorbing process only masked positions are computed.
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion.processes import AbsorbingProcess, get_process
-from diffusion.schedules import get_schedule
+from diffusion.processes import AbsorbingProcess
+from diffusion.spec import DiffusionSpec
 
 from .base import (
     FREE,
@@ -37,31 +37,30 @@ __all__ = ["AnalyticSampler", "EulerSampler"]
 class _SEDDSampler(Sampler):
     """Shared loop; subclasses give the transition probabilities of one step."""
 
-    def __init__(self, eps: float = 1e-5, denoise: bool = True) -> None:
-        if not 0.0 < eps < 1.0:
-            raise ValueError(f"eps must be in (0, 1), got eps={eps!r}")
-        self.eps, self.denoise = eps, denoise
+    def __init__(self, t_final: float = 1e-5, denoise: bool = True) -> None:
+        if not 0.0 < t_final < 1.0:
+            raise ValueError(f"t_final must be in (0, 1), got t_final={t_final!r}")
+        self.t_final, self.denoise = t_final, denoise
 
     def _step_probs(self, process: Any, x: Tensor, score: Tensor, schedule: Any, t: Tensor, s: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _log_score(self, model: Any, process: Any, x: Tensor, sigma_bar: Tensor, where: Tensor) -> Tensor:
+    def _log_score(self, model: Any, spec: DiffusionSpec, x: Tensor, sigma_bar: Tensor, where: Tensor) -> Tensor:
         """float64 log-scores ``[n, S]`` at the positions ``where [B, L]`` selects."""
-        sigma = sigma_bar.float().expand(x.shape[0]).to(x.device)
-        out = outputs_at(model, where, x, sigma=sigma).logits.double()
-        if model.config.parameterization == "subs":
+        process = spec.process
+        total_noise = sigma_bar.float().expand(x.shape[0]).to(x.device)
+        out = outputs_at(model, where, x, total_noise=total_noise).logits.double()
+        if spec.parameterization == "subs":
             out = process.log_score_from_log_probs(out, sigma_bar.double(), x[where])
         return out
 
-    def _generate(self, model: Any, canvas: Tensor, num_steps: int, generator: torch.Generator | None,
-                  return_trajectory: bool, callback: Any) -> SampleOutput:
-        config = model.config
-        process = get_process(config.process, config.vocab_size - (1 if config.process == "absorbing" else 0))
+    def _generate(self, model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int,
+                  generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
+        process, schedule = spec.process, spec.schedule
         absorbing = isinstance(process, AbsorbingProcess)
-        schedule = get_schedule(config.schedule, **config.schedule_kwargs)
         free = canvas == FREE
         x = torch.where(free, process.sample_limit(canvas.shape, generator=generator).to(canvas.device), canvas)
-        times = torch.linspace(1.0, self.eps, num_steps + 1, dtype=torch.float64)
+        times = torch.linspace(1.0, self.t_final, num_steps + 1, dtype=torch.float64)
         trajectory = [x.clone()] if return_trajectory else None
         nfe = 0
 
@@ -75,7 +74,7 @@ class _SEDDSampler(Sampler):
             if not bool(where.any()):
                 return
             sigma_bar = schedule.total_noise(t)
-            score = self._log_score(model, process, x, sigma_bar, where).exp()
+            score = self._log_score(model, spec, x, sigma_bar, where).exp()
             nfe += 1
             if s is None:
                 probs = process.analytic_transition(x[where], score, sigma_bar).clamp_min(0.0)
@@ -101,17 +100,17 @@ class _SEDDSampler(Sampler):
 
 @register_sampler
 class EulerSampler(_SEDDSampler):
-    """SEDD Euler predictor. Args: ``eps`` (final time), ``denoise`` (final denoising step)."""
+    """SEDD Euler predictor. Args: ``t_final`` (final time), ``denoise`` (final denoising step)."""
 
     name = "euler"
 
     def _step_probs(self, process, x, score, schedule, t, s):
-        return process.euler_transition(x, score, (t - s) * schedule.rate_noise(t))
+        return process.euler_transition(x, score, (t - s) * schedule.rate(t))
 
 
 @register_sampler
 class AnalyticSampler(_SEDDSampler):
-    """SEDD analytic (Tweedie tau-leaping) predictor. Args: ``eps`` (final time), ``denoise``."""
+    """SEDD analytic (Tweedie tau-leaping) predictor. Args: ``t_final`` (final time), ``denoise``."""
 
     name = "analytic"
 

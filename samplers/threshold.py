@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ancestral import check_masked_model
+from diffusion.spec import DiffusionSpec
+
 from .base import (
     SampleOutput,
     Sampler,
@@ -38,6 +39,7 @@ class ThresholdSampler(Sampler):
     """
 
     name = "threshold"
+    masked_only = True
 
     def __init__(self, threshold: float = 0.9, block_length: int | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None) -> None:
@@ -50,12 +52,9 @@ class ThresholdSampler(Sampler):
         self.threshold, self.block_length, self.kv_cache = threshold, block_length, kv_cache
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
-    def check_model(self, config: Any) -> None:
-        check_masked_model(config, self.name)
-
-    def _generate(self, model: Any, canvas: Tensor, num_steps: int, generator: torch.Generator | None,
-                  return_trajectory: bool, callback: Any) -> SampleOutput:
-        return decode_blocks(model, canvas, num_steps, self.block_length, strategy="low_confidence",
+    def _generate(self, model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int,
+                  generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
+        return decode_blocks(model, spec, canvas, num_steps, self.block_length, strategy="low_confidence",
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                              threshold=self.threshold, generator=generator, return_trajectory=return_trajectory,
                              callback=callback, kv_cache=self.kv_cache)

@@ -1,9 +1,9 @@
-"""Side-by-side benchmark against the SEDD and MDLM reference implementations (issue 9).
+"""Side-by-side benchmark against the SEDD and MDLM reference implementations at one shared configuration.
 
     python scripts/bench_compare.py [--json benchmarks/bench_compare.json] [--parts train,sample,cache,decode]
 
 One shared DiT configuration: hidden 384, 6 blocks, 6 heads, conditioning 128, sequence 128, batch 8,
-vocabulary 4096 + MASK, two threads.  The reference figures (the issue's table, measured on a machine
+vocabulary 4096 + MASK, two threads.  The reference figures (REFERENCE below, measured on a machine
 like ours) are printed beside ours; the float32 and bfloat16 matmul rates (2048 x 2048, the same
 threads) are measured in the same run, before and after, because this machine's speed drifts.
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from scripts.bench_common import matmul_rate, time_training_steps
+from bench_common import matmul_rate, time_training_steps
 
 CONFIG = dict(vocab_size=4097, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, cond_dim=128)
 SEQ_LEN, BATCH = 128, 8
@@ -164,8 +164,8 @@ def quality_part(model_dir: str, scorer_dir: str, length: int, block: int) -> di
 
     from diffusion import DDiTModel
     from diffusion.data import build_blocks, load_texts, load_tokenizer
-    from diffusion.likelihood import evaluate_likelihood
-    from diffusion.sample_quality import generative_perplexity
+    from diffusion.evaluation.likelihood import evaluate_likelihood
+    from diffusion.evaluation.sample_quality import generative_perplexity
 
     model = DDiTModel.from_pretrained(model_dir).eval()
     scorer = AutoModelForCausalLM.from_pretrained(scorer_dir).eval()

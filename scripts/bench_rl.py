@@ -53,7 +53,7 @@ def main() -> None:
     rows = []
     for label, overrides in SETTINGS.items():
         config = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-rl-"), max_steps=args.steps, prompts_per_step=8,
-                            group_size=8, completion_length=6, sampler="remask", sampler_steps=6, lr=args.lr,
+                            group_size=8, completion_length=6, sampler="remask", sampling_steps=6, lr=args.lr,
                             save_every=0, log_every=10, variance_draws=4, progress=False, **overrides)
         trainer = GRPOTrainer(copy.deepcopy(start), tokenizer, config, task.reward_functions, records,
                               task.reward_weights)

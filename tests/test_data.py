@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from diffusion.corpus import builtin_corpus, clean_play
+from diffusion.data.corpus import builtin_corpus, clean_play
 from diffusion.data import (
     BlockBatches,
     StreamingBlockBatches,

@@ -60,7 +60,7 @@ def test_score_mask_outputs_are_the_dense_rows(kind):
         x[torch.rand(x.shape, generator=gen) < 0.5] = mask_id
     sigma = torch.tensor([0.3, 1.0, 2.5])
     with torch.no_grad():
-        dense = model(input_ids=x, sigma=sigma).logits
+        dense = model(input_ids=x, total_noise=sigma).logits
         choices = {
             "masked": x == mask_id if mask_id is not None else torch.rand(x.shape, generator=gen) < 0.4,
             "mixed": torch.rand(x.shape, generator=gen) < 0.3,  # masked and unmasked positions
@@ -69,11 +69,11 @@ def test_score_mask_outputs_are_the_dense_rows(kind):
         }
         for name, where in choices.items():
             assert int(where.sum()) % ROW_BUCKET != 0 or name == "none"  # the padded head path is used
-            sparse = model(input_ids=x, sigma=sigma, score_mask=where).logits
+            sparse = model(input_ids=x, total_noise=sigma, score_mask=where).logits
             assert sparse.shape == (int(where.sum()), model.config.vocab_size), name
             torch.testing.assert_close(sparse, dense[where], rtol=1e-5, atol=1e-5, msg=name)
     with pytest.raises(ValueError, match="score_mask"):
-        model(input_ids=x, sigma=sigma, score_mask=where.long())
+        model(input_ids=x, total_noise=sigma, score_mask=where.long())
 
 
 @pytest.mark.parametrize("kind, objective", [("subs", "masked_elbo"), ("subs", "score_entropy"),
@@ -90,7 +90,7 @@ def test_masked_positions_loss_equals_the_dense_loss_and_gradient(kind, objectiv
         results = []
         for caller in (model, Dense(model)):
             model.zero_grad(set_to_none=True)
-            out = loss_fn.score(caller, x0, xt, t, attention_mask=attention_mask)
+            out = loss_fn.loss(caller, x0, xt, t, attention_mask=attention_mask)
             out.loss.backward()
             results.append((out.per_sequence.detach(), [p.grad.clone() for p in model.parameters()]))
         (sparse, sparse_grads), (dense, dense_grads) = results
@@ -158,14 +158,14 @@ def test_training_attention_form_equals_the_fused_kernel():
     padding[1, 25:] = 0
     sigma = torch.tensor([0.5, 1.5])
     with torch.no_grad():  # inference: scaled_dot_product_attention
-        fused = model(input_ids=x, sigma=sigma, attention_mask=padding).logits
-    assert torch.equal(model(input_ids=x, sigma=sigma, attention_mask=padding).logits.detach(), fused)  # eval + grad
+        fused = model(input_ids=x, total_noise=sigma, attention_mask=padding).logits
+    assert torch.equal(model(input_ids=x, total_noise=sigma, attention_mask=padding).logits.detach(), fused)  # eval + grad
     model.train()  # training mode with autograd on a CPU: the matmul form (no dropout here)
-    trained = model(input_ids=x, sigma=sigma, attention_mask=padding).logits
+    trained = model(input_ids=x, total_noise=sigma, attention_mask=padding).logits
     real = fused > -1e5
     torch.testing.assert_close(trained.detach()[real], fused[real], rtol=1e-5, atol=1e-5)
     # A sequence that is all padding has no visible key; the matmul form stays finite there.
     padding[0] = 0
-    out = model(input_ids=x, sigma=sigma, attention_mask=padding).logits
+    out = model(input_ids=x, total_noise=sigma, attention_mask=padding).logits
     assert bool(torch.isfinite(out[out > -1e5]).all())
     model.eval()

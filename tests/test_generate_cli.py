@@ -28,17 +28,17 @@ def model_dir(tmp_path_factory):
 
 def _run(*args):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "scripts.generate", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "samplers.cli.generate", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_text_and_json_output(model_dir):
-    text = _run("--model", str(model_dir), "--prompt", "To be", "--length", "8", "--steps", "8", "--num-samples", "2")
+    text = _run("--model", str(model_dir), "--prompt", "To be", "--length", "8", "--sampling-steps", "8", "--num-samples", "2")
     assert text.returncode == 0, text.stderr
     assert text.stdout.count("--- sample") == 2 and "8 steps" in text.stdout
     assert "\033[" not in text.stdout  # no live view when stdout is not a terminal
     result = _run("--model", str(model_dir), "--prompt", "To be", "--suffix", "fair.", "--length", "8",
-                  "--steps", "8", "--sampler", "remask", "--json")
+                  "--sampling-steps", "8", "--sampler", "remask", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["sampler"] == "remask" and data["nfe"] == 8
@@ -55,20 +55,20 @@ def test_text_and_json_output(model_dir):
     [
         (["--prompt", "   "], "--prompt is empty"),
         (["--length", "40"], "beyond the model's context of 32"),
-        (["--steps", "0"], "--steps must be >= 1"),
+        (["--sampling-steps", "0"], "--sampling-steps must be >= 1"),
         (["--sampler", "beam"], "unknown --sampler 'beam'"),
         (["--temperature", "-1"], "temperature must be >= 0, got temperature=-1.0"),
         (["--top-p", "1.5"], "top_p must be in (0, 1], got top_p=1.5"),
         (["--top-k", "0"], "top_k must be a positive int"),
         (["--block-length", "0"], "--block-length must be >= 1, got 0"),
-        (["--sampler", "remask", "--block-length", "3", "--length", "8", "--steps", "8"], "must be a multiple"),
+        (["--sampler", "remask", "--block-length", "3", "--length", "8", "--sampling-steps", "8"], "must be a multiple"),
         (["--sampler", "ancestral", "--threshold", "0.5"], "does not take ['threshold']"),
         (["--sampler", "euler", "--temperature", "0.5"], "does not take ['temperature']"),
     ],
 )
 def test_bad_input_is_one_line_error(model_dir, args, message, capsys):
     # In-process for speed (each subprocess pays ~8 s of imports); the subprocess path is tested below.
-    from scripts.generate import main
+    from samplers.cli.generate import main
 
     assert main(["--model", str(model_dir), *args]) == 2
     err = capsys.readouterr().err
@@ -77,8 +77,8 @@ def test_bad_input_is_one_line_error(model_dir, args, message, capsys):
 
 
 def test_bad_input_exits_non_zero_without_traceback_as_a_subprocess(model_dir):
-    result = _run("--model", str(model_dir), "--steps", "0")
-    assert result.returncode == 2 and result.stderr.strip() == "ddlm-generate: error: --steps must be >= 1, got 0"
+    result = _run("--model", str(model_dir), "--sampling-steps", "0")
+    assert result.returncode == 2 and result.stderr.strip() == "ddlm-generate: error: --sampling-steps must be >= 1, got 0"
 
 
 def test_missing_model_is_a_clear_error():
@@ -86,3 +86,26 @@ def test_missing_model_is_a_clear_error():
     assert result.returncode == 2 and "--model folder does not exist" in result.stderr
     offline = _run("--model", "someone/not-a-real-model")
     assert offline.returncode == 2 and "could not load --model" in offline.stderr and "Traceback" not in offline.stderr
+
+
+def test_an_exported_models_sampler_config_sets_the_defaults_and_flags_override_it(model_dir, tmp_path, capsys):
+    import shutil
+
+    from samplers.cli.generate import main
+
+    folder = tmp_path / "exported"
+    shutil.copytree(model_dir, folder)
+    (folder / "sampler_config.json").write_text(json.dumps({"sampler": "remask", "num_steps": 4}))
+    assert main(["--model", str(folder), "--length", "8", "--json"]) == 0
+    shipped = json.loads(capsys.readouterr().out)
+    assert (shipped["sampler"], shipped["sampling_steps"], shipped["nfe"]) == ("remask", 4, 4)
+    assert main(["--model", str(folder), "--length", "8", "--sampler", "ancestral", "--sampling-steps", "8",
+                 "--json"]) == 0
+    overridden = json.loads(capsys.readouterr().out)
+    assert (overridden["sampler"], overridden["sampling_steps"]) == ("ancestral", 8)
+    assert main(["--model", str(model_dir), "--length", "8", "--json"]) == 0  # no file: the model's defaults
+    plain = json.loads(capsys.readouterr().out)
+    assert (plain["sampler"], plain["sampling_steps"]) == ("ancestral", 64)
+    (folder / "sampler_config.json").write_text('{"sampler": "remask"}')
+    assert main(["--model", str(folder), "--length", "8"]) == 2
+    assert "sampler_config.json must hold" in capsys.readouterr().err

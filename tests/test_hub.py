@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))  # fake_hub
 
 from diffusion import DDiTModel
-from diffusion.checkpoint import CheckpointError
+from diffusion.training.checkpoint import CheckpointError
 from diffusion.hub import export_for_hub
-from diffusion.train_config import TrainConfig
+from diffusion.training.config import TrainConfig
 from diffusion.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ from transformers import AutoModelForMaskedLM
 case = load_file({case!r})
 model = AutoModelForMaskedLM.from_pretrained({folder!r}, trust_remote_code=True).eval()
 with torch.no_grad():
-    logits = model(input_ids=case["input_ids"], sigma=case["sigma"]).logits
+    logits = model(input_ids=case["input_ids"], total_noise=case["sigma"]).logits
 print(json.dumps({{"max_diff": (logits - case["logits"]).abs().max().item(), "cls": type(model).__module__}}))
 exec(open({snippet!r}).read())
 """
@@ -83,8 +83,8 @@ def test_loads_without_the_toolkit_with_the_same_logits_and_the_card_snippet_run
     x = torch.randint(0, 4097, (2, 16), generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.5, 2.0])
     with torch.no_grad():
-        logits = model(input_ids=x, sigma=sigma).logits
-        torch.testing.assert_close(logits, ema(input_ids=x, sigma=sigma).logits, rtol=0, atol=0)  # EMA weights
+        logits = model(input_ids=x, total_noise=sigma).logits
+        torch.testing.assert_close(logits, ema(input_ids=x, total_noise=sigma).logits, rtol=0, atol=0)  # EMA weights
     save_file({"input_ids": x, "sigma": sigma, "logits": logits}, str(tmp / "case.safetensors"))
     card = (folder / "README.md").read_text()
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
@@ -118,7 +118,7 @@ def test_pickles_and_missing_configs_are_refused(tmp_path, exported):
 
 
 def test_push_cli_dry_run_writes_the_folder_and_needs_no_network(exported, tmp_path):
-    from scripts.push_to_hub import main
+    from diffusion.cli.push import main
 
     _, checkpoint, _ = exported
     assert main([str(checkpoint), "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
@@ -141,10 +141,10 @@ def test_push_uploads_to_a_hub_and_the_model_loads_back_without_the_toolkit(expo
     x = torch.randint(0, 4097, (2, 16), generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.3, 1.5])
     with torch.no_grad():
-        save_file({"input_ids": x, "sigma": sigma, "logits": model(input_ids=x, sigma=sigma).logits},
+        save_file({"input_ids": x, "sigma": sigma, "logits": model(input_ids=x, total_noise=sigma).logits},
                   str(tmp_path / "case.safetensors"))
     expected = export_for_hub(checkpoint, tmp_path / "expected", location="tester/tiny")
-    push = [sys.executable, "-m", "scripts.push_to_hub", str(checkpoint), "--repo-id", "tester/tiny"]
+    push = [sys.executable, "-m", "diffusion.cli.push", str(checkpoint), "--repo-id", "tester/tiny"]
     with FakeHub() as hub:
         env = _hub_env(hub, tmp_path)
         result = subprocess.run([*push, "--dry-run", "--out", str(tmp_path / "dry")], cwd=REPO, env=env,
@@ -183,7 +183,7 @@ def test_push_reports_an_unreachable_hub_in_one_line(exported_subs, tmp_path):
     _, checkpoint, _ = exported_subs
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HUB_OFFLINE")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_fake_token", HF_HOME=str(tmp_path / "hf-home"))
-    result = subprocess.run([sys.executable, "-m", "scripts.push_to_hub", str(checkpoint), "--repo-id", "tester/tiny"],
+    result = subprocess.run([sys.executable, "-m", "diffusion.cli.push", str(checkpoint), "--repo-id", "tester/tiny"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.startswith("ddlm-push: error: upload to 'tester/tiny' failed") and "Traceback" not in result.stderr

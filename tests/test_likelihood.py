@@ -6,19 +6,19 @@ import pytest
 import torch
 
 from diffusion import DDiTConfig, DDiTModel
-from diffusion.autoregressive import (
+from diffusion.evaluation.autoregressive import (
     AutoregressiveObjective,
     build_causal_lm,
     causal_nll,
 )
-from diffusion.likelihood import (
+from diffusion.evaluation.likelihood import (
     any_order_nll,
     evaluate_causal_likelihood,
     evaluate_likelihood,
     sequence_nelbo,
 )
 from diffusion.objectives import DiffusionObjective
-from diffusion.sample_quality import generative_perplexity, unigram_entropy
+from diffusion.evaluation.sample_quality import generative_perplexity, unigram_entropy
 from tests.reference import ExactDenoiser, enumerate_joint
 
 V, L = 3, 4
@@ -148,7 +148,7 @@ def test_ar_baseline_perplexity_is_exp_of_the_mean_token_nll_by_hand():
     tokens = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(input_ids=tokens).logits.double()
-        out = AutoregressiveObjective(11).score(model, tokens, tokens, torch.zeros(3))
+        out = AutoregressiveObjective(11).loss(model, tokens, tokens, torch.zeros(3))
         nll, count = causal_nll(model, tokens)
     by_hand = 0.0
     for b in range(3):
@@ -191,7 +191,7 @@ def test_eval_cli_on_saved_models(tmp_path, capsys):
     import json
 
     from diffusion.data import load_tokenizer
-    from scripts.evaluate import main
+    from samplers.cli.evaluate import main
 
     tokenizer = load_tokenizer("builtin")
     torch.manual_seed(0)
@@ -213,7 +213,7 @@ def test_eval_cli_on_saved_models(tmp_path, capsys):
     ar = json.loads(capsys.readouterr().out)
     assert ar["form"] == "autoregressive" and abs(ar["perplexity"] - math.exp(ar["nats_per_token"])) < 1e-6
     assert main(["genppl", "--model", str(tmp_path / "dm"), "--reference", str(tmp_path / "ar"), "--length", "12",
-                 "--steps", "2", "4", "--num-samples", "3", "--json"]) == 0
+                 "--sampling-steps", "2", "4", "--num-samples", "3", "--json"]) == 0
     gen = json.loads(capsys.readouterr().out)
     assert [r["steps"] for r in gen["rows"]] == [2, 4] and all(r["gen_ppl"] > 1 for r in gen["rows"])
     assert main(["ppl", "--model", str(tmp_path / "dm"), "--num-points", "0"]) == 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.losses import masked_diffusion_loss, sample_t, score_entropy_loss
+from diffusion.losses import masked_diffusion_loss, score_entropy_loss
 from diffusion.objectives import DiffusionObjective
 from diffusion.processes import AbsorbingProcess, UniformProcess
 from diffusion.schedules import GeometricSchedule, LogLinearSchedule
@@ -114,7 +114,7 @@ class ExactConditionals(torch.nn.Module):
         super().__init__()
         self.joint, self.vocab, self.length = joint, vocab, length
 
-    def forward(self, input_ids, sigma=None, attention_mask=None):
+    def forward(self, input_ids, total_noise=None, attention_mask=None):
         out = torch.full(input_ids.shape + (self.vocab + 1,), -1e6, dtype=torch.float64)
         cache = {}
         for b, row in enumerate(input_ids.tolist()):
@@ -138,25 +138,13 @@ def test_objective_monte_carlo_mean_is_nll_with_exact_model(objective):
     joint = enumerate_joint(vocab, length, seed=1)
     seq = (2, 0, 1)
     model = ExactConditionals(joint, vocab, length)
-    obj = DiffusionObjective(AbsorbingProcess(vocab), LogLinearSchedule(eps=0.0), objective, "subs", t_eps=1e-3)
+    obj = DiffusionObjective(AbsorbingProcess(vocab), LogLinearSchedule(eps=0.0), objective, "subs", t_min=1e-3)
     x0 = torch.tensor([seq]).expand(4000, -1)
     out = obj(model, x0, generator=torch.Generator().manual_seed(0))
     mean = out.per_sequence.mean().item()
     stderr = out.per_sequence.std().item() / math.sqrt(len(out.per_sequence))
     assert abs(mean - -math.log(joint[seq])) < 4 * stderr
     assert math.isclose(out.loss.item(), out.per_sequence.sum().item() / (4000 * 3), rel_tol=1e-12)
-
-
-def test_sample_t_antithetic_one_draw_per_stratum():
-    n = 64
-    t = sample_t(n, eps=1e-3, antithetic=True, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    u = (t - 1e-3) / (1 - 1e-3)
-    strata = torch.floor(u * n).long()
-    assert torch.equal(strata, torch.arange(n))
-    plain = sample_t(n, eps=1e-3, generator=torch.Generator().manual_seed(0))
-    assert bool(((plain >= 1e-3) & (plain < 1)).all())
-    with pytest.raises(ValueError, match="batch_size=0"):
-        sample_t(0)
 
 
 def test_losses_reject_mismatched_shapes():
@@ -196,11 +184,11 @@ def test_loss_finite_at_schedule_endpoints_for_fully_masked_and_clean_batches(pr
     model = DDiTModel(config)
     obj = DiffusionObjective.from_config(config, objective=objective)
     x0 = torch.randint(0, n, (2, 12), generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([obj.t_eps, 1.0])
+    t = torch.tensor([obj.t_min, 1.0])
     noisy = torch.full_like(x0, n) if process_name == "absorbing" else (x0 + 1) % n  # every token corrupted
     for xt in (noisy, x0.clone()):
         sigma_bar = obj.schedule.total_noise(t)
-        out = model(xt, sigma=sigma_bar).logits
+        out = model(xt, total_noise=sigma_bar).logits
         if objective == "masked_elbo":
             loss = masked_diffusion_loss(out, x0, xt, t, obj.schedule, mask_id=n)
         else:

@@ -58,7 +58,7 @@ def test_score_outputs_scale_by_sigma_and_zero_at_current_state():
     _randomize_modulation(raw)
     xt = _noisy_batch()
     sigma = torch.tensor([0.01, 1.0, 5.0])
-    out_scaled, out_raw = scaled(xt, sigma=sigma).logits, raw(xt, sigma=sigma).logits
+    out_scaled, out_raw = scaled(xt, total_noise=sigma).logits, raw(xt, total_noise=sigma).logits
     current = torch.zeros_like(out_scaled, dtype=torch.bool).scatter(-1, xt[..., None], True)
     assert bool((out_scaled[current] == 0).all()) and bool((out_raw[current] == 0).all())
     offset = (torch.log(torch.expm1(sigma)) + math.log(VOCAB - 1))[:, None, None].expand_as(out_raw)
@@ -68,14 +68,16 @@ def test_score_outputs_scale_by_sigma_and_zero_at_current_state():
 def test_time_conditioning_switch():
     free = _model()
     xt = _noisy_batch()
-    torch.testing.assert_close(free(xt, sigma=torch.full((3,), 0.1)).logits, free(xt, sigma=torch.full((3,), 3.0)).logits, rtol=0, atol=0)
+    torch.testing.assert_close(free(xt, total_noise=torch.full((3,), 0.1)).logits, free(xt, total_noise=torch.full((3,), 3.0)).logits, rtol=0, atol=0)
     conditioned = _model(time_conditioning=True)
     _randomize_modulation(conditioned)
-    a = conditioned(xt, sigma=torch.full((3,), 0.1)).logits
-    b = conditioned(xt, sigma=torch.full((3,), 3.0)).logits
+    a = conditioned(xt, total_noise=torch.full((3,), 0.1)).logits
+    b = conditioned(xt, total_noise=torch.full((3,), 3.0)).logits
     assert (a - b).abs().max() > 1e-5  # small at init (std-0.02 noise MLP) but present
-    with pytest.raises(ValueError, match="pass sigma"):
+    with pytest.raises(ValueError, match="pass total_noise"):
         conditioned(xt)
+    with pytest.warns(FutureWarning, match="sigma=...\\) is deprecated"):  # the old keyword still works, loudly
+        torch.testing.assert_close(conditioned(xt, sigma=torch.full((3,), 0.1)).logits, a, rtol=0, atol=0)
 
 
 def test_attention_is_bidirectional_and_respects_padding():
@@ -105,7 +107,7 @@ def test_save_and_load_round_trip(tmp_path, overrides):
         assert type(loaded) is DDiTModel
         strip = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}  # noqa: E731
         assert strip(loaded.config.to_dict()) == strip(model.config.to_dict())
-        torch.testing.assert_close(loaded(xt, sigma=sigma).logits, model(xt, sigma=sigma).logits, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(xt, total_noise=sigma).logits, model(xt, total_noise=sigma).logits, rtol=0, atol=0)
         if model.config.tie_word_embeddings:
             assert loaded.lm_head.weight.data_ptr() == loaded.embed_tokens.weight.data_ptr()
     assert AutoConfig.from_pretrained(tmp_path).process == model.config.process
@@ -119,7 +121,7 @@ def test_gradients_reach_every_parameter(overrides):
     sigma = torch.tensor([0.3, 0.7, 1.5, 4.0])
     for _ in range(2):  # adaLN-zero: the first step opens the gates, the second reaches everything behind them
         optimizer.zero_grad()
-        out = model(xt, sigma=sigma).logits
+        out = model(xt, total_noise=sigma).logits
         loss = (out[..., :MASK].clamp_min(-30) * torch.linspace(-1, 1, MASK)).sum()
         loss.backward()
         optimizer.step()
@@ -132,11 +134,11 @@ def test_bfloat16_autocast_and_bf16_weights_close_to_float32():
     _randomize_modulation(model)
     xt = _noisy_batch()
     sigma = torch.tensor([0.2, 1.0, 3.0])
-    ref = model(xt, sigma=sigma).logits
+    ref = model(xt, total_noise=sigma).logits
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = model(xt, sigma=sigma).logits
+        auto = model(xt, total_noise=sigma).logits
     assert auto.dtype == torch.float32
-    bf16 = model.to(torch.bfloat16)(xt, sigma=sigma).logits
+    bf16 = model.to(torch.bfloat16)(xt, total_noise=sigma).logits
     for out in (auto, bf16):
         assert torch.isfinite(out).all()
         assert (out - ref).abs().max() < 0.1
@@ -173,8 +175,8 @@ def test_eager_attention_matches_sdpa_with_padding():
     mask = torch.ones_like(xt)
     mask[1, -4:] = 0
     sigma = torch.tensor([0.2, 1.0, 3.0])
-    torch.testing.assert_close(eager(xt, sigma=sigma, attention_mask=mask).logits,
-                               sdpa(xt, sigma=sigma, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager(xt, total_noise=sigma, attention_mask=mask).logits,
+                               sdpa(xt, total_noise=sigma, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -186,8 +188,8 @@ def test_from_pretrained_is_strict_about_config_and_weights(tied, tmp_path):
     loaded = DDiTModel.from_pretrained(tmp_path).eval()  # a matching folder loads, tied or not
     x = torch.randint(0, 101, (1, 8))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=x, sigma=torch.tensor([1.0])).logits,
-                                   model(input_ids=x, sigma=torch.tensor([1.0])).logits, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(input_ids=x, total_noise=torch.tensor([1.0])).logits,
+                                   model(input_ids=x, total_noise=torch.tensor([1.0])).logits, rtol=0, atol=0)
     raw = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**raw, "num_hidden_layers": 2}))
     with pytest.raises(ValueError, match=r"do not match config.json \(missing_keys: blocks.1"):

@@ -197,7 +197,7 @@ def test_get_process_and_bad_arguments():
     assert get_process("uniform", 7).num_states == 7
     with pytest.raises(ValueError, match="unknown process name='gaussian'"):
         get_process("gaussian", 7)
-    with pytest.raises(ValueError, match="vocab_size=1"):
+    with pytest.raises(ValueError, match="num_tokens=1"):
         AbsorbingProcess(1)
     with pytest.raises(ValueError, match="num_states=6"):
         AbsorbingProcess(N).score_entropy(torch.zeros(1, 1, 3), 1.0, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))

@@ -23,12 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def poison(monkeypatch):
     """``poison({2, 3})`` makes the training loss NaN at those step indices (eval calls are left alone)."""
-    original = DiffusionObjective.score
+    original = DiffusionObjective.loss
 
     def install(steps, value=float("nan")):
         calls = {"n": 0}
 
-        def score(self, model, *args, **kwargs):
+        def poisoned(self, model, *args, **kwargs):
             out = original(self, model, *args, **kwargs)
             if not torch.is_grad_enabled():
                 return out  # held-out evaluation
@@ -36,7 +36,7 @@ def poison(monkeypatch):
             calls["n"] += 1
             return dataclasses.replace(out, loss=out.loss * value) if index in steps else out
 
-        monkeypatch.setattr(DiffusionObjective, "score", score)
+        monkeypatch.setattr(DiffusionObjective, "loss", poisoned)
 
     return install
 
@@ -70,7 +70,7 @@ def test_inf_gradients_are_caught_too_and_k_in_a_row_stop_the_run(tmp_path, pois
 
 _RUN = """
 import sys
-from diffusion.train_config import TrainConfig
+from diffusion.training.config import TrainConfig
 from diffusion.training import train
 config = TrainConfig(output_dir=sys.argv[1], seq_len=32, hidden_size=32, num_layers=1, num_heads=2, cond_dim=16,
                      batch_size=4, max_steps=int(sys.argv[2]), warmup_steps=2, lr=3e-3, eval_every=0, eval_blocks=8,
@@ -131,7 +131,7 @@ def test_killed_or_preempted_runs_resume_to_the_uninterrupted_result_bit_for_bit
 def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_previous_one_is_intact(tmp_path, monkeypatch):
     import errno
 
-    import diffusion.training as training
+    import diffusion.training.loop as training
 
     real = training.save_weights
 
@@ -161,7 +161,7 @@ def test_an_unusable_output_dir_is_refused_before_any_work(tmp_path):
 def test_missing_rng_state_needs_an_explicit_flag(tmp_path):
     train(tiny(tmp_path, max_steps=6, stop_after_steps=3, save_every=3))
     (tmp_path / "run/checkpoints/step-00000003/rng-0.safetensors").unlink()
-    from diffusion.checkpoint import CheckpointError
+    from diffusion.training.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="no RNG state .*--allow-inexact-resume"):
         train(tiny(tmp_path, max_steps=6, save_every=3, resume="auto"))
@@ -219,7 +219,7 @@ def test_a_failing_reward_leaves_the_rl_checkpoints_intact_and_resumable(tmp_pat
         return [0.0] * len(completions)
 
     config = GRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=4, prompts_per_step=2, group_size=2,
-                        completion_length=6, sampler_steps=6, save_every=1, progress=False, variance_draws=0)
+                        completion_length=6, sampling_steps=6, save_every=1, progress=False, variance_draws=0)
     model, tokenizer = _task_model()
     trainer = GRPOTrainer(model, tokenizer, config, [*task.reward_functions, flaky], records, [1.0, 1.0, 0.2, 1.0])
     with pytest.raises(RewardError, match="'flaky' raised ConnectionError: grader offline"):
@@ -238,7 +238,7 @@ def test_a_pickle_offered_as_a_training_checkpoint_never_runs_and_incomplete_one
     import logging
     import pickle
 
-    from diffusion.checkpoint import CheckpointError
+    from diffusion.training.checkpoint import CheckpointError
 
     train(tiny(tmp_path, max_steps=6, stop_after_steps=3, save_every=3))
     root = tmp_path / "run/checkpoints"
@@ -246,7 +246,7 @@ def test_a_pickle_offered_as_a_training_checkpoint_never_runs_and_incomplete_one
     marker = tmp_path / "payload-ran"
     payload = type("Payload", (), {"__reduce__": lambda self: (os.system, (f"touch {marker}",))})()
     (root / "step-00000003/model/model.safetensors").write_bytes(pickle.dumps(payload))
-    with caplog.at_level(logging.WARNING, logger="diffusion.checkpoint"), \
+    with caplog.at_level(logging.WARNING, logger="diffusion.training.checkpoint"), \
             pytest.raises(CheckpointError, match="corrupt safetensors file"):
         train(tiny(tmp_path, max_steps=6, save_every=3, resume="auto"))
     assert not marker.exists()  # never unpickled

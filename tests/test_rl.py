@@ -14,7 +14,7 @@ import rl.tasks
 import rl.trainer
 from diffusion import DDiTConfig, DDiTModel
 from rl.config import GRPOConfig
-from rl.estimators import gauss_legendre_01, get_estimator
+from rl.estimators import get_estimator
 from rl.objective import group_advantages, grpo_loss, k3_kl
 from rl.rewards import RewardError, compute_rewards
 from rl.sft import supervised_warmup
@@ -37,7 +37,7 @@ def _estimates(estimator, model, y, rows, seed):
     completion = torch.tensor([[False] + [True] * L] * rows)
     draw = estimator.draw(sequences, completion, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return estimator.score(model, draw).sum(-1).double()
+        return estimator.estimate(model, draw).sum(-1).double()
 
 
 def test_quadrature_and_monte_carlo_are_unbiased_and_quadrature_has_lower_variance(exact):
@@ -59,13 +59,6 @@ def test_confidence_intervals_cover_the_truth_in_most_seeded_repetitions(exact):
         half = 1.96 * values.std() / math.sqrt(len(values))
         covered += abs(values.mean() - log_p) <= half
     assert covered >= 34  # nominal 95% of 40 = 38
-
-
-def test_gauss_legendre_weights_and_exactness_for_polynomials():
-    t, w = gauss_legendre_01(3)
-    assert torch.isclose(w.sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-15)
-    for degree in range(6):  # 3 nodes integrate degree <= 5 exactly on [0, 1]
-        assert abs(float((w * t**degree).sum()) - 1 / (degree + 1)) < 1e-14
 
 
 def test_coupled_scores_every_completion_token_exactly_once_per_pair():
@@ -109,8 +102,8 @@ def test_same_generator_same_masks_so_the_first_ratio_is_exactly_one():
         b = estimator.draw(sequences, completion, torch.Generator().manual_seed(5))
         assert torch.equal(a.views, b.views) and torch.equal(a.weights, b.weights)
         with torch.no_grad():
-            old = estimator.score(model, a)
-        current = estimator.score(model, b)
+            old = estimator.estimate(model, a)
+        current = estimator.estimate(model, b)
         loss, stats = grpo_loss(current, old, torch.tensor([1.0, -1.0] * 3), completion[:, 4:], beta=0.1,
                                 log_ref=old)
         assert stats.ratio_mean == 1.0 and stats.clip_low == stats.clip_high == 0.0 and stats.kl == 0.0, name
@@ -133,7 +126,7 @@ def test_clipped_surrogate_k3_and_ratio_levels_by_hand():
     old = torch.zeros(1, 3)
     mask = torch.tensor([[True, True, False]])
     # token level, A = +1: rho = (e^.3, e^-.3); min(rho A, clip(rho) A) = (1.2, e^-.3); mean over the 2 tokens
-    loss, stats = grpo_loss(theta, old, torch.tensor([1.0]), mask, eps_low=0.2, eps_high=0.2)
+    loss, stats = grpo_loss(theta, old, torch.tensor([1.0]), mask, clip_eps_low=0.2, clip_eps_high=0.2)
     assert abs(float(loss) + (1.2 + math.exp(-0.3)) / 2) < 1e-6 and stats.clip_high == 0.5 and stats.clip_low == 0
     # token level, A = -1: min(-e^.3, -1.2) = -e^.3; min(-e^-.3, -0.8) = -0.8
     loss, stats = grpo_loss(theta, old, torch.tensor([-1.0]), mask)
@@ -202,8 +195,8 @@ def test_config_errors_name_the_value():
         GRPOConfig(estimator="ppo")
     with pytest.raises(ValueError, match="group_size=1"):
         GRPOConfig(group_size=1)
-    with pytest.raises(ValueError, match="eps_low=1.5"):
-        GRPOConfig(eps_low=1.5)
+    with pytest.raises(ValueError, match="clip_eps_low=1.5"):
+        GRPOConfig(clip_eps_low=1.5)
     with pytest.raises(ValueError, match="level='word'"):
         GRPOConfig(level="word")
 
@@ -219,7 +212,7 @@ def _task_model(seed=0):
 
 def _config(tmp_path, **overrides):
     base = dict(output_dir=str(tmp_path / "rl"), max_steps=4, prompts_per_step=4, group_size=4, completion_length=6,
-                sampler="remask", sampler_steps=6, lr=1e-3, save_every=2, progress=False, variance_draws=2)
+                sampler="remask", sampling_steps=6, lr=1e-3, save_every=2, progress=False, variance_draws=2)
     return GRPOConfig(**{**base, **overrides})
 
 
@@ -266,9 +259,20 @@ def test_lora_trains_only_the_adapters_and_the_base_is_the_reference(tmp_path):
 
 
 def test_rl_raises_the_reward_on_the_sorting_task(tmp_path):
-    """A short SFT leaves the model mostly wrong (14% exact); 150 GRPO steps (about 20 s) must improve it.
+    """A short SFT leaves the model mostly wrong (14% exact); 150 GRPO steps (about 25 s) must improve it.
 
-    Measured: held-out reward 1.047 -> 1.195, exact 0.137 -> 0.227 (the longer benchmark is in README)."""
+    One thread, so that the float rounding (and with it this chaotic trajectory) is the same on every run.
+    Measured: held-out reward 1.048 -> 1.302, exact 0.137 -> 0.305; six config seeds gave +0.11 to +0.26
+    (the longer benchmark is in README)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _raise_the_reward(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _raise_the_reward(tmp_path):
     task = SortTask(5)
     model, tokenizer = _task_model()
     supervised_warmup(model, lambda g: task.sft_batch(tokenizer, 64, g), steps=150, lr=3e-3, progress=False)
@@ -310,7 +314,7 @@ def brevity(prompts, completions, **fields):
 def test_rl_cli_with_a_custom_reward_and_one_line_errors(tmp_path, capsys):
     import json as json_module
 
-    from scripts.rl_finetune import main
+    from rl.cli import main
 
     out = tmp_path / "cli"
     code = main(["--output-dir", str(out), "--max-steps", "2", "--sft-steps", "5", "--eval-prompts", "8",

@@ -9,8 +9,9 @@ from transformers.modeling_outputs import MaskedLMOutput
 from diffusion import DDiTConfig, DDiTModel
 from diffusion.processes import AbsorbingProcess, UniformProcess
 from diffusion.schedules import GeometricSchedule
-from samplers import FREE, SAMPLERS, MaskedLMAdapter, get_sampler, register_sampler
-from samplers.adapters import DenoiserConfig
+from diffusion import MaskedLMAdapter
+from samplers import FREE, SAMPLERS, get_sampler, register_sampler
+from diffusion.adapters import DenoiserConfig
 from samplers.base import token_probs
 from samplers.remasking import transfer_schedule
 from samplers.sedd import AnalyticSampler, EulerSampler
@@ -131,7 +132,7 @@ class FixedMasked(nn.Module):
         self.config = DenoiserConfig(vocab_size=V + 1, mask_token_id=V, max_position_embeddings=64)
         self.table = torch.log_softmax(torch.randn(length, V + 1, generator=torch.Generator().manual_seed(0)), -1)
 
-    def forward(self, input_ids, sigma=None, attention_mask=None):
+    def forward(self, input_ids, total_noise=None, attention_mask=None):
         from diffusion.modeling_ddit import subs_log_probs
 
         return MaskedLMOutput(logits=subs_log_probs(self.table.expand(input_ids.shape[0], -1, -1), input_ids, V))

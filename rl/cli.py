@@ -18,8 +18,9 @@ from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
-    from diffusion.cli import add_dataclass_arguments
-    from rl.config import GRPOConfig
+    from diffusion.cli.args import add_dataclass_arguments
+
+    from .config import GRPOConfig
 
     p = argparse.ArgumentParser(prog="ddlm-rl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     task = p.add_argument_group("task and starting model")
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     task.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts for the before/after check")
     add_dataclass_arguments(p.add_argument_group("GRPO"), GRPOConfig)
     # The task fixes the completion length; the other defaults are the ones the README benchmark uses.
-    p.set_defaults(completion_length=None, sampler_steps=None, max_steps=150, lr=1e-3, output_dir="runs/rl-sort")
+    p.set_defaults(completion_length=None, sampling_steps=None, max_steps=150, lr=1e-3, output_dir="runs/rl-sort")
     return p
 
 
@@ -58,22 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from diffusion import DDiTConfig, DDiTModel
-    from diffusion.checkpoint import CheckpointError, find_latest_checkpoint
-    from diffusion.cli import dataclass_from_namespace
-    from rl.config import GRPOConfig
-    from rl.rewards import RewardError
-    from rl.sft import supervised_warmup
-    from rl.tasks import SortTask, char_tokenizer
-    from rl.trainer import GRPOTrainer
-    from samplers.adapters import load_denoiser
+    from diffusion import DDiTConfig, DDiTModel, load_denoiser
+    from diffusion.cli.args import dataclass_from_namespace
+    from diffusion.training.checkpoint import CheckpointError, find_latest_checkpoint
+
+    from .config import GRPOConfig
+    from .rewards import RewardError
+    from .sft import supervised_warmup
+    from .tasks import SortTask, char_tokenizer
+    from .trainer import GRPOTrainer
 
     try:
         task = SortTask(args.num_digits)
         if args.completion_length is None:
             args.completion_length = task.completion_length
-        if args.sampler_steps is None:
-            args.sampler_steps = args.completion_length
+        if args.sampling_steps is None:
+            args.sampling_steps = args.completion_length
         config = dataclass_from_namespace(GRPOConfig, args)
         extra = [_import_reward(spec) for spec in args.reward]
         if len(args.reward_weight) > len(extra):
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                "final_model": str(trainer.output_dir / "final")}
     print(json.dumps(summary, indent=2))
     return 0
+
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .objectives import ObjectiveOutput
+from ..objectives import ObjectiveOutput
 
 __all__ = ["AutoregressiveObjective", "build_causal_lm", "causal_nll"]
 
@@ -48,7 +48,7 @@ def causal_nll(model: Any, tokens: Tensor, attention_mask: Tensor | None = None)
 
 @dataclass(frozen=True)
 class AutoregressiveObjective:
-    """Next-token cross-entropy with the ``corrupt`` / ``score`` interface of ``DiffusionObjective``."""
+    """Next-token cross-entropy with the ``corrupt`` / ``loss`` interface of ``DiffusionObjective``."""
 
     vocab_size: int
 
@@ -62,7 +62,7 @@ class AutoregressiveObjective:
                              f"(min {int(x0.min())}, max {int(x0.max())})")
         return torch.zeros(x0.shape[0], device=x0.device), x0
 
-    def score(self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, *,
+    def loss(self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, *,
               attention_mask: Tensor | None = None) -> ObjectiveOutput:
         nll, count = causal_nll(model, x0, attention_mask)
         num_tokens = int(count.sum())
@@ -70,4 +70,4 @@ class AutoregressiveObjective:
 
     def __call__(self, model: torch.nn.Module, x0: Tensor, **kwargs: Any) -> ObjectiveOutput:
         t, xt = self.corrupt(x0)
-        return self.score(model, x0, xt, t, attention_mask=kwargs.get("attention_mask"))
+        return self.loss(model, x0, xt, t, attention_mask=kwargs.get("attention_mask"))

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run and not args.out:
         parser.error("--dry-run needs --out (the folder to write)")
 
-    from diffusion.checkpoint import CheckpointError
-    from diffusion.hub import export_for_hub, push_folder
+    from ..hub import export_for_hub, push_folder
+    from ..training.checkpoint import CheckpointError
 
     out = args.out or tempfile.mkdtemp(prefix="ddlm-push-")
     try:
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
 
 
 if __name__ == "__main__":

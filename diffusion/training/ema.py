@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -41,6 +44,18 @@ class EMA:
         """Write the averaged weights into ``model`` (in its own dtype)."""
         for name, p in model.named_parameters():
             p.copy_(self.shadow[name].to(p.dtype))
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Inside the block ``model`` holds the averaged weights; afterwards its own, restored bit for bit."""
+        backup = [p.detach().clone() for p in model.parameters()]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(model.parameters(), backup):
+                    p.copy_(saved)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The shadows; ``num_updates`` travels separately (see :meth:`load_state_dict`)."""

@@ -21,12 +21,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from . import modeling_ddit
-from .checkpoint import COMPLETE, CheckpointError, load_tensors, save_weights
+from .. import modeling_ddit
+from ..spec import DiffusionSpec
+from ..training.checkpoint import COMPLETE, CheckpointError, load_tensors, save_weights
+from .card import model_card
 
-__all__ = ["DEFAULT_SAMPLER", "export_for_hub", "model_card", "push_folder", "usage_snippet"]
+__all__ = ["SAMPLER_CONFIG", "export_for_hub", "push_folder", "read_sampler_config"]
 
-DEFAULT_SAMPLER = {"subs": {"sampler": "ancestral", "num_steps": 128}, "score": {"sampler": "analytic", "num_steps": 128}}
+SAMPLER_CONFIG = "sampler_config.json"  # {"sampler": name, "num_steps": n}: the sampling defaults of the model
 AUTO_MAP = {"AutoConfig": "modeling_ddit.DDiTConfig", "AutoModelForMaskedLM": "modeling_ddit.DDiTModel"}
 
 
@@ -42,52 +44,6 @@ def _resolve_source(source: Path, use_ema: bool) -> tuple[Path, Path, Path]:
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {str(source)!r}: not a model folder or training checkpoint")
     return source, source / "model.safetensors", source
-
-
-def usage_snippet(location: str, parameterization: str) -> str:
-    """Python that loads the model with plain transformers and fills masked positions once."""
-    sigma = ", sigma=torch.tensor([1.0])" if parameterization == "score" else ""
-    return f'''import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-model = AutoModelForMaskedLM.from_pretrained("{location}", trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained("{location}", trust_remote_code=True)  # reads config.json's auto_map
-ids = tokenizer("To be, or not to be", return_tensors="pt").input_ids
-x = torch.cat([ids, torch.full((1, 8), tokenizer.mask_token_id)], dim=1)
-with torch.no_grad():
-    logits = model(input_ids=x{sigma}).logits  # log p(x0 | x_t) or log-scores, shape [1, L, vocab]
-print(tokenizer.decode(logits[0, ids.shape[1]:].argmax(-1)))
-'''
-
-
-def model_card(config: Any, *, location: str, train_config: dict | None, evaluation: dict | None,
-               license: str = "mit", datasets: list[str] | None = None) -> str:
-    """The README.md of a Hub folder: YAML metadata, what the model is, how to use it."""
-    meta = ["---", "library_name: transformers", f"license: {license}",
-            "tags:", "- ddlm", "- discrete-diffusion", f"- {config.process}-diffusion", "- text-generation"]
-    if datasets:
-        meta += ["datasets:"] + [f"- {d}" for d in datasets]
-    meta += ["pipeline_tag: fill-mask", "---", ""]
-    kind = "masked (absorbing) diffusion, MDLM/RADD ELBO" if config.parameterization == "subs" else \
-        f"score-entropy discrete diffusion (SEDD), {config.process} process"
-    lines = [
-        "# A discrete diffusion language model (ddlm)", "",
-        f"A DDiT denoiser trained with {kind}: {config.num_hidden_layers} blocks, width {config.hidden_size}, "
-        f"{config.vocab_size} token states (mask id {config.mask_token_id}), schedule `{config.schedule}` "
-        f"{json.dumps(config.schedule_kwargs)}, time conditioning {'on' if config.time_conditioning else 'off'}.", "",
-        "## Usage", "",
-        "Plain `transformers` (the model code ships in this repository, hence `trust_remote_code=True`):", "",
-        "```python", usage_snippet(location, config.parameterization).rstrip(), "```", "",
-        "With the ddlm toolkit, draw whole samples: "
-        f"`ddlm-generate --model {location} --length 64 --steps 64`.", "",
-    ]
-    if evaluation:
-        lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in evaluation.items()]
-        lines += [""]
-    if train_config:
-        lines += ["## Training configuration", "", "```json", json.dumps(train_config, indent=2, sort_keys=True), "```", ""]
-    return "\n".join(meta + lines)
 
 
 def export_for_hub(source: str | Path, folder: str | Path, *, use_ema: bool = True, location: str | None = None,
@@ -109,7 +65,9 @@ def export_for_hub(source: str | Path, folder: str | Path, *, use_ema: bool = Tr
     (folder / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
     save_weights(state, folder / "model.safetensors")
     shutil.copyfile(modeling_ddit.__file__, folder / "modeling_ddit.py")
-    (folder / "sampler_config.json").write_text(json.dumps(DEFAULT_SAMPLER[config.parameterization], indent=2))
+    spec = DiffusionSpec.from_config(config)
+    sampler = {"sampler": spec.default_sampler, "num_steps": spec.default_sampling_steps}
+    (folder / SAMPLER_CONFIG).write_text(json.dumps(sampler, indent=2))
     for item in tokenizer_dir.iterdir():
         if item.name.startswith("tokenizer") or item.name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
             shutil.copyfile(item, folder / item.name)
@@ -133,6 +91,24 @@ def _run_records(source: Path) -> tuple[dict | None, dict | None]:
             evaluation = {"held-out loss (nats/token, ELBO bound)": evals[-1]["eval_loss"],
                           "held-out perplexity bound": evals[-1]["eval_ppl_bound"], "step": evals[-1]["step"]}
     return train_config, evaluation
+
+
+def read_sampler_config(folder: str | Path) -> dict[str, Any] | None:
+    """The ``{"sampler", "num_steps"}`` defaults an exported folder ships, or None when it ships none.
+
+    A file that exists but is not such an object is a ``ValueError`` naming it.
+    """
+    path = Path(folder) / SAMPLER_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not (isinstance(values, dict) and isinstance(values.get("sampler"), str)
+            and isinstance(values.get("num_steps"), int) and values["num_steps"] >= 1):
+        raise ValueError(f"{path} must hold {{\"sampler\": name, \"num_steps\": n >= 1}}, got {values!r}")
+    return values
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,

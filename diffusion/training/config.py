@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .objectives import OBJECTIVES
+from ..objectives import OBJECTIVES
+from ..processes import PROCESSES
+from ..schedules import SCHEDULES, get_schedule
 
 TRAIN_OBJECTIVES = (*OBJECTIVES, "autoregressive")  # autoregressive: the causal-LM baseline of the same size
-from .processes import PROCESSES
-from .schedules import SCHEDULES, get_schedule
 
-__all__ = ["PRECISIONS", "RESUMABLE_CHANGES", "TrainConfig"]
+__all__ = ["PRECISIONS", "RESUMABLE_CHANGES", "TRAIN_OBJECTIVES", "TrainConfig"]
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -62,7 +62,7 @@ class TrainConfig:
     time_conditioning: str = _f("auto", "adaLN noise conditioning: on, off or auto (on for score, off for subs)")
     schedule: str = _f("auto", f"noise schedule: {sorted(SCHEDULES)} or auto (loglinear absorbing, geometric uniform)")
     schedule_kwargs: dict | None = _f(None, "schedule arguments as JSON, e.g. '{\"eps\": 1e-3}'")
-    t_eps: float = _f(1e-3, "smallest diffusion time drawn in training, t ~ U(t_eps, 1)")
+    t_min: float = _f(1e-3, "smallest diffusion time drawn in training, t ~ U(t_min, 1)")
     antithetic: bool = _f(True, "stratified (low-discrepancy) draws of t across the global batch")
     # optimisation
     batch_size: int = _f(32, "blocks per device per micro-step")
@@ -112,7 +112,7 @@ class TrainConfig:
             ("seq_len", self.seq_len <= self.max_position_embeddings,
              f"must not exceed max_position_embeddings={self.max_position_embeddings}"),
             ("lr", self.lr > 0, "must be > 0"),
-            ("t_eps", 0 < self.t_eps < 1, "must be in (0, 1)"),
+            ("t_min", 0 < self.t_min < 1, "must be in (0, 1)"),
             ("valid_fraction", 0 < self.valid_fraction < 1, "must be in (0, 1)"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),

@@ -2,7 +2,7 @@
 
     ddlm-eval ppl --model runs/shakespeare/final --method quadrature --num-points 8
     ddlm-eval ppl --model runs/ar/final                                  # an AR baseline: exact perplexity
-    ddlm-eval genppl --model runs/shakespeare/final --reference runs/ar/final --steps 32 128 --num-samples 16
+    ddlm-eval genppl --model runs/shakespeare/final --reference runs/ar/final --sampling-steps 32 128 --num-samples 16
 
 ``ppl`` scores packed blocks of the data set's held-out split: diffusion models by their negative ELBO
 (an upper bound on the NLL), causal LMs exactly.  ``genppl`` samples with any sampler and scores the
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffusion.time_nodes import TIME_RULES
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddlm-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="block length (default: the run's seq_len when the model sits in a ddlm-train run folder, "
                           "else the model's context)")
     ppl.add_argument("--max-blocks", type=int, default=256, help="held-out blocks to score")
-    ppl.add_argument("--method", default="quadrature", help="monte_carlo or quadrature (diffusion models)")
+    ppl.add_argument("--method", default="quadrature", choices=TIME_RULES,
+                     help="time-node rule of the bound (diffusion models; default: quadrature)")
     ppl.add_argument("--num-points", type=int, default=8, help="time points per sequence (diffusion models)")
     ppl.add_argument("--any-order", type=int, default=0,
                      help="also the any-order autoregressive NLL with this many orders (time-free masked models)")
@@ -39,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="the diffusion model to sample from")
     gen.add_argument("--reference", required=True, help="causal LM folder or Hub id that scores the samples")
     gen.add_argument("--sampler", default=None, help="sampler name (default: ancestral / analytic)")
-    gen.add_argument("--steps", type=int, nargs="+", default=[32, 128], help="sampling step counts")
+    gen.add_argument("--sampling-steps", type=int, nargs="+", default=[32, 128], help="sampling step counts")
     gen.add_argument("--num-samples", type=int, default=16)
     gen.add_argument("--length", type=int, default=None,
                      help="tokens per sample (default: as --seq-len of ppl)")
@@ -56,10 +59,9 @@ def _load_any(name: str, trust_remote_code: bool) -> tuple[Any, Any, bool]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    import diffusion  # noqa: F401  (registers ddit)
+    from diffusion import load_denoiser
 
     hf_logging.disable_progress_bar()
-    from samplers.adapters import load_denoiser
 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -84,7 +86,7 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from diffusion.data import build_blocks, load_texts
-    from diffusion.likelihood import (
+    from diffusion.evaluation.likelihood import (
         any_order_nll,
         evaluate_causal_likelihood,
         evaluate_likelihood,
@@ -118,8 +120,10 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
 def _genppl(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from diffusion.sample_quality import generative_perplexity, unigram_entropy
-    from samplers import get_sampler
+    from diffusion import DiffusionSpec
+    from diffusion.evaluation.sample_quality import generative_perplexity, unigram_entropy
+
+    from .. import get_sampler
 
     model, tokenizer, causal = _load_any(args.model, args.trust_remote_code)
     if causal:
@@ -127,10 +131,10 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
     reference, reference_tokenizer, ref_causal = _load_any(args.reference, args.trust_remote_code)
     if not ref_causal:
         raise ValueError(f"--reference {args.reference!r} is not a causal LM")
-    name = args.sampler or ("ancestral" if model.config.parameterization == "subs" else "analytic")
+    name = args.sampler or DiffusionSpec.from_config(model.config).default_sampler
     length = args.length or _default_length(args.model, model)
     rows = []
-    for steps in args.steps:
+    for steps in args.sampling_steps:
         start = time.perf_counter()
         out = get_sampler(name).generate(model, batch_size=args.num_samples, length=length, num_steps=steps,
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -150,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"ddlm-eval: error: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
             return 2
-    if args.command == "genppl" and any(s < 1 for s in args.steps):
-        print(f"ddlm-eval: error: --steps must all be >= 1, got {args.steps}", file=sys.stderr)
+    if args.command == "genppl" and any(s < 1 for s in args.sampling_steps):
+        print(f"ddlm-eval: error: --sampling-steps must all be >= 1, got {args.sampling_steps}", file=sys.stderr)
         return 2
     try:
         result = _ppl(args) if args.command == "ppl" else _genppl(args)
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{result['sampler']} {row['steps']} steps: gen-ppl {row['gen_ppl']:.1f}, unigram entropy "
                   f"{row['unigram_entropy']:.3f}, {row['nfe']} network calls, {row['seconds']} s")
     return 0
+
 
 
 if __name__ == "__main__":

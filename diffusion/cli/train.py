@@ -1,0 +1,76 @@
+"""The training half of ``ddlm-train``: parse every :class:`~diffusion.training.TrainConfig` field, train.
+
+The console command (:mod:`samplers.cli.train`) adds the samples printed after training, which need the
+samplers, a layer above this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .args import add_dataclass_arguments, dataclass_from_namespace
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The ``ddlm-train`` parser: every TrainConfig field plus what to sample after training."""
+    from ..training.config import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="ddlm-train", description=description or __doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, TrainConfig)
+    samples = parser.add_argument_group("samples printed after training")
+    samples.add_argument("--num-samples", type=int, default=4, help="samples printed after training (0: none) "
+                                                                    "(default: 4)")
+    samples.add_argument("--sample-length", type=int, default=None, help="tokens per sample (default: seq_len)")
+    samples.add_argument("--sampling-steps", type=int, default=128, help="sampling steps (default: 128)")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, after_training: Callable[[Any, argparse.Namespace, Any], int] | None = None,
+         description: str | None = None) -> int:
+    """Parse, train, then ``after_training(result, args, config)`` on the main process (exit code 0, 1 or 2).
+
+    Bad values are one-line errors before any work (exit 2); a checkpoint that cannot be written or a run
+    that diverged exits 1 with its message.
+    """
+    from ..training.config import TrainConfig
+
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
+    try:
+        config = dataclass_from_namespace(TrainConfig, args)
+    except ValueError as err:
+        parser.error(str(err))
+    for name in ("num_samples", "sample_length", "sampling_steps"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "num_samples" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'num_samples' else 1}, got {value}")
+
+    from transformers.utils import logging as hf_logging
+
+    from ..training import train
+    from ..training.checkpoint import CheckpointError
+
+    hf_logging.disable_progress_bar()  # keep the terminal for our own progress bar
+    try:
+        result = train(config)
+    except (FileNotFoundError, CheckpointError) as err:  # a bad --dataset, --tokenizer or --resume
+        print(f"ddlm-train: error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, FloatingPointError) as err:  # a checkpoint that cannot be written, a run that diverged
+        print(f"ddlm-train: error: {err}", file=sys.stderr)
+        return 1
+    if result.final_dir is None or after_training is None or not _is_main_process():
+        return 0
+    return after_training(result, args, config)
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,105 @@
+"""``DiffusionSpec``: the diffusion a model was trained for, as objects built once from its config.
+
+A config stores the diffusion as strings and numbers (``process``, ``schedule``, ``schedule_kwargs``,
+``parameterization``, ``time_conditioning``, ``mask_token_id``, ``vocab_size``) so that it serialises; the
+objective, the samplers, the likelihood code and RL read the objects here instead of rebuilding them.
+
+Vocabulary: ``num_states`` is the number of token states the model embeds and predicts (its
+``config.vocab_size``); ``num_tokens`` (N) the real tokens, ``num_states - 1`` for the absorbing process
+(MASK is the extra state) and ``num_states`` for the uniform one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from .processes import PROCESSES, Process, get_process
+from .schedules import Schedule, get_schedule
+
+__all__ = ["DiffusionSpec"]
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """Process, schedule and output parameterisation of a denoiser.
+
+    Args:
+        process_name: ``absorbing`` or ``uniform``.
+        schedule: the noise schedule.
+        parameterization: ``subs`` (log p(x0 | x_t)) or ``score`` (log-scores).
+        time_conditioning: whether the network reads the noise level (no exact sampler cache if so).
+        num_states: token states the model predicts (``config.vocab_size``).
+        mask_id: the MASK state (absorbing), anywhere in ``[0, num_states)`` for outside models; None (uniform).
+    """
+
+    process_name: str
+    schedule: Schedule
+    parameterization: str
+    time_conditioning: bool
+    num_states: int
+    mask_id: int | None
+
+    def __post_init__(self) -> None:
+        if self.process_name not in PROCESSES:
+            raise ValueError(f"process must be one of {sorted(PROCESSES)}, got process={self.process_name!r}")
+        if self.parameterization not in ("subs", "score"):
+            raise ValueError(f"parameterization must be 'subs' or 'score', got {self.parameterization!r}")
+        absorbing = self.process_name == "absorbing"
+        if absorbing and not (isinstance(self.mask_id, int) and 0 <= self.mask_id < self.num_states):
+            raise ValueError(f"the absorbing process needs a mask id in [0, {self.num_states}), got mask_id={self.mask_id!r}")
+        if not absorbing and self.mask_id is not None:
+            raise ValueError(f"the uniform process has no MASK state, got mask_id={self.mask_id!r}")
+        if self.parameterization == "subs" and not absorbing:
+            raise ValueError(f"parameterization='subs' needs the absorbing process, got {self.process_name!r}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> DiffusionSpec:
+        """The spec a model config records (a :class:`~diffusion.DDiTConfig`, an adapter's config, ...)."""
+        return cls(process_name=config.process, schedule=get_schedule(config.schedule, **config.schedule_kwargs),
+                   parameterization=config.parameterization,
+                   time_conditioning=bool(getattr(config, "time_conditioning", False)),
+                   num_states=config.vocab_size, mask_id=config.mask_token_id)
+
+    @property
+    def absorbing(self) -> bool:
+        return self.process_name == "absorbing"
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the real (non-MASK) tokens."""
+        return self.num_states - 1 if self.absorbing else self.num_states
+
+    @property
+    def masked(self) -> bool:
+        """A masked-diffusion denoiser: absorbing with the subs parameterisation (predicts x0)."""
+        return self.absorbing and self.parameterization == "subs"
+
+    @property
+    def time_free_masked(self) -> bool:
+        """A masked denoiser that ignores time: exact caching and RADD's lambda form apply."""
+        return self.masked and not self.time_conditioning
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler a command uses when none is named: masked ancestral for subs models, SEDD's analytic
+        (Tweedie) step for score models."""
+        return "ancestral" if self.parameterization == "subs" else "analytic"
+
+    @property
+    def default_sampling_steps(self) -> int:
+        """Sampling steps of an exported model's ``sampler_config.json``."""
+        return 128
+
+    @cached_property
+    def process(self) -> Process:
+        """The forward process over ``num_tokens`` real tokens.
+
+        Its states are ``0..N-1`` and (absorbing) MASK = N, so a model whose mask id sits elsewhere (an outside
+        model) has no such process: the score-based code (SEDD samplers, score entropy) refuses it here.
+        """
+        if self.absorbing and self.mask_id != self.num_states - 1:
+            raise ValueError(f"this needs MASK as the last state (id {self.num_states - 1}), but the model's mask id "
+                             f"is {self.mask_id}: only the masked-diffusion (subs) samplers and estimators take it")
+        return get_process(self.process_name, self.num_tokens)

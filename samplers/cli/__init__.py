@@ -1,0 +1,1 @@
+"""Console commands that sample: ``ddlm-train`` (trains, then prints samples), ``ddlm-generate``, ``ddlm-eval``."""
