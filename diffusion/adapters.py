@@ -123,6 +123,7 @@ def load_denoiser(name_or_path: str, *, trust_remote_code: bool = False, mask_to
     from .data import load_tokenizer
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained)
+    _check_denoiser_family(name_or_path, config)
     family = str(getattr(config, "model_type", "")).lower()
     if family == "ddit":
         model = AutoModelForMaskedLM.from_pretrained(name_or_path, **from_pretrained)
@@ -144,3 +145,18 @@ def load_denoiser(name_or_path: str, *, trust_remote_code: bool = False, mask_to
         return DiffusionLMAdapter(model.eval(), mask_id, shift_logits=SHIFTED_FAMILIES[family]), tokenizer
     model = AutoModelForMaskedLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained)
     return MaskedLMAdapter(model.eval(), mask_id), tokenizer
+
+
+def _check_denoiser_family(name_or_path: str, config: Any) -> None:
+    """Refuse, in one line, a model that no adapter turns into a denoiser (a causal LM, say)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    family = str(getattr(config, "model_type", "")).lower()
+    if family == "ddit" or family in SHIFTED_FAMILIES or family in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return
+    if getattr(config, "auto_map", None) and "AutoModelForMaskedLM" in config.auto_map:
+        return
+    kind = ", ".join(getattr(config, "architectures", None) or []) or f"model_type {family!r}"
+    causal = " (a causal LM)" if kind.endswith("ForCausalLM") else ""
+    raise ValueError(f"{name_or_path!r} is a {kind}{causal}, which cannot denoise: this needs a diffusion model (ddit, "
+                     "LLaDA- or Dream-style) or a masked LM (BERT-style)")

@@ -62,6 +62,7 @@ class DDiTConfig(PretrainedConfig):
         tie_word_embeddings: share the output head with the token embedding.
         attention_block_size: when set, attention is block-causal (BD3-LM): position i sees position j
             iff ``j // size <= i // size``; block KV caches are then exact. None: fully bidirectional.
+        trained_length: the block length the model was trained on (None: not recorded); samplers warn past it.
     """
 
     model_type = "ddit"
@@ -88,6 +89,7 @@ class DDiTConfig(PretrainedConfig):
         mask_token_id: int | None = None,
         tie_word_embeddings: bool = False,
         attention_block_size: int | None = None,
+        trained_length: int | None = None,
         **kwargs,
     ) -> None:
         if process not in _PROCESSES:
@@ -114,6 +116,8 @@ class DDiTConfig(PretrainedConfig):
                 f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads}) "
                 "into an even head dimension (rotary embeddings rotate pairs)"
             )
+        if trained_length is not None and not (isinstance(trained_length, int) and trained_length >= 1):
+            raise ValueError(f"trained_length must be a positive int or None, got {trained_length!r}")
         if attention_block_size is not None and not (isinstance(attention_block_size, int) and attention_block_size >= 1):
             raise ValueError(f"attention_block_size must be a positive int or None, got {attention_block_size!r}")
         if not 0.0 <= dropout < 1.0:
@@ -159,6 +163,7 @@ class DDiTConfig(PretrainedConfig):
         self.scale_by_sigma = bool(scale_by_sigma)
         self.mask_token_id = mask_token_id
         self.attention_block_size = attention_block_size
+        self.trained_length = trained_length
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property

@@ -1,8 +1,8 @@
 """RL fine-tuning with GRPO (``ddlm-rl``) on the built-in sorting task, from scratch or from a model.
 
     ddlm-rl --output-dir runs/rl-sort                      # SFT warm-up of a small model, then GRPO
-    ddlm-rl --model runs/rl-sort/final --estimator quadrature --level sequence --output-dir runs/rl-q
-    ddlm-rl --reward mypkg.rewards:brevity --reward-weight 0.5 ...   # add your own reward callables
+    ddlm-rl --model runs/rl-sort/final --estimator quadrature --output-dir runs/rl-q
+    ddlm-rl --reward mypkg.rewards:brevity --reward-weight 0.5   # your own reward, from ./mypkg/rewards.py
 
 Every GRPOConfig field is a flag (see --help).  Rewards are ``(prompts, completions, **fields) -> list``.
 """
@@ -12,40 +12,70 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 
-def _parser() -> argparse.ArgumentParser:
-    from diffusion.cli.args import add_dataclass_arguments
+DEFAULTS = {"max_steps": 150, "lr": 1e-3}  # this command's own settings for the sorting task; --help shows them
+
+
+def _parser() -> Any:
+    from diffusion.cli.args import ArgumentParser, Derived, add_dataclass_arguments
 
     from .config import GRPOConfig
 
-    p = argparse.ArgumentParser(prog="ddlm-rl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="ddlm-rl", description=__doc__)
     task = p.add_argument_group("task and starting model")
-    task.add_argument("--num-digits", type=int, default=5, help="digits to sort")
+    task.add_argument("--num-digits", type=int, default=5, help="digits to sort (default: %(default)s)")
     task.add_argument("--model", default=None, help="start from this model folder or Hub id (default: a new small "
                                                     "model with a supervised warm-up)")
     task.add_argument("--trust-remote-code", action="store_true", help="allow --model's own code to run")
-    task.add_argument("--sft-steps", type=int, default=150, help="supervised warm-up steps for a new model")
-    task.add_argument("--hidden-size", type=int, default=64, help="width of a new model")
-    task.add_argument("--num-layers", type=int, default=2, help="depth of a new model")
+    task.add_argument("--sft-steps", type=int, default=150,
+                      help="supervised warm-up steps for a new model (default: %(default)s)")
+    task.add_argument("--hidden-size", type=int, default=64, help="width of a new model (default: %(default)s)")
+    task.add_argument("--num-layers", type=int, default=2, help="depth of a new model (default: %(default)s)")
     task.add_argument("--reward", action="append", default=[], metavar="MODULE:FUNCTION",
-                      help="an extra reward callable (repeatable)")
+                      help="an extra reward callable, imported from the working directory first; repeatable (default: none)")
     task.add_argument("--reward-weight", action="append", type=float, default=[],
-                      help="weight of each --reward, in order (default 1.0)")
-    task.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts for the before/after check")
-    add_dataclass_arguments(p.add_argument_group("GRPO"), GRPOConfig)
-    # The task fixes the completion length; the other defaults are the ones the README benchmark uses.
-    p.set_defaults(completion_length=None, sampling_steps=None, max_steps=150, lr=1e-3, output_dir="runs/rl-sort")
+                      help="weight of each --reward, in order; repeatable (default: none, so 1.0 for each)")
+    task.add_argument("--eval-prompts", type=int, default=256,
+                      help="held-out prompts for the before/after check (default: %(default)s)")
+    defaults = {**DEFAULTS, "completion_length": Derived("the task's, num_digits + 1 (digits and EOS)"),
+                "sampling_steps": Derived("completion_length: one token per step"),
+                "output_dir": Derived("a new folder runs/rl, runs/rl-2, ...; never the input model's")}
+    add_dataclass_arguments(p.add_argument_group("GRPO"), GRPOConfig, defaults=defaults)
     return p
 
 
+def _new_run_folder(base: str = "runs/rl") -> str:
+    """``base``, or ``base-2``, ``base-3``, ...: the first that does not exist yet."""
+    candidate, n = base, 1
+    while Path(candidate).exists():
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def _check_output_dir(output_dir: str, model: str | None) -> None:
+    """Refuse an output folder whose final/ would replace the input model."""
+    if model is None or not Path(model).expanduser().exists():
+        return
+    out, source = Path(output_dir).expanduser().resolve(), Path(model).expanduser().resolve()
+    if source == out / "final" or source == out or out in source.parents:
+        raise ValueError(f"--output-dir {output_dir!r} holds the input model {model!r}, which the run's final/ would "
+                         "replace; choose another --output-dir")
+
+
 def _import_reward(spec: str) -> Any:
+    """``module:function`` imported as ``python -m`` would: the working directory comes first on the path."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"--reward must look like module:function, got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
@@ -59,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from diffusion import DDiTConfig, DDiTModel, load_denoiser
-    from diffusion.cli.args import dataclass_from_namespace
+    from diffusion import DDiTConfig, DDiTModel
+    from diffusion.cli.loading import load_denoiser_for
     from diffusion.training.checkpoint import CheckpointError, find_latest_checkpoint
 
     from .config import GRPOConfig
@@ -69,21 +99,26 @@ def main(argv: list[str] | None = None) -> int:
     from .tasks import SortTask, char_tokenizer
     from .trainer import GRPOTrainer
 
-    try:
+    try:  # everything that needs no model is checked before one is built or loaded
         task = SortTask(args.num_digits)
-        if args.completion_length is None:
-            args.completion_length = task.completion_length
-        if args.sampling_steps is None:
-            args.sampling_steps = args.completion_length
-        config = dataclass_from_namespace(GRPOConfig, args)
+        if args.output_dir is None and args.resume is not None:
+            raise ValueError("--resume needs --output-dir: the run folder to continue")
+        completion_length = args.completion_length or task.completion_length
+        derived = {"completion_length": completion_length,
+                   "sampling_steps": args.sampling_steps or completion_length,
+                   "output_dir": args.output_dir or _new_run_folder()}
+        fields = {name for name in GRPOConfig.__dataclass_fields__}
+        config = GRPOConfig(**{**{k: v for k, v in vars(args).items() if k in fields}, **derived})
+        _check_output_dir(config.output_dir, args.model)
         extra = [_import_reward(spec) for spec in args.reward]
         if len(args.reward_weight) > len(extra):
             raise ValueError(f"{len(args.reward_weight)} --reward-weight values for {len(extra)} --reward functions")
         weights = list(args.reward_weight) + [1.0] * (len(extra) - len(args.reward_weight))
         resuming = config.resume is not None and (
             config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
+        print(f"ddlm-rl: writing to {config.output_dir}", file=sys.stderr)
         if args.model:
-            model, tokenizer = load_denoiser(args.model, trust_remote_code=args.trust_remote_code)
+            model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code)
         else:
             tokenizer = char_tokenizer()
             torch.manual_seed(config.seed)
@@ -112,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
                "final_model": str(trainer.output_dir / "final")}
     print(json.dumps(summary, indent=2))
     return 0
-
 
 
 if __name__ == "__main__":

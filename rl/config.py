@@ -7,11 +7,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .estimators import ESTIMATORS
+
 __all__ = ["GRPOConfig"]
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, choices: Any = None, **kw: Any) -> Any:
+    return field(metadata={"help": text, "choices": choices}, **kw)
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class GRPOConfig:
     lr: float = _help("AdamW learning rate", default=1e-4)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     max_grad_norm: float = _help("gradient clipping norm (0 disables)", default=1.0)
-    estimator: str = _help("likelihood estimator: one_step, coupled, quadrature or monte_carlo", default="coupled")
+    estimator: str = _help("likelihood estimator", choices=sorted(ESTIMATORS), default="coupled")
     p_mask_prompt: float = _help("one_step: probability of masking each prompt token", default=0.15)
     coupled_t_min: float = _help("coupled: lower end of t ~ U(t_min, t_max)", default=0.2)
     coupled_t_max: float = _help("coupled: upper end of t ~ U(t_min, t_max)", default=0.8)
@@ -36,16 +38,17 @@ class GRPOConfig:
                                     "(3 calls instead of 2)", default=False)
     num_points: int = _help("quadrature / monte_carlo: time points (network calls) per estimate", default=2)
     level: str = _help("importance ratio per 'token' or per 'sequence' (length-normalised, GDPO/GSPO); 'auto': "
-                       "sequence for the ELBO estimators (quadrature, monte_carlo), token otherwise", default="auto")
+                       "sequence for the ELBO estimators (quadrature, monte_carlo, stratified), token otherwise",
+                   choices=["auto", "token", "sequence"], default="auto")
     clip_eps_low: float = _help("clip range below 1: rho >= 1 - clip_eps_low", default=0.2)
     clip_eps_high: float = _help("clip range above 1: rho <= 1 + clip_eps_high", default=0.2)
     beta: float = _help("weight of the k3 KL to the frozen reference model (0: no reference model)", default=0.0)
     advantage_scale: str = _help("'group' (divide by the group std, GRPO) or 'none' (Dr. GRPO, d1, GDPO)",
-                                 default="group")
+                                 choices=["group", "none"], default="group")
     sampler: str = _help("rollout sampler (any name from samplers.SAMPLERS)", default="remask")
     sampling_steps: int = _help("rollout sampling steps", default=32)
-    sampler_options: dict | None = _help("JSON object of extra sampler options, e.g. {\"block_length\": 8}",
-                                         default=None)
+    sampler_options: dict | None = _help("JSON object of extra sampler options, e.g. {\"block_length\": 8} (None: "
+                                         "the sampler's defaults)", default=None)
     temperature: float = _help("rollout sampling temperature", default=1.0)
     reward_timeout: float | None = _help("seconds a reward function may take per call (None: no limit)",
                                          default=60.0)
@@ -60,8 +63,8 @@ class GRPOConfig:
     save_every: int = _help("checkpoint every N steps (0: only at the end)", default=50)
     keep_last: int = _help("checkpoints to keep", default=2)
     log_every: int = _help("log metrics every N steps", default=1)
-    resume: str | None = _help("'auto' (latest complete checkpoint in output_dir) or a checkpoint path",
-                               default=None)
+    resume: str | None = _help("'auto' (latest complete checkpoint in output_dir) or a checkpoint path (None: a "
+                               "fresh run)", default=None)
     progress: bool = _help("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
@@ -79,8 +82,6 @@ class GRPOConfig:
                              f"got group_size={self.group_size!r}")
         if self.variance_draws == 1:
             raise ValueError("variance_draws must be 0 or >= 2 (a variance needs two draws), got variance_draws=1")
-        from .estimators import ESTIMATORS
-
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator={self.estimator!r}; valid: {sorted(ESTIMATORS)}")
         choices = {"level": ("auto", "token", "sequence"), "advantage_scale": ("group", "none")}
@@ -116,7 +117,7 @@ class GRPOConfig:
         weighted, masked contributions, not per-token likelihoods)."""
         if self.level != "auto":
             return self.level
-        return "sequence" if self.estimator in ("quadrature", "monte_carlo") else "token"
+        return "sequence" if self.estimator in ("quadrature", "monte_carlo", "stratified") else "token"
 
     def estimator_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`rl.estimators.get_estimator` for the chosen estimator."""
@@ -124,7 +125,8 @@ class GRPOConfig:
                 "coupled": {"t_min": self.coupled_t_min, "t_max": self.coupled_t_max,
                             "with_full_mask": self.coupled_full_mask},
                 "quadrature": {"num_points": self.num_points},
-                "monte_carlo": {"num_points": self.num_points}}[self.estimator]
+                "monte_carlo": {"num_points": self.num_points},
+                "stratified": {"num_points": self.num_points}}[self.estimator]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -14,6 +14,7 @@ generate; prompts (prefix, suffix or anywhere) are fixed tokens and are never ch
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from diffusion.spec import DiffusionSpec
 __all__ = [
     "FREE",
     "SAMPLERS",
+    "LengthWarning",
     "SampleOutput",
     "Sampler",
     "check_filters",
@@ -40,6 +42,10 @@ __all__ = [
 ]
 
 FREE = -1
+
+
+class LengthWarning(UserWarning):
+    """A canvas longer than the blocks the model was trained on: it runs, but quality drops past that length."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,11 @@ class Sampler(ABC):
         spec = DiffusionSpec.from_config(model.config)
         self.check_model(spec)
         start = make_canvas(model.config, batch_size=batch_size, prompt_ids=prompt_ids, length=length, canvas=canvas)
+        trained = getattr(model.config, "trained_length", None)
+        if trained is not None and start.shape[1] > trained:
+            warnings.warn(LengthWarning(f"the canvas (prompt, length and suffix) is {start.shape[1]} tokens, longer "
+                                        f"than the {trained}-token blocks this model was trained on; expect worse "
+                                        "text past that length"), stacklevel=2)
         device = next(model.parameters()).device
         return self._generate(model, spec, start.to(device), num_steps, generator, return_trajectory, callback)
 

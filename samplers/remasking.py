@@ -175,14 +175,15 @@ class ConfidenceRemaskingSampler(Sampler):
     Args:
         strategy: ``low_confidence`` (LLaDA), ``margin``, ``entropy`` or ``random``.
         block_length: positions per block for semi-autoregressive decoding (None: one block).
-        temperature, top_k, top_p: filters on the predictions (temperature 0: argmax, LLaDA's default).
+        temperature, top_k, top_p: filters on the predictions (temperature 0: argmax, LLaDA's setting, which repeats
+            itself on small models; the default 1 samples).
         kv_cache: ``prefix`` or ``dual`` block KV cache (Fast-dLLM; needs ``block_length``), or None.
     """
 
     name = "remask"
     masked_only = True
 
-    def __init__(self, strategy: str = "low_confidence", block_length: int | None = None, temperature: float = 0.0,
+    def __init__(self, strategy: str = "low_confidence", block_length: int | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")

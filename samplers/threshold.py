@@ -34,14 +34,14 @@ class ThresholdSampler(Sampler):
     Args:
         threshold: commit every masked token with p(y) above it (in (0, 1]; 1 turns parallel commits off).
         block_length: positions per semi-autoregressive block (None: one block).
-        temperature, top_k, top_p: filters on the predictions (temperature 0: argmax).
+        temperature, top_k, top_p: filters on the predictions (temperature 0: argmax; the default 1 samples).
         kv_cache: ``prefix`` or ``dual`` block KV cache (Fast-dLLM; needs ``block_length``), or None.
     """
 
     name = "threshold"
     masked_only = True
 
-    def __init__(self, threshold: float = 0.9, block_length: int | None = None, temperature: float = 0.0,
+    def __init__(self, threshold: float = 0.9, block_length: int | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None) -> None:
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got threshold={threshold!r}")

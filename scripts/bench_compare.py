@@ -39,8 +39,14 @@ import torch
 
 from bench_common import matmul_rate, time_training_steps
 
+# --smoke (read here, so that the --single subprocesses see it too): every part at a toy size, to check that the
+# script runs; its numbers mean nothing.
+SMOKE = "--smoke" in sys.argv
 CONFIG = dict(vocab_size=4097, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, cond_dim=128)
 SEQ_LEN, BATCH = 128, 8
+if SMOKE:
+    CONFIG = dict(vocab_size=4097, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, cond_dim=16)
+    SEQ_LEN, BATCH = 16, 2
 MODELS = {"sedd": dict(parameterization="score"), "mdlm": dict(parameterization="subs")}
 
 REFERENCE = {
@@ -76,7 +82,7 @@ def time_training(kind: str, precision: str, steps: int, attention: str) -> dict
 
 
 def run_subprocess(*args: str) -> dict:
-    cmd = [sys.executable, __file__, "--single", *args]
+    cmd = [sys.executable, __file__, "--single", *args, *(["--smoke"] if SMOKE else [])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -294,8 +300,11 @@ def main() -> None:
     parser.add_argument("--scorer", help="a causal LM folder to score generative perplexity (with --decode-model)")
     parser.add_argument("--quality-length", type=int, default=64, help="sequence length of the quality rows")
     parser.add_argument("--json", default="bench_compare.json", help="where to write the results")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes and few steps: checks that the script runs")
     parser.add_argument("--single", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.train_steps, args.cache_steps, args.decode_length, args.quality_length = 1, 8, 32, 16
     if not args.single:
         check_arguments(parser, args)
     torch.set_num_threads(args.threads)
@@ -309,7 +318,8 @@ def main() -> None:
         return
 
     parts = args.parts.split(",")
-    rates_before = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    size = 256 if SMOKE else 2048
+    rates_before = {"fp32": matmul_rate(torch.float32, size), "bf16": matmul_rate(torch.bfloat16, size)}
     print(f"matmul 2048 x 2048, {args.threads} threads: float32 {rates_before['fp32']:.0f} GFLOP/s, "
           f"bf16 {rates_before['bf16']:.0f} GFLOP/s", flush=True)
     results: dict[str, Any] = {"config": {**CONFIG, "seq_len": SEQ_LEN, "batch": BATCH}, "threads": args.threads}
@@ -334,7 +344,7 @@ def main() -> None:
             results["quality"] = quality_part(args.decode_model, args.scorer, args.quality_length, 16)
         else:
             print("decode quality rows skipped: pass --decode-model and --scorer (trained by scripts/results.py)")
-    rates_after = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    rates_after = {"fp32": matmul_rate(torch.float32, size), "bf16": matmul_rate(torch.bfloat16, size)}
     results["matmul_gflops"] = {"before": rates_before, "after": rates_after}
     save()
     print()

@@ -41,7 +41,10 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true", help="two steps per setting: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.sft_steps = 2, 2
     torch.set_num_threads(2)
     task, tokenizer = SortTask(5), char_tokenizer()
     torch.manual_seed(0)
@@ -49,12 +52,13 @@ def main() -> None:
                                  cond_dim=16, max_position_embeddings=16, mask_token_id=tokenizer.mask_token_id))
     supervised_warmup(start, lambda g: task.sft_batch(tokenizer, 64, g), steps=args.sft_steps, lr=3e-3, progress=False)
     records = task.records(20_000, torch.Generator().manual_seed(1))
-    held_out = task.records(512, torch.Generator().manual_seed(2))
+    held_out = task.records(16 if args.smoke else 512, torch.Generator().manual_seed(2))
     rows = []
     for label, overrides in SETTINGS.items():
         config = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-rl-"), max_steps=args.steps, prompts_per_step=8,
                             group_size=8, completion_length=6, sampler="remask", sampling_steps=6, lr=args.lr,
-                            save_every=0, log_every=10, variance_draws=4, progress=False, **overrides)
+                            save_every=0, log_every=1 if args.smoke else 10, variance_draws=4, progress=False,
+                            **overrides)
         trainer = GRPOTrainer(copy.deepcopy(start), tokenizer, config, task.reward_functions, records,
                               task.reward_weights)
         before = trainer.evaluate(held_out)

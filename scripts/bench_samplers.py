@@ -30,7 +30,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-steps", type=int, default=1024, help="steps of the exact-cache comparison")
     parser.add_argument("--json", default="bench_samplers.json")
+    parser.add_argument("--smoke", action="store_true", help="a toy model and few steps: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.batch_size, args.cache_steps = 2, 16
     torch.set_num_threads(args.threads)
 
     from diffusion import DDiTConfig, DDiTModel
@@ -41,9 +44,11 @@ def main() -> None:
         model = DDiTModel.from_pretrained(args.model).eval()
     else:
         torch.manual_seed(0)
-        model = DDiTModel(DDiTConfig(vocab_size=4097, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                     max_position_embeddings=1024, attn_implementation="eager")).eval()
-    length = min(128, model.config.max_position_embeddings)
+        size = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2) if args.smoke else \
+            dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4)
+        model = DDiTModel(DDiTConfig(vocab_size=4097, max_position_embeddings=1024, attn_implementation="eager",
+                                     **size)).eval()
+    length = min(32 if args.smoke else 128, model.config.max_position_embeddings)
     rows = []
 
     def run(label: str, name: str, steps: int, batch: int | None = None, **kwargs: object) -> torch.Tensor:

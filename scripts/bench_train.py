@@ -25,6 +25,7 @@ SIZES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4),
     "base": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6),
     "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8),
+    "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2),  # --smoke only
 }
 
 
@@ -55,8 +56,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
     parser.add_argument("--json", default="bench_train.json", help="where to write the results")
+    parser.add_argument("--smoke", action="store_true", help="a toy size and one step: checks that the script runs")
     parser.add_argument("--single", nargs=2, metavar=("SIZE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.steps, args.batch_size, args.seq_len = "tiny", 1, 2, 16
     torch.set_num_threads(args.threads)
 
     if args.single:

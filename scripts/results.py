@@ -48,10 +48,16 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--eval-blocks", type=int, default=256)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true", help="toy models and few steps: checks that the script runs")
     args = parser.parse_args()
     root = Path(args.output_dir)
-    common = dict(hidden_size=128, num_layers=2, num_heads=4, seq_len=64, batch_size=32, lr=2e-3,
-                  max_steps=args.max_steps, warmup_steps=min(50, args.max_steps), eval_every=args.max_steps, attention="eager",
+    size = dict(hidden_size=128, num_layers=2, num_heads=4, seq_len=64, batch_size=32)
+    if args.smoke:
+        size = dict(hidden_size=32, num_layers=1, num_heads=2, seq_len=32, batch_size=4)
+        args.max_steps, args.sampling_steps, args.num_samples, args.eval_blocks = 4, [2], 2, 8
+    seq_len = size["seq_len"]
+    common = dict(**size, lr=2e-3, max_steps=args.max_steps, warmup_steps=min(50, args.max_steps),
+                  eval_every=args.max_steps, eval_blocks=min(256, args.eval_blocks), attention="eager",
                   progress=False, save_every=args.max_steps)
     finals, seconds = {}, {}
     for label, overrides in MODELS.items():
@@ -63,7 +69,7 @@ def main() -> None:
         print(f"trained {label} in {seconds[label]:.0f} s", flush=True)
 
     tokenizer = load_tokenizer("builtin")
-    blocks = build_blocks(load_texts("builtin:shakespeare")["validation"], tokenizer, 64)[: args.eval_blocks]
+    blocks = build_blocks(load_texts("builtin:shakespeare")["validation"], tokenizer, seq_len)[: args.eval_blocks]
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(finals["autoregressive baseline"]).eval()
@@ -81,7 +87,7 @@ def main() -> None:
         row["samples"] = []
         for steps in args.sampling_steps:
             start = time.perf_counter()
-            out = get_sampler(name).generate(model, batch_size=args.num_samples, length=64, num_steps=steps,
+            out = get_sampler(name).generate(model, batch_size=args.num_samples, length=seq_len, num_steps=steps,
                                              generator=torch.Generator().manual_seed(0))
             quality = generative_perplexity(out.tokens, reference)
             row["samples"].append({"sampler": name, "steps": steps, "nfe": out.nfe, **quality,
@@ -90,7 +96,8 @@ def main() -> None:
         rows.append(row)
         print(f"evaluated {label}", flush=True)
 
-    print(f"\nBudget: {args.max_steps} steps x 32 blocks x 64 tokens, hidden 128, 2 layers, 4 heads; "
+    print(f"\nBudget: {args.max_steps} steps x {size['batch_size']} blocks x {seq_len} tokens, hidden "
+          f"{size['hidden_size']}, {size['num_layers']} layers, {size['num_heads']} heads; "
           f"held-out: {len(blocks)} blocks of Macbeth + Twelfth Night.\n")
     print("| model | held-out ppl (95% CI) | " + " | ".join(f"gen-ppl / entropy @ {s} steps" for s in args.sampling_steps) + " |")
     print("|---|---|" + "---|" * len(args.sampling_steps))

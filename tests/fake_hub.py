@@ -66,6 +66,11 @@ class FakeHub:
         self._server.shutdown()
         self._server.server_close()
 
+    def put(self, repo: str, files: dict[str, bytes]) -> None:
+        """Hold ``files`` as the main branch of ``repo``, as if someone had pushed them."""
+        self.repos[repo] = {"main": dict(files)}
+        self.commits[self._sha(files)] = dict(files)
+
     @staticmethod
     def _sha(files: dict[str, bytes]) -> str:
         digest = hashlib.sha1()

@@ -43,9 +43,9 @@ def test_text_and_json_output(model_dir):
     data = json.loads(result.stdout)
     assert data["sampler"] == "remask" and data["nfe"] == 8
     sample = data["samples"][0]
-    assert sample["text"].startswith("To be") and sample["text"].endswith("fair.")
+    assert sample["text"].startswith("To be") and sample["text"].endswith(" fair.")  # the suffix is a word
     tokenizer = load_tokenizer(str(model_dir))
-    prefix, suffix = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("To be", "fair."))
+    prefix, suffix = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("To be", " fair."))
     assert sample["tokens"][: len(prefix)] == prefix and sample["tokens"][-len(suffix):] == suffix
     assert len(sample["tokens"]) == len(prefix) + 8 + len(suffix)
 
@@ -56,7 +56,7 @@ def test_text_and_json_output(model_dir):
         (["--prompt", "   "], "--prompt is empty"),
         (["--length", "40"], "beyond the model's context of 32"),
         (["--sampling-steps", "0"], "--sampling-steps must be >= 1"),
-        (["--sampler", "beam"], "unknown --sampler 'beam'"),
+        (["--sampler", "beam"], "invalid choice: 'beam'"),
         (["--temperature", "-1"], "temperature must be >= 0, got temperature=-1.0"),
         (["--top-p", "1.5"], "top_p must be in (0, 1], got top_p=1.5"),
         (["--top-k", "0"], "top_k must be a positive int"),
@@ -70,7 +70,11 @@ def test_bad_input_is_one_line_error(model_dir, args, message, capsys):
     # In-process for speed (each subprocess pays ~8 s of imports); the subprocess path is tested below.
     from samplers.cli.generate import main
 
-    assert main(["--model", str(model_dir), *args]) == 2
+    try:
+        code = main(["--model", str(model_dir), *args])
+    except SystemExit as exit_:  # errors argparse itself finds (an unknown choice)
+        code = exit_.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -109,3 +113,65 @@ def test_an_exported_models_sampler_config_sets_the_defaults_and_flags_override_
     (folder / "sampler_config.json").write_text('{"sampler": "remask"}')
     assert main(["--model", str(folder), "--length", "8"]) == 2
     assert "sampler_config.json must hold" in capsys.readouterr().err
+
+
+def _fake_run(root: Path, model_dir: Path) -> Path:
+    """A ddlm-train run folder as it lies on disk: train_config.json, checkpoints/step-*, final/."""
+    import shutil
+
+    run = root / "run"
+    (run / "checkpoints" / "step-00000004" / "model").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    (run / "checkpoints" / "step-00000004" / "trainer_state.json").write_text("{}")
+    shutil.copytree(model_dir, run / "final")
+    return run
+
+
+@pytest.mark.parametrize("case, message", [
+    ("typo", "--model folder does not exist: '{root}/run/fnal'"),
+    ("file", "--model '{root}/run/train_config.json' is a file, not a model folder"),
+    ("run", "--model '{root}/run' is a training run folder: its model is '{root}/run/final'"),
+    ("checkpoint", "--model '{root}/run/checkpoints/step-00000004' is a training checkpoint, not a model folder: "
+                   "pass the run's final model '{root}/run/final'"),
+    ("relative", "--model folder does not exist: 'runs/shakespear/final'"),
+])
+def test_model_paths_that_are_not_model_folders_are_one_line_errors(model_dir, tmp_path, capsys, case, message):
+    from samplers.cli.generate import main
+
+    run = _fake_run(tmp_path, model_dir)
+    given = {"typo": run / "fnal", "file": run / "train_config.json", "run": run,
+             "checkpoint": run / "checkpoints" / "step-00000004", "relative": "runs/shakespear/final"}[case]
+    assert main(["--model", str(given), "--length", "4"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message.format(root=tmp_path) in err, err
+
+
+def test_a_causal_lm_given_to_ddlm_generate_says_what_it_is(tmp_path, capsys):
+    from diffusion.evaluation.autoregressive import build_causal_lm
+    from samplers.cli.generate import main
+
+    tokenizer = load_tokenizer("builtin")
+    build_causal_lm(vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, max_positions=32
+                    ).save_pretrained(tmp_path / "ar")
+    tokenizer.save_pretrained(tmp_path / "ar")
+    assert main(["--model", str(tmp_path / "ar"), "--length", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "is a LlamaForCausalLM (a causal LM), which cannot denoise: this needs a diffusion model" in err
+
+
+def test_a_canvas_longer_than_the_training_blocks_warns(tmp_path, capsys):
+    from samplers.cli.generate import main
+
+    tokenizer = load_tokenizer("builtin")
+    torch.manual_seed(0)
+    DDiTModel(DDiTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         cond_dim=16, max_position_embeddings=64, trained_length=8)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    assert main(["--model", str(tmp_path / "m"), "--prompt", "To be", "--length", "6", "--sampling-steps", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err  # 2 + 6 tokens fit the 8-token blocks
+    assert main(["--model", str(tmp_path / "m"), "--prompt", "To be", "--length", "12", "--sampling-steps", "2"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == ("ddlm-generate: warning: the canvas (prompt, length and suffix) is 14 tokens, longer than the "
+                   "8-token blocks this model was trained on; expect worse text past that length")

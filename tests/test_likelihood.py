@@ -221,4 +221,4 @@ def test_eval_cli_on_saved_models(tmp_path, capsys):
     assert main(["genppl", "--model", str(tmp_path / "dm"), "--reference", str(tmp_path / "dm")]) == 2
     assert "is not a causal LM" in capsys.readouterr().err
     assert main(["ppl", "--model", str(tmp_path / "missing")]) == 2
-    assert "could not load" in capsys.readouterr().err
+    assert "--model folder does not exist" in capsys.readouterr().err

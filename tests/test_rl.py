@@ -325,8 +325,11 @@ def test_rl_cli_with_a_custom_reward_and_one_line_errors(tmp_path, capsys):
     assert [m["step"] for m in lines] == [0, 1] and all("reward/brevity" in m for m in lines)
     assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoints").is_dir()
     capsys.readouterr()
-    assert main(["--output-dir", str(out), "--estimator", "ppo"]) == 2
-    assert "ddlm-rl: error: unknown estimator='ppo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse knows the estimators
+        main(["--output-dir", str(out), "--estimator", "ppo"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddlm-rl: error: argument --estimator: invalid choice: 'ppo'") and len(err.splitlines()) == 1
     assert main(["--output-dir", str(out), "--reward", "tests.test_rl:nothing_here"]) == 2
     assert "cannot import --reward 'tests.test_rl:nothing_here'" in capsys.readouterr().err
 
@@ -367,3 +370,20 @@ def test_coupled_with_full_mask_averages_the_d1_view():
     torch.testing.assert_close(draw.weights[1], first.double() / (2 * t[:, None]))
     assert GRPOConfig(estimator="quadrature").resolved_level == "sequence"
     assert GRPOConfig(estimator="coupled").resolved_level == "token"
+
+
+def test_rewards_import_from_the_working_directory_and_the_output_never_replaces_the_input(tmp_path, monkeypatch):
+    from rl.cli import _check_output_dir, _import_reward
+
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "rewards.py").write_text(
+        "def brevity(prompts, completions, **fields):\n    return [-len(c) / 100 for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    brevity = _import_reward("mypkg.rewards:brevity")
+    assert brevity(["q"], ["abcd"]) == [-0.04]
+    (tmp_path / "runs/rl-sort/final").mkdir(parents=True)
+    with pytest.raises(ValueError, match="--output-dir 'runs/rl-sort' holds the input model 'runs/rl-sort/final'"):
+        _check_output_dir("runs/rl-sort", "runs/rl-sort/final")
+    _check_output_dir("runs/rl-2", "runs/rl-sort/final")  # a new folder is fine

@@ -59,3 +59,23 @@ def test_atomic_directory_renames_on_success_and_leaves_the_old_folder_on_failur
         raise OSError("disk full")
     assert (target / "a.txt").read_text() == "first"  # untouched
     assert [p.name for p in tmp_path.iterdir()] == ["step-1"]  # no temporary folder left
+
+
+def test_written_files_get_the_umask_modes_not_safetensors_private_ones(tmp_path):
+    import os
+
+    from diffusion import DDiTConfig, DDiTModel
+    from diffusion.training.checkpoint import save_weights
+
+    previous = os.umask(0o022)
+    try:
+        save_weights({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+        with atomic_directory(tmp_path / "final", complete=True) as tmp:
+            DDiTModel(DDiTConfig(vocab_size=9, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 cond_dim=8)).save_pretrained(tmp)
+    finally:
+        os.umask(previous)
+    assert oct((tmp_path / "w.safetensors").stat().st_mode & 0o777) == oct(0o644)
+    for path in (tmp_path / "final").iterdir():
+        assert oct(path.stat().st_mode & 0o777) == oct(0o644), path.name
+    assert oct((tmp_path / "final").stat().st_mode & 0o777) == oct(0o755)

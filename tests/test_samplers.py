@@ -246,3 +246,16 @@ def test_bad_input_fails_before_any_model_call(call, match):
 def test_registry_refuses_duplicate_names():
     with pytest.raises(ValueError, match="already registered"):
         register_sampler(SAMPLERS["ancestral"])
+
+
+@pytest.mark.parametrize("name", ["remask", "threshold"])
+def test_remask_and_threshold_sample_by_default_and_are_greedy_only_when_asked(name):
+    canvas = torch.full((4, 12), FREE)
+    kwargs = {"block_length": 6} if name == "threshold" else {}
+    draws = [get_sampler(name, **kwargs).generate(MASKED, canvas=canvas, num_steps=12,
+                                                  generator=torch.Generator().manual_seed(seed)).tokens
+             for seed in (0, 1)]
+    assert get_sampler(name).temperature == 1.0 and not torch.equal(draws[0], draws[1])  # the seed matters
+    greedy = [get_sampler(name, temperature=0.0, **kwargs).generate(
+        MASKED, canvas=canvas, num_steps=12, generator=torch.Generator().manual_seed(seed)).tokens for seed in (0, 1)]
+    assert torch.equal(greedy[0], greedy[1])

@@ -105,7 +105,7 @@ def test_resume_rejects_a_different_run_configuration(tmp_path):
         ({"batch_size": -4}, "batch_size=-4"),
         ({"seq_len": 2048}, "seq_len must not exceed max_position_embeddings=1024, got seq_len=2048"),
         ({"process": "gaussian"}, "process must be one of .*got process='gaussian'"),
-        ({"schedule": "exponential"}, "schedule must be auto or one of .*got schedule='exponential'"),
+        ({"schedule": "exponential"}, "schedule must be one of \\['auto', .*got schedule='exponential'"),
         ({"schedule": "geometric", "schedule_kwargs": {"eps": 0.1}}, "schedule_kwargs="),
         ({"process": "uniform"}, "objective='masked_elbo' needs process='absorbing'"),
         ({"lr": 0.0}, "lr must be > 0"),
@@ -132,6 +132,16 @@ def test_cli_missing_dataset_is_one_line_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "ddlm-train: error: dataset path does not exist: dataset='./no/such/dir'"
     assert main(["--output-dir", str(tmp_path / "run2"), "--resume", str(tmp_path / "missing")]) == 2
+
+
+def test_warm_up_defaults_to_a_tenth_of_the_run_at_most_100_steps():
+    assert TrainConfig(max_steps=50).resolved_warmup_steps == 5  # a short run no longer fails on the warm-up
+    assert TrainConfig(max_steps=5000).resolved_warmup_steps == 100
+    assert TrainConfig(max_steps=50, warmup_steps=20).resolved_warmup_steps == 20
+    with pytest.raises(ValueError, match="warmup_steps must not exceed max_steps=50, got warmup_steps=80"):
+        TrainConfig(max_steps=50, warmup_steps=80)
+    with pytest.raises(ValueError, match="objective must be one of .*got objective='masked'"):  # choices first
+        TrainConfig(max_steps=50, warmup_steps=80, objective="masked")
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -9,9 +9,30 @@ import types
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["add_dataclass_arguments", "dataclass_from_namespace"]
+__all__ = ["ArgumentParser", "Derived", "add_dataclass_arguments", "dataclass_from_namespace"]
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """A command's default that is worked out after parsing (argparse sees None); ``description`` says how."""
+
+    description: str
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose errors are one line, ``prog: error: message``, and exit code 2.
+
+    argparse prints the whole usage before an error; with dozens of flags that buries the message.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _bool(text: str) -> bool:
@@ -54,14 +75,27 @@ def _parser_for(annotation: Any) -> Any:
     raise TypeError(f"no command-line parser for the type {annotation!r}")
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--field-name`` for every field of ``cls`` (help from ``metadata['help']``)."""
+def add_dataclass_arguments(parser: Any, cls: type, defaults: dict[str, Any] | None = None) -> None:
+    """Add ``--field-name`` for every field of ``cls`` (help from ``metadata['help']``, choices from
+    ``metadata['choices']``).
+
+    ``defaults`` replaces a field's default for this command (a task's own settings, say).  The help shows the
+    default argparse will really use (``%(default)r``), so ``--help`` cannot drift from the parsed values.
+    """
     hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"defaults name no field of {cls.__name__}: {sorted(unknown)}")
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        text = f.metadata.get("help", "").replace("%", "%%")
+        shown = "%(default)r"
+        if isinstance(default, Derived):
+            default, shown = None, default.description.replace("%", "%%")
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, type=_parser_for(hints[f.name]), default=default,
-            metavar=f.name.upper(), help=f"{f.metadata.get('help', '')} (default: {default!r})",
+            choices=f.metadata.get("choices"), metavar=f.name.upper(), help=f"{text} (default: {shown})",
         )
 
 

@@ -14,15 +14,16 @@ import tempfile
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddlm-push", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .args import ArgumentParser
+
+    parser = ArgumentParser(prog="ddlm-push", description=__doc__)
     parser.add_argument("source", help="a training checkpoint (checkpoints/step-*) or a model folder (final/)")
     parser.add_argument("--out", default=None, help="where to write the Hub folder (default: a temporary folder)")
     parser.add_argument("--repo-id", default=None, help="Hub repository, e.g. you/ddlm-shakespeare")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--revision", default=None, help="branch to upload to")
     parser.add_argument("--no-ema", action="store_true", help="publish the raw weights instead of the EMA weights")
-    parser.add_argument("--license", default="mit", help="licence in the model card metadata")
+    parser.add_argument("--license", default="mit", help="licence in the model card metadata (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="write the folder only; make no request")
     args = parser.parse_args(argv)
     if not args.dry_run and not args.repo_id:

@@ -11,23 +11,22 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .args import add_dataclass_arguments, dataclass_from_namespace
+from .args import ArgumentParser, add_dataclass_arguments, dataclass_from_namespace
 
 __all__ = ["build_parser", "main"]
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(description: str | None = None) -> ArgumentParser:
     """The ``ddlm-train`` parser: every TrainConfig field plus what to sample after training."""
     from ..training.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="ddlm-train", description=description or __doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="ddlm-train", description=description or __doc__)
     add_dataclass_arguments(parser, TrainConfig)
     samples = parser.add_argument_group("samples printed after training")
-    samples.add_argument("--num-samples", type=int, default=4, help="samples printed after training (0: none) "
-                                                                    "(default: 4)")
+    samples.add_argument("--num-samples", type=int, default=4,
+                         help="samples printed after training, 0 for none (default: %(default)s)")
     samples.add_argument("--sample-length", type=int, default=None, help="tokens per sample (default: seq_len)")
-    samples.add_argument("--sampling-steps", type=int, default=128, help="sampling steps (default: 128)")
+    samples.add_argument("--sampling-steps", type=int, default=128, help="sampling steps (default: %(default)s)")
     return parser
 
 

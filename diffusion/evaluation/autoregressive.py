@@ -22,16 +22,18 @@ __all__ = ["AutoregressiveObjective", "build_causal_lm", "causal_nll"]
 
 def build_causal_lm(*, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, max_positions: int,
                     mlp_ratio: float = 4.0, tie_word_embeddings: bool = False, eos_token_id: int | None = None,
-                    attn_implementation: str = "sdpa") -> Any:
+                    attn_implementation: str = "sdpa", trained_length: int | None = None) -> Any:
     """A randomly initialised ``LlamaForCausalLM``; its SwiGLU width ``2/3 * mlp_ratio * hidden`` (rounded to 8)
-    gives the same MLP parameters as the DDiT's GELU MLP of ``mlp_ratio * hidden``."""
+    gives the same MLP parameters as the DDiT's GELU MLP of ``mlp_ratio * hidden``; ``trained_length`` (the block
+    length of its training run) is recorded in the config, as a DDiT's is."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     intermediate = max(8, int(round(2 * mlp_ratio * hidden_size / 3 / 8)) * 8)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
                          max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
-                         bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None)
+                         bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None,
+                         trained_length=trained_length)
     config._attn_implementation = attn_implementation
     return LlamaForCausalLM(config)
 

@@ -147,8 +147,10 @@ def summarize(per_sequence: Tensor, tokens_per_sequence: int, *, calls: int, met
 
 
 def evaluate_likelihood(model: Any, blocks: Tensor, *, method: str = "quadrature", num_points: int = 8,
-                        batch_size: int = 16, seed: int = 0, progress: bool = True) -> LikelihoodResult:
-    """Negative ELBO per token and perplexity bound of ``blocks [n, L]`` (held-out, equal length), batched."""
+                        batch_size: int = 16, seed: int = 0, progress: bool | None = None) -> LikelihoodResult:
+    """Negative ELBO per token and perplexity bound of ``blocks [n, L]`` (held-out, equal length), batched.
+
+    ``progress``: a bar over the batches (None: when stderr is a terminal)."""
     _check(method, num_points)
     if blocks.dim() != 2 or blocks.shape[0] == 0:
         raise ValueError(f"blocks must be a non-empty [n, L] tensor, got shape {tuple(blocks.shape)}")
@@ -158,7 +160,8 @@ def evaluate_likelihood(model: Any, blocks: Tensor, *, method: str = "quadrature
     was_training = model.training
     model.eval()
     values, calls = [], 0
-    for start in tqdm(range(0, len(blocks), batch_size), disable=not progress, desc=f"elbo ({method}, {num_points})"):
+    for start in tqdm(range(0, len(blocks), batch_size), disable=None if progress is None else not progress,
+                      desc=f"elbo ({method}, {num_points})"):
         nelbo, used = sequence_nelbo(model, blocks[start : start + batch_size], method=method, num_points=num_points,
                                      generator=generator)
         values.append(nelbo.cpu())
@@ -192,13 +195,14 @@ def evaluate_causal_likelihood(model: Any, blocks: Tensor, *, batch_size: int = 
 
 @torch.no_grad()
 def any_order_nll(model: Any, x0: Tensor, *, num_orders: int = 1, generator: torch.Generator | None = None,
-                  ) -> tuple[Tensor, int]:
+                  progress: Any = None) -> tuple[Tensor, int]:
     """Any-order autoregressive NLL ``[B]`` (nats, float64) of a time-free masked model, and the network calls.
 
     For a random order sigma of the positions: start from all MASK, and for k = 1..L add
     ``-log p_theta(x0^{sigma(k)} | x0^{sigma(<k)})``, then reveal that token.  Averaged over ``num_orders``
     orders (each row draws its own).  The expectation over orders equals the lambda-form ELBO (RADD); for
-    exact conditionals every single order gives the exact NLL (the chain rule).  Costs ``L`` calls per order.
+    exact conditionals every single order gives the exact NLL (the chain rule).  Costs ``L`` calls per order;
+    ``progress`` (a tqdm bar, say) is advanced by one per call.
     """
     config = model.config
     if not DiffusionSpec.from_config(config).time_free_masked:
@@ -220,6 +224,8 @@ def any_order_nll(model: Any, x0: Tensor, *, num_orders: int = 1, generator: tor
             position = order[:, k]
             log_probs = model(input_ids=x).logits.double()
             calls += 1
+            if progress is not None:
+                progress.update(1)
             total -= log_probs[arange, position, x0[arange, position]]
             x[arange, position] = x0[arange, position]
     return total / num_orders, calls

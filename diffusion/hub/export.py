@@ -41,6 +41,11 @@ def _resolve_source(source: Path, use_ema: bool) -> tuple[Path, Path, Path]:
             raise CheckpointError(f"checkpoint {source} is incomplete (no {COMPLETE} marker)")
         weights_dir = source / ("ema" if use_ema and (source / "ema").is_dir() else "model")
         return source / "model", weights_dir / "model.safetensors", source / "tokenizer"
+    if (source / "train_config.json").is_file() or (source / "checkpoints").is_dir():
+        steps = sorted(source.glob("checkpoints/step-*"))
+        newest = f" or a checkpoint such as {str(steps[-1])!r}" if steps else ""
+        raise FileNotFoundError(f"{str(source)!r} is a training run folder: pass its model {str(source / 'final')!r}"
+                                f"{newest}")
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {str(source)!r}: not a model folder or training checkpoint")
     return source, source / "model.safetensors", source

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "CheckpointError",
+    "apply_umask",
     "atomic_directory",
     "check_resumable",
     "checkpoint_name",
@@ -56,6 +57,27 @@ COMPLETE = "COMPLETE"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupt or does not fit the run."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything below it) the modes a plain ``open()`` would:
+    ``0o666 & ~umask`` for files, ``0o777 & ~umask`` for folders.
+
+    safetensors writes its files 0600 (private to their owner) while every other file of a folder gets the
+    process umask; a model folder shared with a group would then be unreadable by the group.
+    """
+    mask = _umask()
+    paths = [path] if path.is_file() else [path, *path.rglob("*")]
+    for item in paths:
+        if item.is_symlink():
+            continue
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def checkpoint_name(step: int) -> str:
@@ -126,6 +148,7 @@ class atomic_directory:
         if self.is_main:
             if self.complete:
                 mark_complete(self.tmp)
+            apply_umask(self.tmp)
             if self.target.exists():
                 shutil.rmtree(self.target)
             os.replace(self.tmp, self.target)
@@ -172,7 +195,9 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
 
 
 def save_weights(state: dict[str, Tensor], path: Path) -> None:
+    """Write tensors as safetensors, with the file mode of the process umask (see :func:`apply_umask`)."""
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    apply_umask(Path(path))
 
 
 def load_weights(model: nn.Module, path: Path, tied: dict[str, str] | None = None) -> None:

@@ -5,7 +5,7 @@ The user's config is never rewritten: values left on ``auto`` are resolved by pr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..objectives import OBJECTIVES
@@ -38,7 +38,7 @@ class TrainConfig:
     output_dir: str = _f("runs/ddlm", "folder for checkpoints, metrics.jsonl and the final model")
     # data
     dataset: str = _f("builtin:shakespeare", "builtin:shakespeare, builtin:shakespeare-full, a local file/folder, or a datasets Hub name")
-    dataset_config: str | None = _f(None, "configuration name for a Hub dataset")
+    dataset_config: str | None = _f(None, "configuration name for a Hub dataset (None: the dataset's default)")
     text_column: str = _f("text", "column holding the text (json/parquet/Hub datasets)")
     valid_fraction: float = _f(0.02, "fraction of documents held out when the source has no validation split")
     streaming: bool = _f(False, "stream a Hub dataset instead of loading it into memory")
@@ -53,15 +53,20 @@ class TrainConfig:
     dropout: float = _f(0.0, "dropout on attention and MLP outputs")
     tie_embeddings: bool = _f(False, "share the output head with the token embedding")
     max_position_embeddings: int = _f(1024, "longest sequence the model will accept")
-    attention: str = _f("sdpa", "attention implementation: sdpa (scaled_dot_product_attention) or eager (faster on CPUs in bf16)")
+    attention: str = _f("sdpa", "attention implementation: sdpa (scaled_dot_product_attention) or eager (faster on "
+                        "CPUs in bf16)", choices=["sdpa", "eager"])
     # diffusion
-    process: str = _f("absorbing", f"forward process: {sorted(PROCESSES)}")
-    objective: str = _f("masked_elbo", f"loss: {list(TRAIN_OBJECTIVES)} (autoregressive trains the LLaMA-style "
-                                       "causal-LM baseline of the same width and depth)")
-    parameterization: str = _f("auto", "model output: subs (log p(x0|x_t)), score (log-scores) or auto (subs for masked_elbo)")
-    time_conditioning: str = _f("auto", "adaLN noise conditioning: on, off or auto (on for score, off for subs)")
-    schedule: str = _f("auto", f"noise schedule: {sorted(SCHEDULES)} or auto (loglinear absorbing, geometric uniform)")
-    schedule_kwargs: dict | None = _f(None, "schedule arguments as JSON, e.g. '{\"eps\": 1e-3}'")
+    process: str = _f("absorbing", "forward process", choices=sorted(PROCESSES))
+    objective: str = _f("masked_elbo", "loss (autoregressive trains the LLaMA-style causal-LM baseline of the same "
+                                       "width and depth)", choices=list(TRAIN_OBJECTIVES))
+    parameterization: str = _f("auto", "model output: subs (log p(x0|x_t)), score (log-scores) or auto (subs for "
+                                       "masked_elbo)", choices=["auto", "subs", "score"])
+    time_conditioning: str = _f("auto", "adaLN noise conditioning: on, off or auto (on for score, off for subs)",
+                                choices=["auto", "on", "off"])
+    schedule: str = _f("auto", "noise schedule, or auto (loglinear absorbing, geometric uniform)",
+                       choices=["auto", *sorted(SCHEDULES)])
+    schedule_kwargs: dict | None = _f(None, "schedule arguments as JSON, e.g. '{\"eps\": 1e-3}' (None: eps 1e-3 for "
+                                            "loglinear, sigma 1e-4 to 20 for geometric, the schedule's own otherwise)")
     t_min: float = _f(1e-3, "smallest diffusion time drawn in training, t ~ U(t_min, 1)")
     antithetic: bool = _f(True, "stratified (low-discrepancy) draws of t across the global batch")
     # optimisation
@@ -69,7 +74,7 @@ class TrainConfig:
     grad_accum_steps: int = _f(1, "micro-steps per optimizer step")
     max_steps: int = _f(2000, "optimizer steps of the whole run (sets the LR schedule)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
-    warmup_steps: int = _f(100, "linear warm-up steps")
+    warmup_steps: int | None = _f(None, "linear warm-up steps (None: 10% of max_steps, at most 100)")
     min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of lr")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
@@ -81,7 +86,8 @@ class TrainConfig:
     max_consecutive_skips: int = _f(10, "a step whose loss or gradients are NaN/inf is skipped (no optimizer, "
                                         "scheduler or EMA update); after this many in a row the run stops")
     ema_decay: float = _f(0.999, "EMA decay of the weights used for evaluation and the final model (0 turns EMA off)")
-    precision: str = _f("auto", "no (float32), bf16, fp16 (GPU only) or auto (bf16 where the device has fast bf16)")
+    precision: str = _f("auto", "no (float32), bf16, fp16 (GPU only) or auto (bf16 where the device has fast bf16)",
+                        choices=list(PRECISIONS))
     seed: int = _f(0, "seed of initialisation, data order and noise")
     # bookkeeping
     eval_every: int = _f(250, "steps between held-out evaluations (0: only at the end)")
@@ -91,11 +97,16 @@ class TrainConfig:
     save_every: int = _f(500, "steps between checkpoints (0: only at the end)")
     keep_last: int = _f(2, "checkpoints kept on disk")
     resume: str = _f("", "'' (fresh run), 'auto' (newest complete checkpoint in output_dir, if any) or a checkpoint path")
-    stop_after_steps: int | None = _f(None, "stop (after a checkpoint) at this step without changing the schedule")
-    report_to: str = _f("none", "also log through accelerate trackers: none, tensorboard, wandb, all")
+    stop_after_steps: int | None = _f(None, "stop (after a checkpoint) at this step without changing the schedule "
+                                            "(None: run to max_steps)")
+    report_to: str = _f("none", "also log through accelerate trackers", choices=["none", "tensorboard", "wandb", "all"])
     progress: bool = _f(True, "show a progress bar on the main process")
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # the named choices first: a typo is the likeliest mistake
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {list(choices)}, got {f.name}={getattr(self, f.name)!r}")
         positive = ("max_consecutive_skips", "seq_len", "hidden_size", "num_layers", "num_heads", "cond_dim", "batch_size",
                     "grad_accum_steps", "max_steps", "eval_blocks", "eval_batch_size", "log_every",
                     "keep_last", "max_position_embeddings")
@@ -105,7 +116,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
         for name in ("eval_every", "save_every", "warmup_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if value is None and name == "warmup_steps":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {name}={value!r}")
         checks = [
             ("seq_len", self.seq_len >= 2, "must be >= 2"),
@@ -119,15 +132,7 @@ class TrainConfig:
             ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
-            ("warmup_steps", self.warmup_steps <= self.max_steps, f"must not exceed max_steps={self.max_steps}"),
-            ("process", self.process in PROCESSES, f"must be one of {sorted(PROCESSES)}"),
-            ("objective", self.objective in TRAIN_OBJECTIVES, f"must be one of {list(TRAIN_OBJECTIVES)}"),
-            ("parameterization", self.parameterization in ("auto", "subs", "score"), "must be auto, subs or score"),
-            ("time_conditioning", self.time_conditioning in ("auto", "on", "off"), "must be auto, on or off"),
-            ("schedule", self.schedule == "auto" or self.schedule in SCHEDULES, f"must be auto or one of {sorted(SCHEDULES)}"),
-            ("precision", self.precision in PRECISIONS, f"must be one of {list(PRECISIONS)}"),
-            ("attention", self.attention in ("sdpa", "eager"), "must be sdpa or eager"),
-            ("report_to", self.report_to in ("none", "tensorboard", "wandb", "all"), "must be none, tensorboard, wandb or all"),
+            ("warmup_steps", self.resolved_warmup_steps <= self.max_steps, f"must not exceed max_steps={self.max_steps}"),
             ("hidden_size", self.hidden_size % self.num_heads == 0 and (self.hidden_size // self.num_heads) % 2 == 0,
              f"must split into num_heads={self.num_heads} heads of even size"),
         ]
@@ -151,6 +156,11 @@ class TrainConfig:
             raise ValueError(f"schedule_kwargs={self.schedule_kwargs!r} do not fit schedule {name!r}: {err}") from err
 
     # --- resolved values (the config itself is never rewritten) ---------------------------
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """``warmup_steps``, or 10% of ``max_steps`` (at most 100) when left at None."""
+        return self.warmup_steps if self.warmup_steps is not None else min(100, self.max_steps // 10)
 
     @property
     def resolved_parameterization(self) -> str:

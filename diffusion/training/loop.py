@@ -67,10 +67,11 @@ class TrainResult:
 
 def lr_factor(step: int, config: TrainConfig) -> float:
     """Multiplier of the peak LR at optimizer step ``step``: linear warm-up, then cosine to min_lr_ratio."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    span = max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    warmup = config.resolved_warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, config.max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -100,6 +101,7 @@ def build_model_config(config: TrainConfig, tokenizer: Any) -> DDiTConfig:
         pad_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         attn_implementation=config.attention,
+        trained_length=config.seq_len,
     )
 
 
@@ -110,7 +112,7 @@ def build_model_and_objective(config: TrainConfig, tokenizer: Any) -> tuple[torc
                                 num_layers=config.num_layers, num_heads=config.num_heads,
                                 max_positions=config.max_position_embeddings, mlp_ratio=config.mlp_ratio,
                                 tie_word_embeddings=config.tie_embeddings, eos_token_id=tokenizer.eos_token_id,
-                                attn_implementation=config.attention)
+                                attn_implementation=config.attention, trained_length=config.seq_len)
         return model, AutoregressiveObjective(len(tokenizer))
     model_config = build_model_config(config, tokenizer)
     objective = DiffusionObjective.from_config(model_config, objective=config.objective, t_min=config.t_min,

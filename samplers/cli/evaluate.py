@@ -22,62 +22,53 @@ from typing import Any
 from diffusion.time_nodes import TIME_RULES
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ddlm-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> Any:
+    from diffusion.cli.args import ArgumentParser
+
+    p = ArgumentParser(prog="ddlm-eval", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    ppl = sub.add_parser("ppl", help="held-out perplexity (bound) with a 95%% interval")
+    ppl = sub.add_parser("ppl", help="held-out perplexity (bound) with a 95%% interval", description=__doc__)
     ppl.add_argument("--model", required=True, help="a model folder or Hub id (diffusion or causal LM)")
-    ppl.add_argument("--dataset", default="builtin:shakespeare", help="data set (as ddlm-train --dataset)")
+    ppl.add_argument("--dataset", default="builtin:shakespeare",
+                     help="data set, as ddlm-train --dataset (default: %(default)s)")
     ppl.add_argument("--seq-len", type=int, default=None,
-                     help="block length (default: the run's seq_len when the model sits in a ddlm-train run folder, "
-                          "else the model's context)")
-    ppl.add_argument("--max-blocks", type=int, default=256, help="held-out blocks to score")
+                     help="block length (default: the length the model was trained on, else its context)")
+    ppl.add_argument("--max-blocks", type=int, default=256, help="held-out blocks to score (default: %(default)s)")
     ppl.add_argument("--method", default="quadrature", choices=TIME_RULES,
-                     help="time-node rule of the bound (diffusion models; default: quadrature)")
-    ppl.add_argument("--num-points", type=int, default=8, help="time points per sequence (diffusion models)")
+                     help="time-node rule of the bound, diffusion models (default: %(default)s)")
+    ppl.add_argument("--num-points", type=int, default=8,
+                     help="time points per sequence, diffusion models (default: %(default)s)")
     ppl.add_argument("--any-order", type=int, default=0,
-                     help="also the any-order autoregressive NLL with this many orders (time-free masked models)")
-    ppl.add_argument("--batch-size", type=int, default=16)
-    gen = sub.add_parser("genppl", help="generative perplexity and unigram entropy of samples")
+                     help="also the any-order autoregressive NLL with this many orders, time-free masked models; "
+                          "it costs seq_len network calls per order; 0 is off (default: %(default)s)")
+    ppl.add_argument("--batch-size", type=int, default=16, help="blocks per forward pass (default: %(default)s)")
+    gen = sub.add_parser("genppl", help="generative perplexity and unigram entropy of samples", description=__doc__)
     gen.add_argument("--model", required=True, help="the diffusion model to sample from")
     gen.add_argument("--reference", required=True, help="causal LM folder or Hub id that scores the samples")
-    gen.add_argument("--sampler", default=None, help="sampler name (default: ancestral / analytic)")
-    gen.add_argument("--sampling-steps", type=int, nargs="+", default=[32, 128], help="sampling step counts")
-    gen.add_argument("--num-samples", type=int, default=16)
+    gen.add_argument("--sampler", default=None, help="sampler name (default: the model's default sampler, ancestral "
+                                                     "for masked models and analytic for score models)")
+    gen.add_argument("--sampling-steps", type=int, nargs="+", default=[32, 128],
+                     help="sampling step counts (default: %(default)s)")
+    gen.add_argument("--num-samples", type=int, default=16, help="samples per step count (default: %(default)s)")
     gen.add_argument("--length", type=int, default=None,
-                     help="tokens per sample (default: as --seq-len of ppl)")
+                     help="tokens per sample (default: the length the model was trained on, else its context)")
     for q in (ppl, gen):
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=int, default=0, help="seed of the noise and samples (default: %(default)s)")
         q.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code to run")
         q.add_argument("--json", action="store_true", help="print one JSON object")
-        q.add_argument("--progress", action="store_true", help="show progress bars")
+        q.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bars (default: bars when stderr is a terminal)")
     return p
 
 
-def _load_any(name: str, trust_remote_code: bool) -> tuple[Any, Any, bool]:
-    """(model, tokenizer, is_causal) for a diffusion model or a causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from diffusion import load_denoiser
-
-    hf_logging.disable_progress_bar()
-
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise FileNotFoundError(f"could not load {name!r} (no such folder, or the Hub is unreachable)") from err
-    if any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or [])):
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code).eval()
-        return model, AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code), True
-    model, tokenizer = load_denoiser(name, trust_remote_code=trust_remote_code)
-    return model.eval(), tokenizer, False
-
-
 def _default_length(name: str, model: Any) -> int:
-    """The training block length of a ``ddlm-train`` run's ``final/`` folder, else the model's context."""
-    run_config = Path(name).parent / "train_config.json"
-    if Path(name).is_dir() and run_config.is_file():
+    """The block length the model was trained on (its config's ``trained_length``, or the ``ddlm-train`` run it
+    sits in), else the model's context."""
+    trained = getattr(model.config, "trained_length", None)
+    if trained:
+        return int(trained)
+    run_config = Path(name).expanduser().parent / "train_config.json"
+    if Path(name).expanduser().is_dir() and run_config.is_file():
         return int(json.loads(run_config.read_text())["seq_len"])
     return int(model.config.max_position_embeddings)
 
@@ -85,6 +76,9 @@ def _default_length(name: str, model: Any) -> int:
 def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from tqdm.auto import tqdm
+
+    from diffusion.cli.loading import load_model_for
     from diffusion.data import build_blocks, load_texts
     from diffusion.evaluation.likelihood import (
         any_order_nll,
@@ -93,7 +87,7 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
         summarize,
     )
 
-    model, tokenizer, causal = _load_any(args.model, args.trust_remote_code)
+    model, tokenizer, causal = load_model_for(args.model, trust_remote_code=args.trust_remote_code)
     seq_len = args.seq_len or _default_length(args.model, model)
     texts = load_texts(args.dataset)["validation"]
     blocks = build_blocks(texts, tokenizer, seq_len)[: args.max_blocks]
@@ -102,15 +96,20 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
         result = evaluate_causal_likelihood(model, blocks, batch_size=args.batch_size).to_dict()
     else:
         result = evaluate_likelihood(model, blocks, method=args.method, num_points=args.num_points,
-                                     batch_size=args.batch_size, seed=args.seed, progress=args.progress).to_dict()
+                                     batch_size=args.batch_size, seed=args.seed,
+                                     progress=None if args.progress else False).to_dict()
         if args.any_order:
             values, calls = [], 0
             generator = torch.Generator().manual_seed(args.seed)
+            batches = -(-len(blocks) // args.batch_size)
+            bar = tqdm(total=batches * args.any_order * seq_len, desc=f"any-order ({args.any_order} orders)",
+                       unit="call", disable=None if args.progress else True)
             for i in range(0, len(blocks), args.batch_size):
                 v, c = any_order_nll(model, blocks[i : i + args.batch_size], num_orders=args.any_order,
-                                     generator=generator)
+                                     generator=generator, progress=bar)
                 values.append(v)
                 calls += c
+            bar.close()
             result["any_order"] = summarize(torch.cat(values), seq_len, calls=calls, method="any_order",
                                             num_points=args.any_order, form="any-order AR").to_dict()
     result.update(model=args.model, dataset=args.dataset, seq_len=seq_len, seconds=round(time.perf_counter() - start, 2))
@@ -121,16 +120,20 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from diffusion import DiffusionSpec
+    from diffusion.cli.loading import load_model_for
     from diffusion.evaluation.sample_quality import generative_perplexity, unigram_entropy
 
-    from .. import get_sampler
+    from .. import SAMPLERS, get_sampler
 
-    model, tokenizer, causal = _load_any(args.model, args.trust_remote_code)
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown --sampler {args.sampler!r}; valid: {sorted(SAMPLERS)}")
+    model, tokenizer, causal = load_model_for(args.model, trust_remote_code=args.trust_remote_code)
     if causal:
         raise ValueError(f"--model {args.model!r} is a causal LM; genppl samples from diffusion models")
-    reference, reference_tokenizer, ref_causal = _load_any(args.reference, args.trust_remote_code)
+    reference, reference_tokenizer, ref_causal = load_model_for(args.reference, flag="--reference",
+                                                                trust_remote_code=args.trust_remote_code)
     if not ref_causal:
-        raise ValueError(f"--reference {args.reference!r} is not a causal LM")
+        raise ValueError(f"--reference {args.reference!r} is not a causal LM: it must score samples left to right")
     name = args.sampler or DiffusionSpec.from_config(model.config).default_sampler
     length = args.length or _default_length(args.model, model)
     rows = []
