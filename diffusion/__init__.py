@@ -1,8 +1,8 @@
 """diffusion: the maths and the model of discrete diffusion language models.
 
 The top level holds the maths and the model: noise schedules, forward processes, the time-node rules,
-the losses, the :class:`DiffusionSpec` a model config describes, the training objective, the DDiT
-denoiser and adapters for outside models.  The run machinery sits in sub-packages: ``data`` (corpus,
+the losses, the :class:`DiffusionSpec` a model config describes, the training objectives (one block, and block
+diffusion), the DDiT denoiser, adapters for outside models and the conversion of causal LMs.  The run machinery sits in sub-packages: ``data`` (corpus,
 tokenizer, packing), ``training`` (config, loop, checkpoints, EMA), ``evaluation`` (likelihood, sample
 quality, the AR baseline), ``hub`` (export) and ``cli`` (argument parsing, ``ddlm-push``).
 
@@ -11,7 +11,9 @@ Nothing here imports ``samplers``, ``rl`` or ``scripts``.
 
 from transformers import AutoConfig, AutoModelForMaskedLM
 
-from .adapters import DiffusionLMAdapter, MaskedLMAdapter, load_denoiser
+from .adapters import DiffusionLMAdapter, MaskedLMAdapter, load_denoiser, save_denoiser
+from .block_diffusion import BlockDiffusionObjective
+from .convert import convert_causal_lm
 from .modeling_ddit import DDiTConfig, DDiTModel
 from .objectives import DiffusionObjective
 from .processes import AbsorbingProcess, Process, UniformProcess, get_process
@@ -33,6 +35,7 @@ AutoModelForMaskedLM.register(DDiTConfig, DDiTModel, exist_ok=True)
 __all__ = [
     "LINEAR_MASKING",
     "AbsorbingProcess",
+    "BlockDiffusionObjective",
     "CosineSchedule",
     "DDiTConfig",
     "DDiTModel",
@@ -46,7 +49,9 @@ __all__ = [
     "Process",
     "Schedule",
     "UniformProcess",
+    "convert_causal_lm",
     "get_process",
     "get_schedule",
     "load_denoiser",
+    "save_denoiser",
 ]

@@ -24,16 +24,26 @@ from .schedules import Schedule
 __all__ = ["masked_diffusion_loss", "masked_elbo", "masked_nll", "score_entropy_loss", "weighted_row_sum"]
 
 
-def weighted_row_sum(terms: Tensor, weight: Tensor, rows: Tensor | None = None) -> Tensor:
-    """``w_b sum_i terms_{b,i}``: ``terms [B, L]`` (dense) or ``[n]`` with ``rows [n]`` naming each one's row.
+def weighted_row_sum(terms: Tensor, weight: Tensor | None = None, rows: Tensor | None = None, *,
+                     position_weight: Tensor | None = None, batch: int | None = None) -> Tensor:
+    """``w_b sum_i terms_{b,i}`` (``weight [B]``, one per row) or ``sum_i w_i terms_{b,i}`` (``position_weight``
+    shaped like ``terms``, one per position: block diffusion's per-block levels).
 
-    Returns ``Tensor[B]`` (``B = weight.shape[0]``) in ``terms``' dtype.
+    ``terms [B, L]`` (dense), or ``[n]`` with ``rows [n]`` naming each one's row (``B`` from ``weight``, else
+    ``batch``).  Returns ``Tensor[B]`` in ``terms``' dtype.
     """
+    if (weight is None) == (position_weight is None):
+        raise ValueError("pass exactly one of weight (per row) and position_weight (per term)")
+    if position_weight is not None:
+        terms = terms * position_weight.to(terms.dtype)
     if rows is None:
         sums = terms.sum(-1)
     else:
-        sums = torch.zeros(weight.shape[0], dtype=terms.dtype, device=terms.device).index_add(0, rows, terms)
-    return weight.to(terms.dtype) * sums
+        rows_total = weight.shape[0] if weight is not None else batch
+        if rows_total is None:
+            raise ValueError("packed terms with position weights need batch (the number of rows)")
+        sums = torch.zeros(rows_total, dtype=terms.dtype, device=terms.device).index_add(0, rows, terms)
+    return sums if weight is None else weight.to(terms.dtype) * sums
 
 
 def masked_nll(log_probs: Tensor, targets: Tensor, masked: Tensor | None = None) -> Tensor:
@@ -53,21 +63,24 @@ def masked_nll(log_probs: Tensor, targets: Tensor, masked: Tensor | None = None)
     return nll if masked is None else torch.where(masked, nll, torch.zeros_like(nll))
 
 
-def masked_elbo(log_probs: Tensor, x0: Tensor, masked: Tensor | None, weight: Tensor, *,
-                rows: Tensor | None = None) -> Tensor:
+def masked_elbo(log_probs: Tensor, x0: Tensor, masked: Tensor | None, weight: Tensor | None = None, *,
+                rows: Tensor | None = None, position_weight: Tensor | None = None, batch: int | None = None) -> Tensor:
     """The masked-diffusion ELBO integrand per sequence, ``w_b sum_{i masked} -log p_theta(x0^i | x_t)``.
 
     Args:
         log_probs: ``[B, L, S]``, or ``[n, S]`` at packed (already selected) positions.
         x0: ``LongTensor[B, L]``, or ``[n]``.
         masked: ``BoolTensor[B, L]`` (dense) or None (packed: every given position is masked).
-        weight: ``[B]`` the ELBO weight ``w(t)`` of each row.
-        rows: ``[n]`` the row of each packed position (packed form only).
+        weight: ``[B]`` the ELBO weight ``w(t)`` of each row; or ``position_weight`` shaped like ``x0``, the
+            weight of each position (``w(t_b)`` of its block, block diffusion).
+        rows: ``[n]`` the row of each packed position (packed form only); ``batch``: the number of rows when
+            ``position_weight`` replaces ``weight``.
 
     Returns:
         ``Tensor[B]`` in nats.
     """
-    return weighted_row_sum(masked_nll(log_probs, x0, masked), weight, rows)
+    return weighted_row_sum(masked_nll(log_probs, x0, masked), weight, rows, position_weight=position_weight,
+                            batch=batch)
 
 
 def _check_tokens(x0: Tensor, xt: Tensor, t: Tensor, outputs: Tensor) -> None:

@@ -245,6 +245,11 @@ def _carry_unmasked(log_probs: Tensor, input_ids: Tensor, mask_id: int) -> Tenso
     return torch.where(unmasked.unsqueeze(-1), carry, log_probs)
 
 
+def block_causal_pattern(query_pos: Tensor, key_pos: Tensor, block_size: int) -> Tensor:
+    """``BoolTensor[Lq, Lk]``: the key's block ``floor(j / b)`` is not after the query's (BD3-LM attention)."""
+    return (key_pos[None, :] // block_size) <= (query_pos[:, None] // block_size)
+
+
 def accepts_score_mask(model: nn.Module) -> bool:
     """Whether ``model`` (possibly wrapped by DDP/FSDP or ``torch.compile``) takes ``score_mask``."""
     for attribute in ("module", "_orig_mod"):
@@ -297,7 +302,14 @@ class NoiseEmbedding(nn.Module):
 
 
 class DDiTBlock(nn.Module):
-    """Pre-norm transformer block: x + gate * Attn(mod(LN(x))), then x + gate * MLP(mod(LN(x)))."""
+    """Pre-norm transformer block: x + gate * Attn(mod(LN(x))), then x + gate * MLP(mod(LN(x))).
+
+    With ``gradient_checkpointing`` (set by ``model.gradient_checkpointing_enable()``) a training forward keeps
+    only the block's input and recomputes the rest in the backward pass.  The checkpoint wraps the block's own
+    computation, inside ``__call__``, so that hooks on the block (FSDP's gathering of the weights) run once.
+    """
+
+    gradient_checkpointing = False
 
     def __init__(self, config: DDiTConfig) -> None:
         super().__init__()
@@ -320,7 +332,14 @@ class DDiTBlock(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cond: Tensor | None, attn_mask: Tensor | None,
                 past: tuple[Tensor, Tensor, int] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """``x [B, Lq, H]`` -> (``[B, Lq, H]``, the keys/values ``[B, nh, Lq, hd]`` of these positions).
+        """``x [B, Lq, H]`` -> (``[B, Lq, H]``, the keys/values ``[B, nh, Lq, hd]`` of these positions)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and past is None:
+            return self._gradient_checkpointing_func(self._compute, x, cos, sin, cond, attn_mask, None)
+        return self._compute(x, cos, sin, cond, attn_mask, past)
+
+    def _compute(self, x: Tensor, cos: Tensor, sin: Tensor, cond: Tensor | None, attn_mask: Tensor | None,
+                 past: tuple[Tensor, Tensor, int] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The block (see :meth:`forward`).
 
         ``past`` = (keys, values, reserved): cached keys/values of other positions, attended to after the new
         ones; with ``reserved == Lq`` their first ``Lq`` slots are free and this call's keys/values are
@@ -437,6 +456,7 @@ class DDiTModel(DDiTPreTrainedModel):
     """
 
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+    supports_gradient_checkpointing = True  # gradient_checkpointing_enable() (activation_checkpointing_enable() in 5.x)
     supports_kv_cache = True  # forward accepts positions / past_key_values / use_cache
     supports_score_mask = True  # forward accepts score_mask (logits of selected positions only)
 
@@ -510,6 +530,7 @@ class DDiTModel(DDiTPreTrainedModel):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         score_mask: Tensor | None = None,
+        attention_pattern: Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MaskedLMOutput | tuple[Tensor]:
@@ -524,6 +545,9 @@ class DDiTModel(DDiTPreTrainedModel):
                 positions of the part of the sequence being recomputed.
             past_key_values: a :class:`KVCache` of other positions of the same sequences to attend to.
             use_cache: also return the keys/values of ``input_ids`` (``DDiTOutput.key_values``).
+            attention_pattern: optional ``BoolTensor[Lq, Lk]`` (or ``[B, Lq, Lk]``): which key each query may attend
+                to (True), on top of padding and ``attention_block_size``; the block-diffusion objective passes its
+                three-part mask over the concatenated noisy and clean halves.
             score_mask: optional ``BoolTensor[B, L]``: compute outputs only where True.  Every position still
                 attends to every other; only the output head and the parameterisation are restricted, which
                 is what a loss or a sampler step that reads a few positions (the masked ones) needs.
@@ -555,7 +579,7 @@ class DDiTModel(DDiTPreTrainedModel):
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         cos, sin = _rotary_tables(positions, head_dim, self.config.rope_theta)
         key_positions = positions if past_key_values is None else torch.cat([positions, past_key_values.positions])
-        attn_mask = self._attention_mask(positions, key_positions, attention_mask)
+        attn_mask = self._attention_mask(positions, key_positions, attention_mask, attention_pattern)
 
         new_keys, new_values = [], []
         for i, block in enumerate(self.blocks):
@@ -582,12 +606,19 @@ class DDiTModel(DDiTPreTrainedModel):
             return DDiTOutput(logits=logits, key_values=KVCache(new_keys, new_values, positions))
         return MaskedLMOutput(logits=logits)
 
-    def _attention_mask(self, query_pos: Tensor, key_pos: Tensor, padding: Tensor | None) -> Tensor | None:
-        """Boolean mask (True = may attend): padding keys ``[B,1,1,L]`` and/or block-causal ``[Lq, Lk]``."""
+    def _attention_mask(self, query_pos: Tensor, key_pos: Tensor, padding: Tensor | None,
+                        pattern: Tensor | None = None) -> Tensor | None:
+        """Boolean mask (True = may attend): padding keys ``[B,1,1,L]``, block-causal ``[Lq, Lk]``, a given pattern."""
         mask = padding.bool()[:, None, None, :] if padding is not None else None
+        if pattern is not None:
+            if pattern.dtype != torch.bool or pattern.shape[-2:] != (len(query_pos), len(key_pos)):
+                raise ValueError(f"attention_pattern must be a bool tensor ending in ({len(query_pos)}, {len(key_pos)}), "
+                                 f"got {pattern.dtype} {tuple(pattern.shape)}")
+            pattern = pattern if pattern.dim() == 2 else pattern[:, None]
+            mask = pattern if mask is None else mask & pattern
         size = self.config.attention_block_size
         if size is not None:
-            causal = (key_pos[None, :] // size) <= (query_pos[:, None] // size)  # (Lq, Lk)
+            causal = block_causal_pattern(query_pos, key_pos, size)  # (Lq, Lk)
             mask = causal if mask is None else mask & causal
         return mask
 

@@ -70,6 +70,9 @@ class DiffusionObjective:
             )
         if self.parameterization == "subs" and not absorbing:
             raise ValueError(f"parameterization='subs' needs the absorbing process, got {self.process.name!r}")
+        if absorbing and self.process.mask_id != self.process.num_tokens and self.objective != "masked_elbo":
+            raise ValueError(f"objective={self.objective!r} needs MASK as the last state; this model's mask id is "
+                             f"{self.process.mask_id}: train it with masked_elbo")
         if not 0.0 < self.t_min < 1.0:
             raise ValueError(f"t_min must be in (0, 1), got t_min={self.t_min!r}")
 
@@ -81,7 +84,9 @@ class DiffusionObjective:
         """
         if objective is None:
             objective = "masked_elbo" if spec.parameterization == "subs" else "score_entropy"
-        return cls(spec.process, spec.schedule, objective, spec.parameterization, **kwargs)
+        mask_elsewhere = spec.absorbing and spec.mask_id != spec.num_states - 1
+        process = AbsorbingProcess(spec.num_tokens, mask_id=spec.mask_id) if mask_elsewhere else spec.process
+        return cls(process, spec.schedule, objective, spec.parameterization, **kwargs)
 
     @classmethod
     def from_config(cls, config: Any, objective: str | None = None, **kwargs: Any) -> DiffusionObjective:
@@ -98,10 +103,12 @@ class DiffusionObjective:
         """
         if x0.dim() != 2:
             raise ValueError(f"x0 must be [batch, length], got shape {tuple(x0.shape)}")
-        if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= self.process.num_tokens):
+        mask_id = self.process.mask_id
+        if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= self.process.num_states
+                           or (mask_id is not None and bool((x0 == mask_id).any()))):
             raise ValueError(
                 f"x0 holds ids outside the {self.process.num_tokens} real tokens "
-                f"(min {int(x0.min())}, max {int(x0.max())})"
+                f"(min {int(x0.min())}, max {int(x0.max())}; the mask id is {mask_id})"
             )
         if t is None:
             t = sample_t(x0.shape[0], t_min=self.t_min, antithetic=self.antithetic, generator=generator,

@@ -196,16 +196,27 @@ class Process(ABC):
 class AbsorbingProcess(Process):
     """Absorbing (masked) process: each real token jumps to MASK at rate sigma(t).
 
-    States ``0..num_tokens-1`` are real tokens and ``mask_id = num_tokens`` is MASK.
+    ``num_tokens + 1`` states, MASK at ``mask_id`` (default ``num_tokens``, the last; a model converted from an
+    autoregressive LM may have it elsewhere, and then the score-based methods, written for MASK last, refuse it).
     ``q(x_t = x0 | x0) = alpha = exp(-sigma_bar)``, ``q(x_t = MASK | x0) = 1 - alpha``.
     """
 
     name = "absorbing"
 
-    def __init__(self, num_tokens: int) -> None:
+    def __init__(self, num_tokens: int, mask_id: int | None = None) -> None:
         super().__init__(num_tokens)
         self.num_states = num_tokens + 1
-        self.mask_id = num_tokens
+        self.mask_id = num_tokens if mask_id is None else mask_id
+        if isinstance(self.mask_id, bool) or not isinstance(self.mask_id, int) or not 0 <= self.mask_id <= num_tokens:
+            raise ValueError(f"mask_id must be an id in [0, {num_tokens}], got mask_id={mask_id!r}")
+
+    def _require_mask_last(self, method: str) -> None:
+        if self.mask_id != self.num_tokens:
+            raise ValueError(f"AbsorbingProcess.{method} needs MASK as the last state (id {self.num_tokens}), "
+                             f"got mask_id={self.mask_id}")
+
+    def __repr__(self) -> str:
+        return f"AbsorbingProcess(num_tokens={self.num_tokens}, mask_id={self.mask_id})"
 
     def sample_xt(self, x0: Tensor, sigma_bar: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
         return mask_tokens(x0, -torch.expm1(-_broadcast_noise(sigma_bar, x0)), self.mask_id, generator=generator)[0]
@@ -243,6 +254,7 @@ class AbsorbingProcess(Process):
 
     def staggered_score(self, score: Tensor, dsigma: Tensor | float) -> Tensor:
         # exp(-dsigma Q) s: real entries scale by e^dsigma; the MASK entry gains (1 - e^dsigma) sum_real s.
+        self._require_mask_last("staggered_score")
         self._check_states("score", score)
         dsigma = _broadcast_noise(dsigma, score[..., 0]).unsqueeze(-1).to(score.dtype)
         grow = torch.exp(dsigma)
@@ -255,6 +267,7 @@ class AbsorbingProcess(Process):
         # At a masked position the only ratio with Q(MASK, y) > 0 and r_y > 0 is y = x0 with
         # r = alpha / (1 - alpha) = 1 / expm1(sigma_bar); all other real y have r_y = 0 (K(0) = 0).
         # SE = sum_{y real, y != x0} s_y + r phi(log s_x0 - log r); unmasked positions give 0.
+        self._require_mask_last("score_entropy")
         self._check_states("log_score", log_score)
         log_score = log_score.float() if log_score.dtype in (torch.float16, torch.bfloat16) else log_score
         sigma_bar = _broadcast_noise(sigma_bar, x_t).to(log_score.dtype)

@@ -32,6 +32,7 @@ class DiffusionSpec:
         time_conditioning: whether the network reads the noise level (no exact sampler cache if so).
         num_states: token states the model predicts (``config.vocab_size``).
         mask_id: the MASK state (absorbing), anywhere in ``[0, num_states)`` for outside models; None (uniform).
+        block_size: a block-diffusion model's block (its attention is block-causal); None for one block.
     """
 
     process_name: str
@@ -40,6 +41,7 @@ class DiffusionSpec:
     time_conditioning: bool
     num_states: int
     mask_id: int | None
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.process_name not in PROCESSES:
@@ -53,6 +55,9 @@ class DiffusionSpec:
             raise ValueError(f"the uniform process has no MASK state, got mask_id={self.mask_id!r}")
         if self.parameterization == "subs" and not absorbing:
             raise ValueError(f"parameterization='subs' needs the absorbing process, got {self.process_name!r}")
+        if self.block_size is not None and not (self.masked and isinstance(self.block_size, int) and self.block_size >= 1):
+            raise ValueError(f"block_size needs a masked (absorbing, subs) model and a positive int, got "
+                             f"block_size={self.block_size!r}")
 
     @classmethod
     def from_config(cls, config: Any) -> DiffusionSpec:
@@ -60,7 +65,8 @@ class DiffusionSpec:
         return cls(process_name=config.process, schedule=get_schedule(config.schedule, **config.schedule_kwargs),
                    parameterization=config.parameterization,
                    time_conditioning=bool(getattr(config, "time_conditioning", False)),
-                   num_states=config.vocab_size, mask_id=config.mask_token_id)
+                   num_states=config.vocab_size, mask_id=config.mask_token_id,
+                   block_size=getattr(config, "attention_block_size", None))
 
     @property
     def absorbing(self) -> bool:
@@ -83,8 +89,10 @@ class DiffusionSpec:
 
     @property
     def default_sampler(self) -> str:
-        """The sampler a command uses when none is named: masked ancestral for subs models, SEDD's analytic
-        (Tweedie) step for score models."""
+        """The sampler a command uses when none is named: block diffusion for block models, masked ancestral for
+        other subs models, SEDD's analytic (Tweedie) step for score models."""
+        if self.block_size is not None:
+            return "block"
         return "ancestral" if self.parameterization == "subs" else "analytic"
 
     @property

@@ -9,7 +9,6 @@ Every GRPOConfig field is a flag (see --help).  Rewards are ``(prompts, completi
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -103,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         task = SortTask(args.num_digits)
         if args.output_dir is None and args.resume is not None:
             raise ValueError("--resume needs --output-dir: the run folder to continue")
+        if args.output_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("several processes need --output-dir: they must agree on the run folder")
         completion_length = args.completion_length or task.completion_length
         derived = {"completion_length": completion_length,
                    "sampling_steps": args.sampling_steps or completion_length,
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = list(args.reward_weight) + [1.0] * (len(extra) - len(args.reward_weight))
         resuming = config.resume is not None and (
             config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
-        print(f"ddlm-rl: writing to {config.output_dir}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ddlm-rl: writing to {config.output_dir}", file=sys.stderr)
         if args.model:
             model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code)
         else:
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = {"steps_run": len(history), "held_out_before": before, "held_out_after": after,
                "final_model": str(trainer.output_dir / "final")}
-    print(json.dumps(summary, indent=2))
+    if trainer.accelerator.is_main_process:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

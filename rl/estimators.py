@@ -38,12 +38,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion.lambda_form import model_log_probs
 from diffusion.losses import masked_nll
 from diffusion.processes import draw_moves, mask_tokens
 from diffusion.schedules import LINEAR_MASKING
 from diffusion.time_nodes import time_nodes
 
-__all__ = ["ESTIMATORS", "Draw", "LikelihoodEstimator", "get_estimator", "model_log_probs"]
+__all__ = ["ESTIMATORS", "Draw", "LikelihoodEstimator", "concat_draws", "get_estimator", "model_log_probs"]
 
 
 @dataclass
@@ -62,17 +63,11 @@ class Draw:
     completion: Tensor
 
 
-def model_log_probs(model: Any, input_ids: Tensor, t: Tensor) -> Tensor:
-    """``log p_theta(x0 | x_t)`` ``[B, L, S]`` from a subs denoiser; the noise is passed when the model wants time.
-
-    The views mask with probability t, so a time-conditioned model is told the total noise of
-    :data:`~diffusion.schedules.LINEAR_MASKING` at t (``-log(1 - t)``), whatever its own schedule.
-    """
-    total_noise = None
-    if getattr(model.config, "time_conditioning", False):
-        total_noise = LINEAR_MASKING.total_noise(t.to(torch.float64).clamp(1e-4, 1 - 1e-6))
-        total_noise = total_noise.to(device=input_ids.device, dtype=torch.float32)
-    return model(input_ids=input_ids, total_noise=total_noise).logits.float()
+def concat_draws(draws: list[Draw]) -> Draw:
+    """One draw of the rows of several (drawn group by group, each with its own generator), rows in order."""
+    return Draw(targets=torch.cat([d.targets for d in draws]), views=torch.cat([d.views for d in draws], dim=1),
+                weights=torch.cat([d.weights for d in draws], dim=1), t=torch.cat([d.t for d in draws], dim=1),
+                completion=torch.cat([d.completion for d in draws]))
 
 
 class LikelihoodEstimator(ABC):

@@ -64,7 +64,7 @@ class LossStats:
 
 def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tensor, *, clip_eps_low: float = 0.2,
               clip_eps_high: float = 0.2, beta: float = 0.0, log_ref: Tensor | None = None,
-              level: str = "token") -> tuple[Tensor, LossStats]:
+              level: str = "token", normalizer: Tensor | float | None = None) -> tuple[Tensor, LossStats]:
     """The clipped GRPO surrogate (to minimise).
 
     Args:
@@ -73,6 +73,9 @@ def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tens
         mask: ``[B, Lc]`` bool, completion tokens that count (up to and including the first EOS).
         log_ref: ``[B, Lc]`` for the KL term (needed when ``beta > 0``).
         level: ``"token"`` or ``"sequence"``.
+        normalizer: the number of scored units (tokens or completions) the loss is averaged over (default: those
+            of this batch).  With the batch split over processes, pass the global count: each process's loss and
+            statistics are then its share of the global ones, and the shares add up.
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"level must be 'token' or 'sequence', got level={level!r}")
@@ -95,7 +98,7 @@ def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tens
     ratio = torch.exp(diff)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * adv)
     per_unit = -surrogate + beta * kl
-    total = weight.sum().clamp_min(1)
+    total = weight.sum().clamp_min(1) if normalizer is None else torch.as_tensor(normalizer, dtype=weight.dtype)
     loss = (per_unit * weight).sum() / total
     with torch.no_grad():
         low = ((ratio < 1 - clip_eps_low) & (adv < 0)).to(weight.dtype)

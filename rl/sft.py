@@ -1,8 +1,7 @@
 """Supervised warm-up on prompt/completion pairs, so that RL starts from a model that sometimes succeeds.
 
-LLaDA-style SFT: the prompt is never masked; each completion token is masked with probability t,
-``t ~ U(t_min, 1)`` per row, and the loss is the masked ELBO with the linear schedule,
-``E_t[(1/t) sum_{k masked} -log p_theta(y_k | q, y_t)] / |y|`` (nats per completion token).
+LLaDA-style SFT on a task's synthetic pairs: the loss is :func:`diffusion.lambda_form.completion_loss` (the prompt
+is never masked); ``ddlm-sft`` (:mod:`diffusion.training.sft`) is the same loss on instruction data.
 """
 
 from __future__ import annotations
@@ -13,28 +12,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffusion.losses import masked_elbo
-from diffusion.processes import mask_tokens
-from diffusion.schedules import LINEAR_MASKING
-from diffusion.time_nodes import sample_t
-
-from .estimators import model_log_probs
+from diffusion.lambda_form import completion_loss as sft_loss
 
 __all__ = ["sft_loss", "supervised_warmup"]
-
-
-def sft_loss(model: nn.Module, sequences: Tensor, completion: Tensor, mask_id: int,
-             generator: torch.Generator | None = None, t_min: float = 1e-3) -> Tensor:
-    """Masked-diffusion SFT loss on the completion tokens, averaged per completion token.
-
-    ``sequences [B, L]`` (prompt then completion), ``completion [B, L]`` bool; returns a scalar (nats per
-    completion token): :func:`diffusion.losses.masked_elbo` at ``t ~ U(t_min, 1)`` masking the completion only.
-    """
-    t = sample_t(sequences.shape[0], t_min=t_min, generator=generator)
-    x_t, masked = mask_tokens(sequences, t, mask_id, generator=generator, where=completion)
-    log_probs = model_log_probs(model, x_t, t)
-    per_row = masked_elbo(log_probs, sequences, masked, LINEAR_MASKING.elbo_weight(t))
-    return per_row.sum() / completion.sum().clamp_min(1)
 
 
 def supervised_warmup(model: nn.Module, batches: Callable[[torch.Generator], tuple[Tensor, Tensor]], *, steps: int,

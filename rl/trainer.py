@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffusion.adapters import DiffusionLMAdapter
+from diffusion.adapters import save_denoiser
 from diffusion.spec import DiffusionSpec
 from diffusion.training.checkpoint import (
     CheckpointError,
@@ -45,15 +45,17 @@ from diffusion.training.checkpoint import (
     save_weights,
     write_json,
 )
+from diffusion.training.lora import merged, wrap_lora
 from diffusion.training.seeding import derive_generator
 from samplers import FREE, get_sampler
+from samplers.base import RowStreams
 
 from .config import GRPOConfig
-from .estimators import LikelihoodEstimator, get_estimator
+from .estimators import LikelihoodEstimator, concat_draws, get_estimator
 from .objective import group_advantages, grpo_loss
 from .rewards import RewardFunction, compute_rewards
 
-__all__ = ["GRPOTrainer", "completion_mask", "wrap_lora"]
+__all__ = ["GRPOTrainer", "completion_mask"]
 
 # Settings a resumed run may change: bookkeeping, not the run's course.
 RESUMABLE_CHANGES = frozenset({"max_steps", "resume", "progress", "save_every", "keep_last", "log_every", "output_dir"})
@@ -70,19 +72,6 @@ def completion_mask(completions: Tensor, eos_id: int | None) -> Tensor:
     is_eos = (completions == eos_id).int()
     before = torch.cumsum(is_eos, dim=-1) - is_eos  # EOS tokens strictly before each position
     return before == 0
-
-
-def wrap_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> nn.Module:
-    """``model`` with LoRA adapters (peft) on the Linear layers named in ``targets``; only they train."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("lora_rank > 0 needs peft: pip install 'ddlm[rl]'") from err
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise ValueError(f"lora_targets {missing} name no Linear layer of {type(model).__name__}; it has {sorted(names)}")
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
 
 
 def _step_of(line: str) -> float:
@@ -126,15 +115,15 @@ class GRPOTrainer:
         self.reward_functions = list(reward_functions)
         self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(reward_functions)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError("GRPOTrainer runs in one process for now; launch it without accelerate/torchrun")
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if config.prompts_per_step % self.world:
+            raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by the number of "
+                             f"processes ({self.world}): every rank rolls out whole groups")
         self.mask_id = spec.mask_id
         self.eos_id = tokenizer.eos_token_id
         targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
         if config.lora_rank:
-            with torch.random.fork_rng(devices=[]):  # LoRA's init draws from the global generator: seed it, then
-                torch.manual_seed(config.seed)       # give the caller's generator state back untouched
-                self.model = wrap_lora(model, config.lora_rank, config.lora_alpha, targets)
+            self.model = wrap_lora(model, config.lora_rank, config.lora_alpha, targets, seed=config.seed)
         else:
             self.model = model
         self.model.to(self.accelerator.device).eval()
@@ -157,20 +146,45 @@ class GRPOTrainer:
             raise ValueError("prompts of different token lengths need a pad or EOS token to left-pad with")
         return torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
 
+    def _groups(self) -> range:
+        """The prompt groups (indices into a step's prompts) this rank rolls out and scores."""
+        per_rank = self.config.prompts_per_step // self.world
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
     def rollout(self, step: int) -> dict[str, Any]:
-        """Prompts, completions, rewards and advantages of one step (no gradient)."""
+        """This rank's prompts, completions, rewards and advantages of one step (no gradient).
+
+        Every group (one prompt, ``group_size`` completions) is sampled from its own stream, so the rollouts of a
+        step are the same however the groups are dealt to the processes.
+        """
         cfg = self.config
         picks = torch.randint(0, len(self.records), (cfg.prompts_per_step,),
-                              generator=derive_generator(cfg.seed, step, "prompts"))
-        records = [self.records[i] for i in picks.tolist() for _ in range(cfg.group_size)]
-        batch = self._complete(records, derive_generator(cfg.seed, step, "rollout"))
+                              generator=derive_generator(cfg.seed, step, "prompts")).tolist()
+        groups = self._groups()
+        records = [self.records[picks[g]] for g in groups for _ in range(cfg.group_size)]
+        streams = RowStreams([derive_generator(cfg.seed, step, "rollout", g) for g in groups], cfg.group_size)
+        batch = self._complete(records, streams)
         advantages = group_advantages(batch["rewards"], cfg.group_size, scale=cfg.advantage_scale).float()
         batch["advantages"] = torch.nan_to_num(advantages, nan=0.0)
         batch["mask"] = batch["mask"] & ~torch.isnan(batch["rewards"])[:, None]  # excluded: no loss
         return batch
 
+    def _draw(self, batch: dict[str, Any], step: int, purpose: str, index: int) -> Any:
+        """Masks of this rank's rows, group by group, each group from its own stream (as :meth:`rollout`)."""
+        size, draws = self.config.group_size, []
+        for k, g in enumerate(self._groups()):
+            rows = slice(k * size, (k + 1) * size)
+            generator = derive_generator(self.config.seed, step, purpose, index * self.config.prompts_per_step + g)
+            draws.append(self.estimator.draw(batch["sequences"][rows], batch["layout"][rows], generator))
+        return concat_draws(draws)
+
+    def _sum(self, value: Tensor | float) -> Tensor:
+        """``value`` summed over the processes (itself with one)."""
+        value = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(value, reduction="sum") if self.world > 1 else value
+
     @torch.no_grad()
-    def _complete(self, records: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
+    def _complete(self, records: list[dict[str, Any]], generator: Any) -> dict[str, Any]:
         """Sample one completion per record, decode it up to its first EOS, and reward it."""
         prompt_ids = self._prompt_ids(records)
         canvas = torch.cat([prompt_ids, torch.full((len(records), self.config.completion_length), FREE)], dim=1)
@@ -190,11 +204,18 @@ class GRPOTrainer:
                 "per_function": per_function, "texts": texts, "nfe": out.nfe}
 
     def evaluate(self, records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, float]:
-        """Mean total and per-function reward of one sampled completion per record (a held-out check)."""
-        batch = self._complete(list(records), torch.Generator().manual_seed(seed))
-        result = {"reward": float(batch["rewards"].nanmean())}
+        """Mean total and per-function reward of one sampled completion per record (a held-out check); with several
+        processes each scores its share of the records."""
+        share = list(records)[self.rank::self.world]
+        batch = self._complete(share, torch.Generator().manual_seed(seed + self.rank))
+        columns = {"reward": batch["rewards"]}
         for j, fn in enumerate(self.reward_functions):
-            result[f"reward/{getattr(fn, '__name__', j)}"] = float(batch["per_function"][:, j].nanmean())
+            columns[f"reward/{getattr(fn, '__name__', j)}"] = batch["per_function"][:, j]
+        result = {}
+        for name, column in columns.items():
+            present = ~torch.isnan(column)
+            total, count = self._sum(column[present].sum()), self._sum(present.sum())
+            result[name] = float(total / count) if count > 0 else float("nan")
         return result
 
     def _score(self, model: nn.Module, draw: Any) -> Tensor:
@@ -215,53 +236,69 @@ class GRPOTrainer:
         mask = batch["mask"].to(next(self.model.parameters()).device)
         draws = []
         for k in range(self.config.variance_draws):
-            generator = derive_generator(self.config.seed, step, "variance", k)
-            draw = self.estimator.draw(batch["sequences"], batch["layout"], generator)
+            draw = self._draw(batch, step, "variance", k)
             draws.append(torch.where(mask, self._score(self.model, draw), 0.0).sum(-1))  # what the loss sees
-        return float(torch.stack(draws).var(dim=0).mean())
+        variances = torch.stack(draws).var(dim=0)
+        return float(self._sum(variances.sum()) / self._sum(variances.numel()))
 
     def train_step(self, step: int) -> dict[str, float]:
+        """One rollout step and its ``inner_steps`` optimizer steps.
+
+        With several processes each rank rolls out and scores its own groups; its loss is its share of the global
+        mean (the global count of scored units normalises it), the gradients are summed across ranks, and every
+        rank takes the same optimizer step: the update of one process with the whole batch.
+        """
         cfg = self.config
         start = time.perf_counter()
         batch = self.rollout(step)
         rollout_seconds = time.perf_counter() - start
-        draws = [self.estimator.draw(batch["sequences"], batch["layout"], derive_generator(cfg.seed, step, "masks", j))
-                 for j in range(cfg.inner_steps)]
+        draws = [self._draw(batch, step, "masks", j) for j in range(cfg.inner_steps)]
         with torch.no_grad():  # pi_old is the policy that drew the rollouts
             old = [self._score(self.model, d) for d in draws] if cfg.inner_steps > 1 else [None]
             ref = [self._reference_scores(d) for d in draws]
         losses, stats = [], []
         device = next(self.model.parameters()).device
         advantages, mask = batch["advantages"].to(device), batch["mask"].to(device)
+        level = cfg.resolved_level
+        units = mask.sum() if level == "token" else (mask.sum(-1) > 0).sum()
+        normalizer = self._sum(units).clamp_min(1).float()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         for j, draw in enumerate(draws):
             current = self._score(self.model, draw)
             previous = old[j] if old[j] is not None else current.detach()
             loss, info = grpo_loss(current, previous, advantages, mask, clip_eps_low=cfg.clip_eps_low,
-                                   clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, log_ref=ref[j],
-                                   level=cfg.resolved_level)
+                                   clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, log_ref=ref[j], level=level,
+                                   normalizer=normalizer)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.world > 1:  # each rank's loss is its share of the global mean: the gradients add up
+                for p in trainable:
+                    grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                    p.grad = self.accelerator.reduce(grad, reduction="sum")
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                               cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             self.optimizer.step()
-            losses.append(loss.item())
-            stats.append(info)
+            losses.append(float(self._sum(loss.detach())))
+            stats.append({k: float(self._sum(v)) for k, v in vars(info).items()})
         rewards = batch["rewards"][~torch.isnan(batch["rewards"])]
+        count = self._sum(rewards.numel())
+        mean = self._sum(rewards.sum()) / count.clamp_min(1)
+        spread = self._sum(((rewards.double() - mean.cpu()) ** 2).sum()) / (count - 1).clamp_min(1)
+        lengths = batch["mask"].sum(-1).float()
         metrics = {
             "step": step, "loss": sum(losses) / len(losses),
-            "reward_mean": float(rewards.mean()) if rewards.numel() else float("nan"),
-            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "completion_length": float(batch["mask"].sum(-1).float().mean()),
-            "clip_low": sum(s.clip_low for s in stats) / len(stats),
-            "clip_high": sum(s.clip_high for s in stats) / len(stats),
-            "kl": sum(s.kl for s in stats) / len(stats), "ratio_mean": sum(s.ratio_mean for s in stats) / len(stats),
-            "rollout_nfe": batch["nfe"], "rollout_seconds": rollout_seconds,
+            "reward_mean": float(mean) if count > 0 else float("nan"),
+            "reward_std": float(spread.sqrt()) if count > 1 else 0.0,
+            "completion_length": float(self._sum(lengths.sum()) / self._sum(lengths.numel())),
+            **{name: sum(s[name] for s in stats) / len(stats) for name in ("clip_low", "clip_high", "kl", "ratio_mean")},
+            "rollout_nfe": int(self._sum(batch["nfe"])), "rollout_seconds": rollout_seconds,
         }
         for j, fn in enumerate(self.reward_functions):
             column = batch["per_function"][:, j]
             column = column[~torch.isnan(column)]
-            metrics[f"reward/{getattr(fn, '__name__', j)}"] = float(column.mean()) if column.numel() else float("nan")
+            present = self._sum(column.numel())
+            metrics[f"reward/{getattr(fn, '__name__', j)}"] = float(self._sum(column.sum()) / present) \
+                if present > 0 else float("nan")
         if cfg.variance_draws and step % cfg.log_every == 0:
             metrics["estimator_variance"] = self.estimator_variance(batch, step)
         metrics["seconds"] = time.perf_counter() - start
@@ -271,18 +308,21 @@ class GRPOTrainer:
     def train(self) -> list[dict[str, float]]:
         """Run (or resume) to ``max_steps``; returns the metrics of the steps run now."""
         cfg = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        main = self.accelerator.is_main_process
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
         self._resume_if_asked()
-        if self.step == 0:
+        if self.step == 0 and main:
             write_json(self.output_dir / "grpo_config.json", asdict(cfg))
         history = []
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, desc="grpo")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and main), desc="grpo")
         metrics_file = self.output_dir / "metrics.jsonl"
         while self.step < cfg.max_steps:
             metrics = self.train_step(self.step)
             self.step += 1
             history.append(metrics)
-            if (self.step - 1) % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if main and ((self.step - 1) % cfg.log_every == 0 or self.step == cfg.max_steps):
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
             bar.update(1)
@@ -294,17 +334,21 @@ class GRPOTrainer:
         return history
 
     def save_checkpoint(self) -> Path:
+        """``checkpoints/step-N``, written by the main process (every rank holds the same weights and state)."""
         root = self.output_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         target = root / checkpoint_name(self.step)
-        with atomic_directory(target, complete=True) as tmp:
-            save_weights(_plain_state(self.model), tmp / "model.safetensors")
-            if self.reference is not None:
-                save_weights(_plain_state(self.reference), tmp / "reference.safetensors")
-            (tmp / "optimizer").mkdir()
-            optimizer_to_files(self.optimizer, tmp / "optimizer")
-            write_json(tmp / "trainer_state.json", {"step": self.step, "config": asdict(self.config)})
-        prune_checkpoints(root, self.config.keep_last)
+        if self.accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            with atomic_directory(target, complete=True) as tmp:
+                save_weights(_plain_state(self.model), tmp / "model.safetensors")
+                if self.reference is not None:
+                    save_weights(_plain_state(self.reference), tmp / "reference.safetensors")
+                (tmp / "optimizer").mkdir()
+                optimizer_to_files(self.optimizer, tmp / "optimizer")
+                write_json(tmp / "trainer_state.json", {"step": self.step, "config": asdict(self.config),
+                                                        "num_processes": self.world})
+            prune_checkpoints(root, self.config.keep_last)
+        self.accelerator.wait_for_everyone()
         return target
 
     def _resume_if_asked(self) -> None:
@@ -324,7 +368,8 @@ class GRPOTrainer:
         optimizer_from_files(self.optimizer, path / "optimizer")
         self.step = int(state["step"])
         metrics = self.output_dir / "metrics.jsonl"
-        if metrics.is_file():  # drop lines the crashed run wrote after this checkpoint
+        self.accelerator.wait_for_everyone()
+        if metrics.is_file() and self.accelerator.is_main_process:  # drop lines a crashed run wrote after it
             kept = [line for line in metrics.read_text().splitlines() if _step_of(line) < self.step]
             metrics.write_text("".join(line + "\n" for line in kept))
 
@@ -336,23 +381,11 @@ class GRPOTrainer:
         module.load_state_dict(tensors, strict=True)
 
     def export(self, folder: Path) -> Path:
-        """The fine-tuned model (LoRA merged) and tokenizer as a ``from_pretrained`` folder."""
-        model = self.model
-        if self.config.lora_rank:
-            model = copy.deepcopy(model).merge_and_unload()
-        outside = isinstance(model, DiffusionLMAdapter)
-        if outside:
-            model = model.model  # an outside model: save it in its own format
-        if not hasattr(model, "save_pretrained"):
-            raise ValueError(f"cannot export a {type(model).__name__}: it has no save_pretrained")
+        """The fine-tuned model (LoRA merged) and tokenizer as a folder :func:`~diffusion.adapters.load_denoiser` reads."""
+        if not self.accelerator.is_main_process:  # every rank holds the same weights: one writes them
+            self.accelerator.wait_for_everyone()
+            return Path(folder)
         with atomic_directory(Path(folder), complete=True) as tmp:
-            model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if outside:  # keep the mask id with the model wherever the original kept it (Dream: generation config)
-                from transformers import GenerationConfig
-
-                found = (tmp / "generation_config.json").is_file()
-                generation = GenerationConfig.from_pretrained(tmp) if found else GenerationConfig()
-                generation.mask_token_id = self.mask_id
-                generation.save_pretrained(tmp)
+            save_denoiser(merged(self.model), self.tokenizer, tmp)
+        self.accelerator.wait_for_everyone()
         return Path(folder)

@@ -6,6 +6,7 @@
 
 from .ancestral import MaskedAncestralSampler
 from .base import FREE, SAMPLERS, SampleOutput, Sampler, get_sampler, register_sampler
+from .block import BlockDiffusionSampler
 from .remasking import ConfidenceRemaskingSampler
 from .sedd import AnalyticSampler, EulerSampler
 from .threshold import ThresholdSampler
@@ -14,6 +15,7 @@ __all__ = [
     "FREE",
     "SAMPLERS",
     "AnalyticSampler",
+    "BlockDiffusionSampler",
     "ConfidenceRemaskingSampler",
     "EulerSampler",
     "MaskedAncestralSampler",

@@ -33,6 +33,7 @@ from .base import (
     register_sampler,
     sample_categorical,
     token_probs,
+    uniforms,
 )
 
 __all__ = ["MaskedAncestralSampler"]
@@ -91,8 +92,8 @@ class MaskedAncestralSampler(Sampler):
             alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
             p_unmask = float((alpha_s - alpha_t) / (1 - alpha_t))
             # Two uniforms per position every step; distributions only where a token moves.
-            u_move = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
-            u_token = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            u_move = uniforms(x.shape, generator, x.device)
+            u_token = uniforms(x.shape, generator, x.device)
             move = masked & (u_move < p_unmask)
             if bool(move.any()):
                 x = x.clone()
@@ -124,8 +125,8 @@ class MaskedAncestralSampler(Sampler):
         for i in range(num_steps):
             alpha_t, alpha_s = schedule.alpha(times[i]), schedule.alpha(times[i + 1])
             p_unmask = float((alpha_s - alpha_t) / (1 - alpha_t))
-            u_move = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
-            u_token = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            u_move = uniforms(x.shape, generator, x.device)
+            u_token = uniforms(x.shape, generator, x.device)
             move = masked & (u_move < p_unmask)
             unmask_step[move] = i
             u_token_at[move] = u_token[move]

@@ -29,9 +29,17 @@ __all__ = [
     "FREE",
     "SAMPLERS",
     "LengthWarning",
+    "RowStreams",
+    "draw_rows",
+    "uniforms",
     "SampleOutput",
     "Sampler",
     "check_filters",
+    "check_stop_at_eos",
+    "eos_id_of",
+    "finish_at_eos",
+    "sequence_lengths",
+    "split_steps",
     "check_positive_int",
     "get_sampler",
     "make_canvas",
@@ -44,6 +52,41 @@ __all__ = [
 FREE = -1
 
 
+class RowStreams:
+    """One random stream per group of ``rows_each`` consecutive rows of a batch.
+
+    A sampler given a ``RowStreams`` instead of a ``torch.Generator`` draws the random numbers of each group's
+    rows from that group's generator, so a group's tokens do not depend on which groups share its batch: GRPO
+    gives every prompt's group its own stream and gets the same rollouts on any number of processes.
+    """
+
+    def __init__(self, generators: list[torch.Generator], rows_each: int) -> None:
+        check_positive_int("rows_each", rows_each)
+        if not generators:
+            raise ValueError("RowStreams needs at least one generator")
+        self.generators, self.rows_each = list(generators), rows_each
+
+    @property
+    def rows(self) -> int:
+        return len(self.generators) * self.rows_each
+
+
+def draw_rows(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | RowStreams | None, draw: Any) -> Tensor:
+    """``draw(shape, generator)``, or for :class:`RowStreams` one draw per group of rows, concatenated."""
+    if not isinstance(generator, RowStreams):
+        return draw(tuple(shape), generator)
+    if shape[0] != generator.rows:
+        raise ValueError(f"RowStreams covers {generator.rows} rows, the batch has {shape[0]}")
+    sub = (generator.rows_each, *shape[1:])
+    return torch.cat([draw(sub, g) for g in generator.generators])
+
+
+def uniforms(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | RowStreams | None,
+             device: torch.device | str) -> Tensor:
+    """float64 uniforms of ``shape`` (rows first) on ``device``, drawn where the generator(s) live."""
+    return draw_rows(shape, generator, lambda sub, g: torch.rand(sub, generator=g, dtype=torch.float64)).to(device)
+
+
 class LengthWarning(UserWarning):
     """A canvas longer than the blocks the model was trained on: it runs, but quality drops past that length."""
 
@@ -51,16 +94,65 @@ class LengthWarning(UserWarning):
 @dataclass(frozen=True)
 class SampleOutput:
     """``tokens``: ``LongTensor[B, L]``; ``nfe``: network calls made; ``trajectory``: the canvas after each step
-    (free positions still noisy show MASK for absorbing models)."""
+    (free positions still noisy show MASK for absorbing models); ``lengths``: ``[B]`` each sequence's length up to
+    and including its first generated EOS (samplers that stop at EOS; the positions after it hold EOS)."""
 
     tokens: Tensor
     nfe: int
     trajectory: list[Tensor] | None = None
+    lengths: Tensor | None = None
+
+
+def eos_id_of(model: Any) -> int:
+    """The EOS id a sampler stops at, from the model's config."""
+    eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if not isinstance(eos, int):
+        raise ValueError("stop_at_eos=True needs the model's config to name its eos_token_id, and it names none")
+    return eos
+
+
+def finish_at_eos(x: Tensor, canvas: Tensor, upto: int, eos_id: int) -> tuple[Tensor, Tensor]:
+    """Rows whose generated positions before ``upto`` hold an EOS are finished: their free positions from ``upto`` on
+    become EOS (so nothing more is generated for them).  Returns ``(x, done [B])``."""
+    free = canvas == FREE
+    decided = free.clone()
+    decided[:, upto:] = False
+    done = ((x == eos_id) & decided).any(-1)
+    rest = free & ~decided & done[:, None]
+    return torch.where(rest, torch.full_like(x, eos_id), x), done
+
+
+def sequence_lengths(x: Tensor, canvas: Tensor, eos_id: int) -> Tensor:
+    """``[B]``: the position after each row's first generated EOS, or the canvas length if it has none."""
+    generated_eos = (x == eos_id) & (canvas == FREE)
+    first = torch.where(generated_eos.any(-1), generated_eos.float().argmax(-1) + 1,
+                        torch.full((x.shape[0],), x.shape[1], device=x.device))
+    return first.long()
+
+
+def split_steps(num_steps: int, blocks: int, block_length: int | None) -> list[int]:
+    """Steps of each of ``blocks`` semi-autoregressive blocks: ``num_steps`` shared as evenly as possible, the first
+    ``num_steps % blocks`` blocks taking one more (a prompt that ends inside a block adds a partial block)."""
+    if num_steps < blocks:
+        raise ValueError(f"num_steps ({num_steps}) must be at least the number of blocks to decode ({blocks}, "
+                         f"block_length={block_length})")
+    base, extra = divmod(num_steps, blocks)
+    return [base + (1 if b < extra else 0) for b in range(blocks)]
 
 
 def check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
+
+def check_stop_at_eos(stop_at_eos: bool, block_length: int | None) -> None:
+    if not isinstance(stop_at_eos, bool):
+        raise ValueError(f"stop_at_eos must be True or False, got stop_at_eos={stop_at_eos!r}")
+    if stop_at_eos and block_length is None:
+        raise ValueError("stop_at_eos=True needs semi-autoregressive blocks (set block_length): a sequence decoded in "
+                         "one block has no earlier point to stop at")
 
 
 def check_filters(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -107,7 +199,7 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None, u: Tens
     (``probs.shape[:-1]``) supplies the uniforms instead of ``generator``.
     """
     if u is None:
-        u = torch.rand(probs.shape[:-1], generator=generator, dtype=torch.float64).to(probs.device)
+        u = uniforms(probs.shape[:-1], generator, probs.device)
     cdf = probs.double().cumsum(-1)
     index = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     return index.clamp_max(probs.shape[-1] - 1)

@@ -28,11 +28,17 @@ from .base import (
     Sampler,
     check_filters,
     check_positive_int,
-    outputs_at,
+    check_stop_at_eos,
+    eos_id_of,
+    finish_at_eos,
     register_sampler,
     sample_categorical,
+    sequence_lengths,
+    split_steps,
     token_probs,
+    uniforms,
 )
+from .kv_cache import BlockCaller, check_kv_cache
 
 __all__ = ["STRATEGIES", "ConfidenceRemaskingSampler", "decode_blocks", "transfer_schedule"]
 
@@ -47,8 +53,9 @@ def transfer_schedule(masked: Tensor, steps: int) -> Tensor:
     return base[:, None] + (torch.arange(steps, device=masked.device)[None] < extra[:, None]).long()
 
 
-def confidence(probs: Tensor, chosen: Tensor, strategy: str, generator: torch.Generator | None) -> Tensor:
-    """``[B, L]`` confidence of choosing ``chosen`` under ``probs [B, L, V]`` (higher is surer)."""
+def confidence(probs: Tensor, chosen: Tensor, strategy: str, random_scores: Tensor | None = None) -> Tensor:
+    """``[...]`` confidence of choosing ``chosen [...]`` under ``probs [..., V]`` (higher is surer); the ``random``
+    strategy returns ``random_scores`` (uniforms the caller drew)."""
     if strategy == "low_confidence":
         return probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
     if strategy == "margin":
@@ -56,62 +63,23 @@ def confidence(probs: Tensor, chosen: Tensor, strategy: str, generator: torch.Ge
         return top2[..., 0] - top2[..., 1]
     if strategy == "entropy":
         return (probs * probs.clamp_min(1e-300).log()).sum(-1)
-    return torch.rand(chosen.shape, generator=generator, dtype=torch.float64).to(chosen.device)
-
-
-KV_CACHES = (None, "prefix", "dual")
-
-
-def check_kv_cache(kv_cache: str | None, block_length: int | None) -> None:
-    if kv_cache not in KV_CACHES:
-        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got kv_cache={kv_cache!r}")
-    if kv_cache is not None and block_length is None:
-        raise ValueError(f"kv_cache={kv_cache!r} needs semi-autoregressive blocks: set block_length")
-
-
-class _BlockCaller:
-    """Model calls of one block, reusing keys/values outside it (Fast-dLLM block KV cache).
-
-    The first step of a block runs the whole canvas and keeps the keys/values; later steps recompute
-    only the block and what follows it (``prefix``) or only the block (``dual``), attending to the kept
-    keys/values of the rest.  Exact for block-causal models; an approximation for bidirectional ones.
-    """
-
-    def __init__(self, model: Any, mode: str | None, start: int, end: int) -> None:
-        self.model, self.mode, self.start, self.end = model, mode, start, end
-        self.context = None
-
-    def __call__(self, x: Tensor, total_noise: Tensor, where: Tensor) -> Tensor:
-        """Outputs ``[n, V]`` at the positions ``where [B, L]`` selects (all inside the block)."""
-        if self.mode is None:
-            return outputs_at(self.model, where, x, total_noise=total_noise).logits
-        if self.context is None:
-            out = outputs_at(self.model, where, x, total_noise=total_noise, use_cache=True)
-            positions = out.key_values.positions
-            keep = positions < self.start
-            if self.mode == "dual":
-                keep |= positions >= self.end
-            stop = x.shape[1] if self.mode == "prefix" else self.end
-            # Room for the recomputed positions at the front: later calls write there in place.
-            self.context = out.key_values.select(keep).with_slots(stop - self.start)
-            return out.logits
-        stop = x.shape[1] if self.mode == "prefix" else self.end
-        positions = torch.arange(self.start, stop, device=x.device)
-        # ``where`` lies inside [start, stop), so the slice keeps its row-major order.
-        return outputs_at(self.model, where[:, self.start:stop], x[:, self.start:stop], total_noise=total_noise,
-                          positions=positions, past_key_values=self.context).logits
+    if random_scores is None:
+        raise ValueError("strategy='random' needs random_scores")
+    return random_scores
 
 
 def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int, block_length: int | None, *,
                   strategy: str,
                   temperature: float, top_k: int | None, top_p: float | None, threshold: float | None,
                   generator: torch.Generator | None, return_trajectory: bool, callback: Any,
-                  kv_cache: str | None = None) -> SampleOutput:
+                  kv_cache: str | None = None, eos_id: int | None = None) -> SampleOutput:
     """The shared block / step loop of confidence remasking and threshold decoding.
 
     With ``threshold`` set, a step commits every masked token of the block whose confidence exceeds it,
     and at least the scheduled count (so the block always finishes in its steps).  ``kv_cache``
-    (``prefix`` or ``dual``) reuses keys/values outside the current block (see :class:`_BlockCaller`).
+    (``prefix`` or ``dual``) reuses keys/values outside the current block (see :class:`~samplers.kv_cache.BlockCaller`).
+    With ``eos_id`` set, a row that has generated EOS after a block is finished and the loop stops once every
+    row is (variable-length generation); ``lengths`` then says where each row ends.
     """
     if kv_cache is not None and not getattr(model, "supports_kv_cache", False):
         raise ValueError(f"kv_cache={kv_cache!r} needs a model whose forward takes past_key_values (a DDiTModel)")
@@ -120,18 +88,13 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
     batch, length = x.shape
     block_length = block_length or length
     starts = [b for b in range(0, length, block_length) if bool((canvas[:, b : b + block_length] == FREE).any())]
-    if num_steps % len(starts):
-        raise ValueError(
-            f"num_steps ({num_steps}) must be a multiple of the number of blocks to decode ({len(starts)}, "
-            f"block_length={block_length})"
-        )
-    steps_per_block = num_steps // len(starts)
+    block_steps = split_steps(num_steps, len(starts), block_length)
     positions = torch.arange(length, device=x.device)
     nfe, trajectory = 0, [x.clone()] if return_trajectory else None
-    for start in starts:
+    for start, steps_per_block in zip(starts, block_steps):
         in_block = (positions >= start) & (positions < start + block_length)
         counts = transfer_schedule(((x == mask_id) & in_block).sum(-1), steps_per_block)
-        call = _BlockCaller(model, kv_cache, start, start + block_length)
+        call = BlockCaller(model, kv_cache, start, start + block_length)
         for step in range(steps_per_block):
             masked = (x == mask_id) & in_block
             if not bool(masked.any()):
@@ -141,7 +104,7 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
             log_probs = call(x, sigma_bar.float().expand(batch).to(x.device), masked)  # (n, V) at masked positions
             nfe += 1
             # Uniforms for every position (cache or not); distributions only for the block's masked positions.
-            u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            u = uniforms(x.shape, generator, x.device)
             # Confidence is read off the model's own distribution, whatever filters chose the token.
             model_probs = token_probs(log_probs, exclude=mask_id)
             if temperature == 0:
@@ -151,7 +114,8 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
                 probs = model_probs if unfiltered else token_probs(
                     log_probs, exclude=mask_id, temperature=temperature, top_k=top_k, top_p=top_p)
                 picked = sample_categorical(probs, None, u=u[masked])
-            scores = confidence(model_probs[:, None], picked[:, None], strategy, generator)[:, 0]
+            drawn = uniforms(x.shape, generator, x.device)[masked][:, None] if strategy == "random" else None
+            scores = confidence(model_probs[:, None], picked[:, None], strategy, drawn)[:, 0]
             chosen = x.clone()
             chosen[masked] = picked
             conf = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device)
@@ -165,7 +129,12 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
                 trajectory.append(x.clone())
             if callback is not None:
                 callback(nfe - 1, x)
-    return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)
+        if eos_id is not None:
+            x, done = finish_at_eos(x, canvas, start + block_length, eos_id)
+            if bool(done.all()):
+                break
+    lengths = sequence_lengths(x, canvas, eos_id) if eos_id is not None else None
+    return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory, lengths=lengths)
 
 
 @register_sampler
@@ -178,20 +147,23 @@ class ConfidenceRemaskingSampler(Sampler):
         temperature, top_k, top_p: filters on the predictions (temperature 0: argmax, LLaDA's setting, which repeats
             itself on small models; the default 1 samples).
         kv_cache: ``prefix`` or ``dual`` block KV cache (Fast-dLLM; needs ``block_length``), or None.
+        stop_at_eos: finish a row once a block holds its EOS and stop when every row has (needs ``block_length``).
     """
 
     name = "remask"
     masked_only = True
 
     def __init__(self, strategy: str = "low_confidence", block_length: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None) -> None:
+                 top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None,
+                 stop_at_eos: bool = False) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
         if block_length is not None:
             check_positive_int("block_length", block_length)
         check_kv_cache(kv_cache, block_length)
         check_filters(temperature, top_k, top_p)
-        self.strategy, self.block_length, self.kv_cache = strategy, block_length, kv_cache
+        check_stop_at_eos(stop_at_eos, block_length)
+        self.strategy, self.block_length, self.kv_cache, self.stop_at_eos = strategy, block_length, kv_cache, stop_at_eos
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
     def _generate(self, model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int,
@@ -199,4 +171,4 @@ class ConfidenceRemaskingSampler(Sampler):
         return decode_blocks(model, spec, canvas, num_steps, self.block_length, strategy=self.strategy,
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, threshold=None,
                              generator=generator, return_trajectory=return_trajectory, callback=callback,
-                             kv_cache=self.kv_cache)
+                             kv_cache=self.kv_cache, eos_id=eos_id_of(model) if self.stop_at_eos else None)

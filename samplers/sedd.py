@@ -26,9 +26,11 @@ from .base import (
     FREE,
     SampleOutput,
     Sampler,
+    draw_rows,
     outputs_at,
     register_sampler,
     sample_categorical,
+    uniforms,
 )
 
 __all__ = ["AnalyticSampler", "EulerSampler"]
@@ -59,7 +61,8 @@ class _SEDDSampler(Sampler):
         process, schedule = spec.process, spec.schedule
         absorbing = isinstance(process, AbsorbingProcess)
         free = canvas == FREE
-        x = torch.where(free, process.sample_limit(canvas.shape, generator=generator).to(canvas.device), canvas)
+        start = draw_rows(canvas.shape, generator, lambda sub, g: process.sample_limit(sub, generator=g))
+        x = torch.where(free, start.to(canvas.device), canvas)
         times = torch.linspace(1.0, self.t_final, num_steps + 1, dtype=torch.float64)
         trajectory = [x.clone()] if return_trajectory else None
         nfe = 0
@@ -69,7 +72,7 @@ class _SEDDSampler(Sampler):
             all of them (uniform) or the masked ones (absorbing: a real token never leaves).  One uniform
             per position is drawn either way, so the random stream does not depend on how many move."""
             nonlocal x, nfe
-            u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            u = uniforms(x.shape, generator, x.device)
             where = free & (x == process.mask_id) if absorbing else free
             if not bool(where.any()):
                 return

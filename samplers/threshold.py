@@ -20,9 +20,12 @@ from .base import (
     Sampler,
     check_filters,
     check_positive_int,
+    check_stop_at_eos,
+    eos_id_of,
     register_sampler,
 )
-from .remasking import check_kv_cache, decode_blocks
+from .kv_cache import check_kv_cache
+from .remasking import decode_blocks
 
 __all__ = ["ThresholdSampler"]
 
@@ -36,19 +39,23 @@ class ThresholdSampler(Sampler):
         block_length: positions per semi-autoregressive block (None: one block).
         temperature, top_k, top_p: filters on the predictions (temperature 0: argmax; the default 1 samples).
         kv_cache: ``prefix`` or ``dual`` block KV cache (Fast-dLLM; needs ``block_length``), or None.
+        stop_at_eos: finish a row once a block holds its EOS and stop when every row has (needs ``block_length``).
     """
 
     name = "threshold"
     masked_only = True
 
     def __init__(self, threshold: float = 0.9, block_length: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None) -> None:
+                 top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None,
+                 stop_at_eos: bool = False) -> None:
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got threshold={threshold!r}")
         if block_length is not None:
             check_positive_int("block_length", block_length)
         check_kv_cache(kv_cache, block_length)
         check_filters(temperature, top_k, top_p)
+        check_stop_at_eos(stop_at_eos, block_length)
+        self.stop_at_eos = stop_at_eos
         self.threshold, self.block_length, self.kv_cache = threshold, block_length, kv_cache
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
@@ -57,4 +64,5 @@ class ThresholdSampler(Sampler):
         return decode_blocks(model, spec, canvas, num_steps, self.block_length, strategy="low_confidence",
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                              threshold=self.threshold, generator=generator, return_trajectory=return_trajectory,
-                             callback=callback, kv_cache=self.kv_cache)
+                             callback=callback, kv_cache=self.kv_cache,
+                             eos_id=eos_id_of(model) if self.stop_at_eos else None)

@@ -25,11 +25,15 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 9) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def time_training_steps(model: Any, x0: torch.Tensor, precision: str, steps: int, warmup: int = 5) -> list[float]:
+def time_training_steps(model: Any, x0: torch.Tensor, precision: str, steps: int, warmup: int = 5,
+                        config: Any = None, autocast: bool | None = None,
+                        optimizer: torch.optim.Optimizer | None = None) -> list[float]:
     """Seconds of each of ``steps`` training steps of ``model`` on the clean tokens ``x0 [B, L]``.
 
     One step = the model's diffusion objective (forward), backward and a fused AdamW step, in bf16
-    autocast when ``precision == "bf16"``; ``warmup`` untimed steps come first.
+    autocast when ``precision == "bf16"`` (unless ``autocast`` says otherwise: an FSDP model casts itself);
+    ``warmup`` untimed steps come first.  ``config``: the model's config when ``model`` is a wrapper (DDP);
+    ``optimizer``: the one to step (default: a fused AdamW made here).
     """
     from diffusion.objectives import DiffusionObjective
 
@@ -37,12 +41,13 @@ def time_training_steps(model: Any, x0: torch.Tensor, precision: str, steps: int
         raise ValueError(f"precision must be 'fp32' or 'bf16', got precision={precision!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got steps={steps}")
-    objective = DiffusionObjective.from_config(model.config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    objective = DiffusionObjective.from_config(config if config is not None else model.config)
+    autocast = precision == "bf16" if autocast is None else autocast
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     generator = torch.Generator().manual_seed(0)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = objective(model, x0, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -8,6 +8,8 @@ from diffusion.cli.push import main as push_main  # noqa: F401  (the module buil
 
 
 def _parsers():
+    from diffusion.cli.convert import _parser as convert_parser
+    from diffusion.cli.sft import _parser as sft_parser
     from diffusion.cli.train import build_parser
     from rl.cli import _parser as rl_parser
     from samplers.cli.evaluate import _parser as eval_parser
@@ -18,10 +20,12 @@ def _parsers():
     return {"ddlm-train": (build_parser(), []), "ddlm-generate": (generate_parser(), ["--model", "m"]),
             "ddlm-eval ppl": (subcommands["ppl"], ["--model", "m"]),
             "ddlm-eval genppl": (subcommands["genppl"], ["--model", "m", "--reference", "r"]),
-            "ddlm-rl": (rl_parser(), [])}
+            "ddlm-rl": (rl_parser(), []), "ddlm-sft": (sft_parser(), ["--model", "m"]),
+            "ddlm-convert": (convert_parser(), ["--model", "m", "--output-dir", "o"])}
 
 
-@pytest.mark.parametrize("name", ["ddlm-train", "ddlm-generate", "ddlm-eval ppl", "ddlm-eval genppl", "ddlm-rl"])
+@pytest.mark.parametrize("name", ["ddlm-train", "ddlm-generate", "ddlm-eval ppl", "ddlm-eval genppl", "ddlm-rl",
+                                  "ddlm-sft", "ddlm-convert"])
 def test_help_shows_the_default_that_parsing_gives(name):
     parser, required = _parsers()[name]
     parsed = vars(parser.parse_args(required))
@@ -29,8 +33,8 @@ def test_help_shows_the_default_that_parsing_gives(name):
     for action in parser._actions:
         if action.help in (None, argparse.SUPPRESS) or not action.option_strings or action.nargs == 0:
             continue  # --help and on/off switches
-        if action.dest in ("model", "reference"):
-            continue  # required
+        if action.required:
+            continue  # no default to show
         text = action.help % {**vars(action), "prog": parser.prog}
         assert "(default: " in text, (name, action.dest, text)
         shown = text.rsplit("(default: ", 1)[1].rstrip(")")

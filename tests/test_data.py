@@ -104,8 +104,77 @@ def test_block_batches_visit_each_block_once_per_epoch_and_are_pure():
 def test_streaming_batches_resume_where_they_stopped():
     tokenizer = load_tokenizer("builtin")
     texts = builtin_corpus("shakespeare")["validation"]
-    stream = StreamingBlockBatches(lambda: iter(texts), tokenizer, 32)
-    sequential = [stream.batch(step, 4) for step in range(6)]
-    resumed = StreamingBlockBatches(lambda: iter(texts), tokenizer, 32)
-    assert torch.equal(resumed.batch(5, 4), sequential[5])
-    assert torch.equal(torch.cat(sequential)[:8], build_blocks(texts, tokenizer, 32)[:8])
+    stream = StreamingBlockBatches(lambda: iter(texts), tokenizer, 32, num_shards=1)
+    sequential = [stream.local_rows(4) for _ in range(6)]
+    assert stream.positions == [24]
+    resumed = StreamingBlockBatches(lambda: iter(texts), tokenizer, 32, num_shards=1, positions=[20])
+    assert torch.equal(resumed.local_rows(4), sequential[5])
+    assert torch.equal(torch.cat(sequential)[:8], build_blocks(texts, tokenizer, 32)[:8])  # one shard: plain packing
+
+
+def test_block_batches_by_position_do_not_depend_on_the_batch_size():
+    batches = BlockBatches(torch.arange(40).reshape(10, 4), seed=3)
+    by_eight = torch.cat([batches.batch_at(8 * k, 8) for k in range(3)])
+    by_mixed = torch.cat([batches.batch_at(0, 8), batches.batch_at(8, 4), batches.batch_at(12, 12)])
+    assert torch.equal(by_eight, by_mixed)  # a resume with another global batch continues the same sequence
+
+
+def test_a_prepared_dataset_holds_exactly_the_blocks_of_in_memory_packing(tmp_path):
+    from diffusion.data.prepare import load_prepared, prepare_dataset
+
+    tokenizer = load_tokenizer("builtin")
+    texts = load_texts("builtin:shakespeare")
+    folder = prepare_dataset(tmp_path / "prepared", dataset="builtin:shakespeare", tokenizer=tokenizer, seq_len=64,
+                             num_proc=2)
+    splits = load_prepared(folder, tokenizer=tokenizer, seq_len=64)
+    for name in ("train", "validation"):
+        assert torch.equal(splits[name].long(), build_blocks(texts[name], tokenizer, 64)), name
+    with pytest.raises(ValueError, match="holds blocks of seq_len=64, the run asks for seq_len=32"):
+        load_prepared(folder, tokenizer=tokenizer, seq_len=32)
+    other = load_tokenizer("builtin")
+    other.add_tokens(["<extra>"])
+    with pytest.raises(ValueError, match="was tokenized with another tokenizer .*4097 tokens.*4098 tokens"):
+        load_prepared(folder, tokenizer=other, seq_len=64)
+
+
+def test_training_reads_a_prepared_dataset_and_refuses_another_tokenizer(tmp_path):
+    from diffusion.cli.prepare import main as prepare
+    from diffusion.training import TrainConfig, train
+
+    assert prepare(["--dataset", "builtin:shakespeare", "--seq-len", "32", "--output", str(tmp_path / "p")]) == 0
+    config = dict(output_dir=str(tmp_path / "run"), dataset=str(tmp_path / "p"), seq_len=32, hidden_size=32,
+                  num_layers=1, num_heads=2, cond_dim=16, batch_size=4, max_steps=2, eval_every=0, eval_blocks=4,
+                  save_every=0, progress=False, precision="no", max_position_embeddings=64)
+    assert train(TrainConfig(**config)).step == 2
+    from rl.tasks import char_tokenizer
+
+    char_tokenizer().save_pretrained(tmp_path / "tok")  # another tokenizer, its mask token last as well
+    with pytest.raises(ValueError, match="was tokenized with another tokenizer .*4097 tokens.*13 tokens"):
+        train(TrainConfig(**{**config, "tokenizer": str(tmp_path / "tok"), "output_dir": str(tmp_path / "run2")}))
+
+
+def test_streaming_shards_resume_with_another_number_of_processes_without_repeating_a_block():
+    from datasets import Dataset
+
+    from diffusion.data import StreamingBlockBatches
+
+    tokenizer = load_tokenizer("builtin")
+    docs = [f"document {i}: " + "word " * (20 + i % 7) for i in range(60)]
+    stream = Dataset.from_dict({"text": docs}).to_iterable_dataset(num_shards=4)
+
+    def run(world: int, steps: int, rows: int, positions=None) -> tuple[list[list[int]], list[int]]:
+        ranks = [StreamingBlockBatches(lambda: stream, tokenizer, 8, num_shards=4, rank=r, world_size=world,
+                                       positions=positions) for r in range(world)]
+        taken = [row for _ in range(steps) for part in ranks for row in part.local_rows(rows).tolist()]
+        combined = [sum(part.positions[j] for part in ranks if j in part.owned) for j in range(4)]
+        return taken, combined
+
+    everything = {j: [] for j in range(4)}  # each shard's blocks, in order, from one uninterrupted reader
+    for j in range(4):
+        single = StreamingBlockBatches(lambda: stream, tokenizer, 8, num_shards=4, rank=j, world_size=4)
+        everything[j] = single.local_rows(6).tolist()
+    first, positions = run(world=2, steps=2, rows=2)  # two ranks take 8 blocks
+    second, final = run(world=1, steps=4, rows=2, positions=positions)  # one process goes on
+    assert positions == [2, 2, 2, 2] and final == [4, 4, 4, 4]
+    expected = sorted(row for j in range(4) for row in everything[j][:4])
+    assert sorted(first + second) == expected  # every block of every shard exactly once: none repeated or skipped

@@ -61,7 +61,8 @@ def test_text_and_json_output(model_dir):
         (["--top-p", "1.5"], "top_p must be in (0, 1], got top_p=1.5"),
         (["--top-k", "0"], "top_k must be a positive int"),
         (["--block-length", "0"], "--block-length must be >= 1, got 0"),
-        (["--sampler", "remask", "--block-length", "3", "--length", "8", "--sampling-steps", "8"], "must be a multiple"),
+        (["--sampler", "remask", "--block-length", "2", "--length", "8", "--sampling-steps", "3"],
+         "must be at least the number of blocks to decode (4"),
         (["--sampler", "ancestral", "--threshold", "0.5"], "does not take ['threshold']"),
         (["--sampler", "euler", "--temperature", "0.5"], "does not take ['temperature']"),
     ],
@@ -175,3 +176,45 @@ def test_a_canvas_longer_than_the_training_blocks_warns(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("ddlm-generate: warning: the canvas (prompt, length and suffix) is 14 tokens, longer than the "
                    "8-token blocks this model was trained on; expect worse text past that length")
+
+
+@pytest.fixture(scope="module")
+def block_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-block-model")
+    tokenizer = load_tokenizer("builtin")
+    torch.manual_seed(0)
+    DDiTModel(DDiTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         cond_dim=16, max_position_embeddings=64, attention_block_size=8,
+                         eos_token_id=tokenizer.eos_token_id)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_max_length_stops_each_sample_at_its_own_eos_and_chat_formats_the_prompt(block_model_dir):
+    result = _run("--model", str(block_model_dir), "--prompt", "To be", "--max-length", "20", "--num-samples", "3",
+                  "--sampling-steps", "9", "--json")  # 9 steps shared by the blocks (the prompt ends inside the first)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["sampler"] == "block" and data["sampling_steps"] == 9
+    tokenizer = load_tokenizer(str(block_model_dir))
+    prefix = tokenizer("To be", add_special_tokens=False)["input_ids"]
+    for sample in data["samples"]:
+        tokens = sample["tokens"]
+        assert tokens[: len(prefix)] == prefix and len(tokens) <= len(prefix) + 20
+        generated = tokens[len(prefix):]
+        assert tokenizer.eos_token_id not in generated[:-1]  # cut right after the first EOS, if any
+    chat = _run("--model", str(block_model_dir), "--chat", "--prompt", "Who's there?", "--max-length", "16", "--json")
+    assert chat.returncode == 0, chat.stderr
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Who's there?"}], tokenize=True,
+                                             add_generation_prompt=True)["input_ids"]
+    assert json.loads(chat.stdout)["samples"][0]["tokens"][: len(expected)] == list(expected)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-length", "16", "--suffix", "end"], "--max-length stops at EOS, so it cannot end at a --suffix"),
+    (["--max-length", "16", "--sampler", "ancestral"], "--max-length needs a sampler that stops at EOS"),
+    (["--chat"], "--chat formats --prompt as a user turn: give --prompt"),
+])
+def test_max_length_and_chat_misuse_is_one_line(block_model_dir, args, message):
+    result = _run("--model", str(block_model_dir), *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

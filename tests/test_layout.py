@@ -145,7 +145,8 @@ def test_an_installed_wheel_has_no_scripts_package_and_its_commands_run(tmp_path
     where = subprocess.run([sys.executable, "-c", "import diffusion, samplers, rl; print(diffusion.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0 and where.stdout.startswith(str(target)), where.stdout + where.stderr
-    for command in ("ddlm-train", "ddlm-generate", "ddlm-eval", "ddlm-push", "ddlm-rl"):
+    for command in ("ddlm-train", "ddlm-generate", "ddlm-eval", "ddlm-push", "ddlm-rl", "ddlm-prepare", "ddlm-convert",
+                    "ddlm-sft"):
         result = subprocess.run([str(target / "bin" / command), "--help"], cwd=elsewhere, env=env,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and f"usage: {command}" in result.stdout, (command, result.stderr[-1500:])

@@ -20,8 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
 TRAIN_SHORT = ("--max-steps 6 --warmup-steps 2 --save-every 3 --eval-every 3 --eval-blocks 8 --eval-batch-size 8 --batch-size 4 "
-               "--hidden-size 32 --num-layers 1 --num-heads 2 --seq-len 32 --num-samples 1 --sampling-steps 4 "
-               "--progress false")
+               "--hidden-size 32 --num-layers 1 --num-heads 2 --num-samples 1 --sampling-steps 4 --progress false")
 RL_SHORT = ("--max-steps 2 --sft-steps 2 --eval-prompts 8 --prompts-per-step 2 --group-size 2 --variance-draws 0 "
             "--progress false")
 
@@ -29,10 +28,12 @@ RL_SHORT = ("--max-steps 2 --sft-steps 2 --eval-prompts 8 --prompts-per-step 2 -
 SUBSTITUTIONS = [
     (r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install torch==2\.13\.0 && pip install -e \. && ", "",
      "the environment is already installed (CI ran the setup)"),
-    (r"^(ddlm-train .*|accelerate launch .*scripts/train\.py.*)$", rf"\1 {TRAIN_SHORT}",
-     "training runs 6 steps (2 of warm-up) of a 32-wide, 1-block model on 4 x 32 tokens"),
+    (r"^(ddlm-train .*|(accelerate launch|torchrun) .*scripts/train\.py.*)$", rf"\1 {TRAIN_SHORT}",
+     "training runs 6 steps (2 of warm-up) of a 32-wide, 1-block model on 4 blocks a process"),
     (r"step-00001000", "step-00000006", "checkpoint names follow the shortened --max-steps"),
-    (r"^(ddlm-rl .*)$", rf"\1 {RL_SHORT}", "RL runs 2 steps of 2 x 2 rollouts after a 2-step warm-up"),
+    (r"^(ddlm-rl .*|torchrun .*scripts/grpo\.py.*)$", rf"\1 {RL_SHORT}",
+     "RL runs 2 steps of 2 x 2 rollouts after a 2-step warm-up"),
+    (r"^(ddlm-sft .*)$", r"\1 --max-steps 2 --save-every 1 --progress false", "SFT runs 2 steps"),
     (r"^(ddlm-eval ppl .*)$", r"\1 --max-blocks 4 --num-points 2", "4 held-out blocks, 2 time points"),
     (r"^(ddlm-eval genppl .*)$", r"\1 --num-samples 2 --sampling-steps 4", "2 samples of 4 steps"),
     (r"^(python scripts/\S+\.py.*)$", r"\1 --smoke", "benchmarks at toy sizes (--smoke)"),

@@ -48,8 +48,9 @@ def test_a_non_finite_step_is_skipped_without_touching_optimizer_scheduler_or_em
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["skipped_steps"] == 1 and state["ema_updates"] == 5
     assert state["scheduler"]["last_epoch"] == 5  # 6 steps, one skipped
-    adam = load_file(str(checkpoint / "optimizer.safetensors"))
-    assert {float(v) for k, v in adam.items() if k.endswith(".step")} == {5.0}  # Adam took 5 steps, not 6
+    adam = {k: v for shard in (checkpoint / "state").glob("*.safetensors") for k, v in load_file(str(shard)).items()
+            if k.startswith("optim.")}
+    assert adam and {float(v) for k, v in adam.items() if k.endswith(".step")} == {5.0}  # Adam took 5 steps, not 6
     weights = load_file(str(checkpoint / "model/model.safetensors"))
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())
     records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
@@ -90,7 +91,7 @@ def _final_state(run: Path, step: int) -> dict[str, torch.Tensor]:
     checkpoint = run / "checkpoints" / f"step-{step:08d}"
     tensors = {f"model.{k}": v for k, v in load_file(str(checkpoint / "model/model.safetensors")).items()}
     tensors.update({f"ema.{k}": v for k, v in load_file(str(checkpoint / "ema/model.safetensors")).items()})
-    for path in checkpoint.glob("optimizer*.safetensors"):
+    for path in (checkpoint / "state").glob("*.safetensors"):
         tensors.update({f"{path.name}.{k}": v for k, v in load_file(str(path)).items()})
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     tensors["scheduler"] = torch.tensor(state["scheduler"]["last_epoch"])
@@ -245,9 +246,10 @@ def test_a_pickle_offered_as_a_training_checkpoint_never_runs_and_incomplete_one
     (root / "step-00000005").mkdir()  # a crash mid-write: no COMPLETE marker
     marker = tmp_path / "payload-ran"
     payload = type("Payload", (), {"__reduce__": lambda self: (os.system, (f"touch {marker}",))})()
-    (root / "step-00000003/model/model.safetensors").write_bytes(pickle.dumps(payload))
+    for shard in (root / "step-00000003/state").glob("*.safetensors"):
+        shard.write_bytes(pickle.dumps(payload))
     with caplog.at_level(logging.WARNING, logger="diffusion.training.checkpoint"), \
-            pytest.raises(CheckpointError, match="corrupt safetensors file"):
+            pytest.raises(CheckpointError, match="cannot be read into this run"):
         train(tiny(tmp_path, max_steps=6, save_every=3, resume="auto"))
     assert not marker.exists()  # never unpickled
     assert "skipping incomplete checkpoint" in caplog.text and "step-00000005" in caplog.text

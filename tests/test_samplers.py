@@ -234,7 +234,7 @@ def test_token_filters():
         (lambda: get_sampler("ancestral").generate(MASKED, prompt_ids=torch.tensor([[1, V]]), length=4, num_steps=4), "not the mask id"),
         (lambda: get_sampler("ancestral").generate(MASKED, prompt_ids=torch.tensor([[1, 999]]), length=4, num_steps=4), r"got \[999\]"),
         (lambda: get_sampler("ancestral").generate(MASKED, prompt_ids=torch.zeros(1, 0, dtype=torch.long), length=4, num_steps=4), "non-empty"),
-        (lambda: get_sampler("remask", block_length=4).generate(MASKED, batch_size=1, length=12, num_steps=4), r"multiple of the number of blocks to decode \(3"),
+        (lambda: get_sampler("remask", block_length=4).generate(MASKED, batch_size=1, length=12, num_steps=2), r"at least the number of blocks to decode \(3"),
         (lambda: get_sampler("ancestral").generate(SCORE_ABSORBING, batch_size=1, length=4, num_steps=4), "parameterization='subs'"),
     ],
 )

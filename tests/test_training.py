@@ -55,7 +55,10 @@ def test_resume_is_bit_exact(tmp_path):
     first_half = train(tiny(tmp_path / "b", dropout=0.1, ema_decay=0.9, stop_after_steps=3))
     assert first_half.final_dir is None
     resumed = train(tiny(tmp_path / "b", dropout=0.1, ema_decay=0.9, resume="auto"))
-    for sub in ("model/model.safetensors", "ema/model.safetensors", "optimizer.safetensors"):
+    state = next((tmp_path / "a/run/checkpoints/step-00000006/state").glob("*.safetensors")).relative_to(
+        tmp_path / "a/run/checkpoints/step-00000006")
+    assert any(k.startswith("optim.") for k in _weights(tmp_path / "a/run/checkpoints/step-00000006" / state))
+    for sub in ("model/model.safetensors", "ema/model.safetensors", str(state)):  # weights, EMA, optimizer state
         a = _weights(tmp_path / "a/run/checkpoints/step-00000006" / sub)
         b = _weights(tmp_path / "b/run/checkpoints/step-00000006" / sub)
         assert a.keys() == b.keys()
@@ -84,10 +87,10 @@ def test_resume_auto_skips_incomplete_checkpoints_and_bad_paths_fail(tmp_path):
         train(replace(config, resume=str(root / "step-00000999")))
     with pytest.raises(CheckpointError, match="incomplete"):
         train(replace(config, resume=str(broken)))
-    # a corrupt (truncated) weights file in a complete checkpoint
-    weights = complete / "model" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="corrupt safetensors file .*model.safetensors"):
+    # a corrupt (truncated) state file in a complete checkpoint
+    shard = next((complete / "state").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="the state in .*state cannot be read into this run \\(a corrupt file"):
         train(replace(config, resume=str(complete)))
 
 

@@ -77,7 +77,7 @@ def _parser_for(annotation: Any) -> Any:
 
 def add_dataclass_arguments(parser: Any, cls: type, defaults: dict[str, Any] | None = None) -> None:
     """Add ``--field-name`` for every field of ``cls`` (help from ``metadata['help']``, choices from
-    ``metadata['choices']``).
+    ``metadata['choices']``; ``metadata['required']`` makes the option required).
 
     ``defaults`` replaces a field's default for this command (a task's own settings, say).  The help shows the
     default argparse will really use (``%(default)r``), so ``--help`` cannot drift from the parsed values.
@@ -93,6 +93,10 @@ def add_dataclass_arguments(parser: Any, cls: type, defaults: dict[str, Any] | N
         shown = "%(default)r"
         if isinstance(default, Derived):
             default, shown = None, default.description.replace("%", "%%")
+        if f.metadata.get("required"):  # no default worth showing: the command needs the value
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_parser_for(hints[f.name]),
+                                required=True, choices=f.metadata.get("choices"), metavar=f.name.upper(), help=text)
+            continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, type=_parser_for(hints[f.name]), default=default,
             choices=f.metadata.get("choices"), metavar=f.name.upper(), help=f"{text} (default: {shown})",

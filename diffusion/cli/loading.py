@@ -57,8 +57,10 @@ def load_model_for(name: str, *, flag: str = "--model", trust_remote_code: bool 
     """``(model, tokenizer, is_causal)``: a causal LM as it is, anything else as a denoiser."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..adapters import read_converted
+
     location, config = _config_for(name, flag, trust_remote_code)
-    if is_causal_lm(config):
+    if is_causal_lm(config) and read_converted(location) is None:  # a converted causal LM is a denoiser
         model = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=trust_remote_code).eval()
         return model, AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code), True
     model, tokenizer = load_denoiser_for(name, flag=flag, trust_remote_code=trust_remote_code)

@@ -8,7 +8,6 @@ The token comes from the usual places (``HF_TOKEN``, ``huggingface-cli login``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 

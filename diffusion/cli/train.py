@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None, *, after_training: Callable[[Any, argpar
     hf_logging.disable_progress_bar()  # keep the terminal for our own progress bar
     try:
         result = train(config)
-    except (FileNotFoundError, CheckpointError) as err:  # a bad --dataset, --tokenizer or --resume
+    except (FileNotFoundError, CheckpointError, ValueError) as err:  # a bad --dataset, --tokenizer, --resume, launch
         print(f"ddlm-train: error: {err}", file=sys.stderr)
         return 2
     except (OSError, FloatingPointError) as err:  # a checkpoint that cannot be written, a run that diverged

@@ -65,8 +65,8 @@ def load_texts(
 ) -> dict[str, Iterable[str]]:
     """Documents of a data source, as ``{"train": ..., "validation": ...}``.
 
-    Non-streaming sources give lists; ``streaming=True`` (Hub datasets only) gives lazy iterables and
-    needs a validation split in the source.
+    Non-streaming sources give lists of strings; ``streaming=True`` (Hub datasets only) gives
+    ``datasets.IterableDataset`` objects with the one column ``text_column`` and needs a validation split.
     """
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got valid_fraction={valid_fraction!r}")
@@ -100,9 +100,9 @@ def load_texts(
     if streaming:
         if valid_name is None:
             raise ValueError(f"streaming dataset={dataset!r} needs a validation/test split (splits: {list(splits)})")
-        return {
-            "train": (row[text_column] for row in splits["train"].shuffle(seed=seed, buffer_size=10_000)),
-            "validation": (row[text_column] for row in splits[valid_name]),
+        return {  # datasets.IterableDataset objects: StreamingBlockBatches shards them with split_dataset_by_node
+            "train": splits["train"].shuffle(seed=seed, buffer_size=10_000).select_columns([text_column]),
+            "validation": splits[valid_name].select_columns([text_column]),
         }
     if valid_name is not None:
         return {"train": list(splits["train"][text_column]), "validation": list(splits[valid_name][text_column])}

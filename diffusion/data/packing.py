@@ -7,6 +7,7 @@ stream appears exactly once, in order.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +52,12 @@ def build_blocks(texts: Iterable[str], tokenizer: Any, block_size: int) -> Tenso
 
 @dataclass
 class BlockBatches:
-    """Deterministic batches of in-memory blocks: epoch ``e`` visits the blocks in ``randperm(seed + e)``.
+    """Deterministic batches of in-memory (or memory-mapped) blocks ``[n, L]``.
 
-    ``batch(step, size)`` is a pure function of ``(seed, step, size)``, so a resumed run sees exactly
-    the batches an uninterrupted one would.
+    Block ``k`` of the run's sequence is ``blocks[perm_e[k mod n]]`` with ``e = k // n`` and ``perm_e`` the seeded
+    permutation of epoch ``e``.  A batch is a stretch ``[position, position + size)`` of that sequence, so the
+    data position is one number (blocks consumed), the same whatever the number of processes; a resumed run
+    continues the sequence exactly where the checkpoint says, even after a change of world size.
     """
 
     blocks: Tensor
@@ -71,44 +74,95 @@ class BlockBatches:
             self._perm_epoch = epoch
         return self._perm
 
-    def batch(self, step: int, size: int) -> Tensor:
-        """The ``size`` blocks of global step ``step``: ``LongTensor[size, block_size]``."""
+    def batch_at(self, position: int, size: int) -> Tensor:
+        """Blocks ``position .. position + size - 1`` of the run's sequence: ``LongTensor[size, block_size]``."""
         n = len(self.blocks)
         indices = []
-        for position in range(step * size, (step + 1) * size):
-            epoch, offset = divmod(position, n)
+        for k in range(position, position + size):
+            epoch, offset = divmod(k, n)
             indices.append(int(self._permutation(epoch)[offset]))
-        return self.blocks[indices]
+        return torch.as_tensor(self.blocks[indices], dtype=torch.long)
+
+    def batch(self, step: int, size: int) -> Tensor:
+        """The ``size`` blocks of global step ``step`` when every step takes ``size`` blocks."""
+        return self.batch_at(step * size, size)
+
+
+def _shard(stream: Any, index: int, count: int) -> Iterator[Any]:
+    """Shard ``index`` of ``count`` of a stream: ``datasets.distributed.split_dataset_by_node`` for a
+    ``datasets.IterableDataset``, every ``count``-th item otherwise."""
+    try:
+        from datasets import IterableDataset
+        from datasets.distributed import split_dataset_by_node
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        IterableDataset = ()  # type: ignore[assignment]
+    if isinstance(stream, IterableDataset):
+        return iter(split_dataset_by_node(stream, rank=index, world_size=count))
+    return itertools.islice(iter(stream), index, None, count)
 
 
 class StreamingBlockBatches:
-    """Batches from a stream of documents too large for memory, tokenized and packed on the fly.
+    """Blocks from a document stream too large for memory, cut into ``num_shards`` shards dealt to the ranks.
 
-    ``make_texts`` must return the same document stream each time it is called (a seeded shuffle);
-    resuming at ``step`` replays and skips the ``step * size`` blocks already consumed.
+    Shard ``j`` holds the documents ``split_dataset_by_node(stream, rank=j, world_size=num_shards)`` gives and is
+    tokenized and packed on its own; rank ``r`` of ``world_size`` reads the shards ``j = r, r + world_size, ...``,
+    taking its rows from them in turn.  ``positions[j]`` counts the blocks taken from shard ``j`` (a shard starts
+    another pass when it runs out).  The positions are the data position a checkpoint stores: a resume, with
+    any number of processes, deals the shards anew and continues each one where it stopped, so no block is
+    read twice or skipped.
+
+    Args:
+        make_stream: a callable returning the document stream (the same each time: a seeded shuffle); its items
+            are strings, or dicts with ``text_column``.
+        positions: ``[num_shards]`` blocks already taken from each shard (a resumed run).
     """
 
-    def __init__(self, make_texts: Any, tokenizer: Any, block_size: int) -> None:
-        self.make_texts, self.tokenizer, self.block_size = make_texts, tokenizer, block_size
-        self._iterator: Iterator[list[int]] | None = None
-        self._position = 0
+    def __init__(self, make_stream: Any, tokenizer: Any, block_size: int, *, text_column: str = "text",
+                 num_shards: int = 8, rank: int = 0, world_size: int = 1, positions: list[int] | None = None) -> None:
+        if not 0 <= rank < world_size <= num_shards:
+            raise ValueError(f"need 0 <= rank < world_size <= num_shards, got rank={rank}, world_size={world_size}, "
+                             f"num_shards={num_shards}")
+        if positions is not None and len(positions) != num_shards:
+            raise ValueError(f"positions holds {len(positions)} entries for num_shards={num_shards}")
+        self.make_stream, self.tokenizer, self.block_size = make_stream, tokenizer, block_size
+        self.text_column, self.num_shards = text_column, num_shards
+        self.owned = list(range(rank, num_shards, world_size))
+        self.positions = list(positions) if positions is not None else [0] * num_shards
+        self._iterators: dict[int, Iterator[list[int]]] = {}
+        self._turn = sum(self.positions[j] for j in self.owned)  # rows this rank has taken: where its turn stands
 
-    def _blocks(self) -> Iterator[list[int]]:
-        return pack(_tokenize(self.make_texts(), self.tokenizer), self.block_size, self.tokenizer.eos_token_id)
+    def _texts(self, shard: int) -> Iterator[str]:
+        for item in _shard(self.make_stream(), shard, self.num_shards):
+            yield item[self.text_column] if isinstance(item, dict) else item
 
-    def _next_block(self) -> list[int]:
+    def _blocks(self, shard: int) -> Iterator[list[int]]:
+        return pack(_tokenize(self._texts(shard), self.tokenizer), self.block_size, self.tokenizer.eos_token_id)
+
+    def _next(self, shard: int) -> list[int]:
+        if shard not in self._iterators:  # first use: replay the blocks taken before (a resumed run)
+            self._iterators[shard] = self._blocks(shard)
+            for _ in range(self.positions[shard]):
+                self._pull(shard)
+        block = self._pull(shard)
+        self.positions[shard] += 1
+        return block
+
+    def _pull(self, shard: int) -> list[int]:
         try:
-            return next(self._iterator)
-        except StopIteration:  # the stream is exhausted: start another pass
-            self._iterator = self._blocks()
-            return next(self._iterator)
+            return next(self._iterators[shard])
+        except StopIteration:  # the shard ran out: start another pass over it
+            self._iterators[shard] = self._blocks(shard)
+            try:
+                return next(self._iterators[shard])
+            except StopIteration:
+                raise ValueError(f"stream shard {shard} of {self.num_shards} holds fewer than block_size="
+                                 f"{self.block_size} tokens: use fewer --stream-shards") from None
 
-    def batch(self, step: int, size: int) -> Tensor:
-        """The ``size`` blocks of global step ``step`` (replaying the stream when resuming)."""
-        if self._iterator is None or self._position != step * size:
-            self._iterator, self._position = self._blocks(), 0
-            for _ in range(step * size):
-                self._next_block()
-        rows = [self._next_block() for _ in range(size)]
-        self._position = (step + 1) * size
+    def local_rows(self, count: int) -> Tensor:
+        """This rank's next ``count`` blocks, ``LongTensor[count, block_size]``, taken from its shards in turn."""
+        rows = []
+        for _ in range(count):
+            shard = self.owned[self._turn % len(self.owned)]
+            self._turn += 1
+            rows.append(self._next(shard))
         return torch.tensor(rows, dtype=torch.long)

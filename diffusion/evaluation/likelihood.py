@@ -6,6 +6,9 @@ Two forms of the bound, both in nats per sequence ``x0 [B, L]``:
   ``lambda``, ``-log p(x0) <= int_0^1 f(lambda) d lambda``,
   ``f(lambda) = E_{x_lambda}[(1/lambda) sum_{i masked} -log p_theta(x0^i | x_lambda)]``.
   Exact for exact conditionals; no schedule and no eps enters.
+- **block diffusion** (BD3-LM models, ``attention_block_size``): ``-log p(x0) = sum_b -log p(x0^b | x0^{<b})``,
+  each term bounded by the lambda form with the earlier blocks clean; one lambda per node serves every block, and
+  all blocks are scored in one pass over ``x_lambda (+) x0`` (:class:`~diffusion.block_diffusion.BlockDiffusionObjective`).
 - **t form** (every other model): ``int_0^1 E_{x_t}[L(x0, t)] dt`` with the training objective's
   per-sequence loss (masked ELBO or DWDSE, weights included) plus the terminal term: for the uniform
   process ``KL(q(x_1 | x0) || uniform)`` exactly; for absorbing ``subs`` models the mass the schedule
@@ -33,6 +36,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..block_diffusion import BlockDiffusionObjective
 from ..losses import masked_elbo
 from ..objectives import DiffusionObjective
 from ..processes import UniformProcess, mask_tokens
@@ -93,6 +97,16 @@ def sequence_nelbo(model: Any, x0: Tensor, *, method: str = "quadrature", num_po
     points, weights = time_nodes(method, num_points, rows, generator=generator, t_min=T_MIN)
     total = torch.zeros(rows, dtype=torch.float64, device=device)
     calls = 0
+    if spec.block_size is not None:
+        if not spec.time_free_masked:
+            raise ValueError("a block-diffusion model must be a time-free masked model to be evaluated")
+        blocks = BlockDiffusionObjective(LINEAR_MASKING, spec.mask_id, spec.num_states, spec.block_size)
+        for n in range(num_points):  # the lambda form per block: t is the masking probability, weight 1 / lambda
+            lam = points[n].to(device)[:, None].expand(rows, x0.shape[1] // spec.block_size)
+            _, xt = blocks.corrupt(x0, t=lam, generator=generator)
+            total += weights[n].to(device) * blocks.loss(model, x0, xt, lam).per_sequence.double()
+            calls += 1
+        return total, calls
     if spec.time_free_masked:  # lambda form: time is the masking probability
         for n in range(num_points):
             lam = points[n].to(device)
@@ -168,7 +182,8 @@ def evaluate_likelihood(model: Any, blocks: Tensor, *, method: str = "quadrature
         calls += used
     model.train(was_training)
     config = model.config
-    form = "lambda" if DiffusionSpec.from_config(config).time_free_masked else "t"
+    spec = DiffusionSpec.from_config(config)
+    form = "block lambda" if spec.block_size is not None else ("lambda" if spec.time_free_masked else "t")
     note = ("absorbing score model: the eps tail at t = 1 is not included" if form == "t"
             and config.process == "absorbing" and config.parameterization == "score" else "")
     return summarize(torch.cat(values), blocks.shape[1], calls=calls, method=method, num_points=num_points,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["model_card", "usage_snippet"]
+__all__ = ["converted_card", "model_card", "usage_snippet"]
 
 
 def usage_snippet(location: str, parameterization: str) -> str:
@@ -24,14 +24,52 @@ print(tokenizer.decode(logits[0, ids.shape[1]:].argmax(-1)))
 '''
 
 
+def _meta(license: str, datasets: list[str] | None, extra_tags: list[str]) -> list[str]:
+    meta = ["---", "library_name: transformers", f"license: {license}", "tags:", "- ddlm", "- discrete-diffusion",
+            *[f"- {tag}" for tag in extra_tags], "- text-generation"]
+    if datasets:
+        meta += ["datasets:"] + [f"- {d}" for d in datasets]
+    return meta + ["pipeline_tag: fill-mask", "---", ""]
+
+
+def _records(train_config: dict | None, evaluation: dict | None) -> list[str]:
+    lines = []
+    if evaluation:
+        lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in evaluation.items()]
+        lines += [""]
+    if train_config:
+        lines += ["## Training configuration", "", "```json", json.dumps(train_config, indent=2, sort_keys=True), "```", ""]
+    return lines
+
+
+def converted_card(config: dict, record: dict, *, location: str, train_config: dict | None, evaluation: dict | None,
+                   license: str = "mit", datasets: list[str] | None = None) -> str:
+    """The README.md of a causal LM converted into a masked-diffusion denoiser (``ddlm_denoiser.json``)."""
+    architecture = ", ".join(config.get("architectures") or [config.get("model_type", "causal LM")])
+    attention = record["attention"] + (f" (block size {record['block_size']})" if record["attention"] == "block" else "")
+    lines = [
+        "# A masked-diffusion LM converted from a causal LM (ddlm)", "",
+        f"A `{architecture}` trained as a masked-diffusion denoiser: mask id {record['mask_token_id']}, attention "
+        f"{attention} (imposed through a 4-D attention mask), logit shift {'on' if record['shift_logits'] else 'off'} "
+        "(the output at position i-1 predicts token i). The weights load with the model's own architecture; "
+        "`ddlm_denoiser.json` tells the ddlm toolkit how to run it as a denoiser.", "",
+        "## Usage", "",
+        "```python", "from diffusion.adapters import load_denoiser", "from samplers import get_sampler", "",
+        f'model, tokenizer = load_denoiser("{location}")',
+        f"out = get_sampler({'block' if record['attention'] == 'block' else 'ancestral'!r})"
+        ".generate(model, batch_size=1, length=64, num_steps=64)",
+        "print(tokenizer.decode(out.tokens[0]))", "```", "",
+        f"or `ddlm-generate --model {location} --length 64`.", "",
+    ]
+    return "\n".join(_meta(license, datasets, ["absorbing-diffusion", "converted-from-causal-lm"]) + lines
+                     + _records(train_config, evaluation))
+
+
 def model_card(config: Any, *, location: str, train_config: dict | None, evaluation: dict | None,
                license: str = "mit", datasets: list[str] | None = None) -> str:
     """The README.md of a Hub folder: YAML metadata, what the model is, how to use it."""
-    meta = ["---", "library_name: transformers", f"license: {license}",
-            "tags:", "- ddlm", "- discrete-diffusion", f"- {config.process}-diffusion", "- text-generation"]
-    if datasets:
-        meta += ["datasets:"] + [f"- {d}" for d in datasets]
-    meta += ["pipeline_tag: fill-mask", "---", ""]
+    meta = _meta(license, datasets, [f"{config.process}-diffusion"])
     kind = "masked (absorbing) diffusion, MDLM/RADD ELBO" if config.parameterization == "subs" else \
         f"score-entropy discrete diffusion (SEDD), {config.process} process"
     lines = [
@@ -45,10 +83,4 @@ def model_card(config: Any, *, location: str, train_config: dict | None, evaluat
         "With the ddlm toolkit, draw whole samples (the sampler and steps of `sampler_config.json`): "
         f"`ddlm-generate --model {location} --length 64`.", "",
     ]
-    if evaluation:
-        lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in evaluation.items()]
-        lines += [""]
-    if train_config:
-        lines += ["## Training configuration", "", "```json", json.dumps(train_config, indent=2, sort_keys=True), "```", ""]
-    return "\n".join(meta + lines)
+    return "\n".join(meta + lines + _records(train_config, evaluation))

@@ -24,7 +24,8 @@ from typing import Any
 from .. import modeling_ddit
 from ..spec import DiffusionSpec
 from ..training.checkpoint import COMPLETE, CheckpointError, load_tensors, save_weights
-from .card import model_card
+from ..adapters import CONVERTED_FILE, DenoiserConfig
+from .card import converted_card, model_card
 
 __all__ = ["SAMPLER_CONFIG", "export_for_hub", "push_folder", "read_sampler_config"]
 
@@ -59,6 +60,9 @@ def export_for_hub(source: str | Path, folder: str | Path, *, use_ema: bool = Tr
     """
     source, folder = Path(source), Path(folder)
     config_dir, weights, tokenizer_dir = _resolve_source(source, use_ema)
+    if (config_dir / CONVERTED_FILE).is_file():
+        return _export_converted(source, config_dir, weights, tokenizer_dir, folder, location=location,
+                                 license=license, datasets=datasets)
     config = modeling_ddit.DDiTConfig.from_pretrained(config_dir)
     state = load_tensors(weights)  # refuses anything that is not safetensors
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,13 +77,45 @@ def export_for_hub(source: str | Path, folder: str | Path, *, use_ema: bool = Tr
     spec = DiffusionSpec.from_config(config)
     sampler = {"sampler": spec.default_sampler, "num_steps": spec.default_sampling_steps}
     (folder / SAMPLER_CONFIG).write_text(json.dumps(sampler, indent=2))
-    for item in tokenizer_dir.iterdir():
-        if item.name.startswith("tokenizer") or item.name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
-            shutil.copyfile(item, folder / item.name)
+    _copy_tokenizer(tokenizer_dir, folder)
 
     train_config, evaluation = _run_records(source)
     card = model_card(config, location=location or str(folder), train_config=train_config, evaluation=evaluation,
                       license=license, datasets=datasets)
+    (folder / "README.md").write_text(card)
+    return folder
+
+
+def _copy_tokenizer(tokenizer_dir: Path, folder: Path) -> None:
+    for item in tokenizer_dir.iterdir():
+        if item.name.startswith("tokenizer") or item.name in ("special_tokens_map.json", "vocab.json", "merges.txt",
+                                                               "chat_template.jinja"):
+            shutil.copyfile(item, folder / item.name)
+
+
+def _export_converted(source: Path, config_dir: Path, weights: Path, tokenizer_dir: Path, folder: Path, *,
+                      location: str | None, license: str, datasets: list[str] | None) -> Path:
+    """A converted causal LM: its own architecture's files, the conversion record, the sampler defaults, a card."""
+    from ..adapters import read_converted
+
+    record = read_converted(str(config_dir))
+    state = load_tensors(weights)  # refuses anything that is not safetensors
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json", CONVERTED_FILE):
+        if (config_dir / name).is_file():
+            shutil.copyfile(config_dir / name, folder / name)
+    save_weights(state, folder / "model.safetensors")
+    config = json.loads((config_dir / "config.json").read_text())
+    block = record["block_size"] if record["attention"] == "block" else None
+    spec = DiffusionSpec.from_config(DenoiserConfig(vocab_size=config["vocab_size"], mask_token_id=record["mask_token_id"],
+                                                    max_position_embeddings=1, attention=record["attention"],
+                                                    attention_block_size=block))
+    sampler = {"sampler": spec.default_sampler, "num_steps": spec.default_sampling_steps}
+    (folder / SAMPLER_CONFIG).write_text(json.dumps(sampler, indent=2))
+    _copy_tokenizer(tokenizer_dir, folder)
+    train_config, evaluation = _run_records(source)
+    card = converted_card(config, record, location=location or str(folder), train_config=train_config,
+                          evaluation=evaluation, license=license, datasets=datasets)
     (folder / "README.md").write_text(card)
     return folder
 

@@ -2,12 +2,13 @@
 
 Layout of ``<root>/step-00000500/``::
 
-    model/            config.json + model.safetensors (the trained weights; loadable with from_pretrained)
+    model/            config.json + model.safetensors (the trained weights, whole; loadable with from_pretrained)
     ema/              the same for the EMA weights (when EMA is on)
     tokenizer/        the tokenizer the run used
-    optimizer.safetensors + optimizer.json   (tensors / the rest of optimizer.state_dict())
+    state/            weights, optimizer and EMA state as safetensors shards (torch.distributed.checkpoint),
+    optimizer.json    and the optimizer's param groups: what a resume loads, at any number of processes
     rng-<rank>.safetensors                    (torch CPU and CUDA generator states of every rank)
-    trainer_state.json                        (step, LR-scheduler state, train config, counters)
+    trainer_state.json                        (step, LR-scheduler state, train config, counters, data position)
     COMPLETE                                  (written last)
 
 A checkpoint is written under a temporary name and renamed into place, so a crash never leaves a
@@ -23,6 +24,9 @@ import logging
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +44,14 @@ __all__ = [
     "find_latest_checkpoint",
     "is_complete",
     "load_tensors",
+    "load_train_state",
     "load_weights",
     "mark_complete",
     "optimizer_from_files",
     "optimizer_to_files",
     "prune_checkpoints",
     "read_json",
+    "save_train_state",
     "save_weights",
     "write_json",
 ]
@@ -217,6 +223,91 @@ def load_weights(model: nn.Module, path: Path, tied: dict[str, str] | None = Non
             f"weights in {path} do not fit the model: missing {missing}, unexpected {unexpected}, shape mismatches {wrong}"
         )
     model.load_state_dict(state, strict=False)  # the key sets were checked above; tied targets follow their source
+
+
+def _flat_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any) -> tuple[dict[str, Tensor], list]:
+    """The tensors of a run's state, flat (``model.*``, ``optim.<param>.<key>``, ``ema.*``), and the optimizer's
+    param groups.  Sharded (FSDP) or whole, as the model holds them; the optimizer state is created if empty."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    flat = {f"model.{k}": v for k, v in model_state.items()}
+    for name, entries in optim_state["state"].items():
+        for key, value in entries.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"optimizer state {name}.{key} is a {type(value).__name__}; only tensors are stored")
+            flat[f"optim.{name}.{key}"] = value
+    if ema is not None:
+        flat.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+    return flat, optim_state["param_groups"]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextmanager
+def _single_process_is_meant() -> Iterator[None]:
+    """Silence torch.distributed.checkpoint's notice that it runs in one process: one process is what we ask for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_train_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any,
+                     is_main: bool = True) -> None:
+    """Write weights, optimizer and EMA state to ``directory/state`` (safetensors, each rank its own shards,
+    through ``torch.distributed.checkpoint``) and the optimizer's param groups to ``directory/optimizer.json``.
+
+    Every rank calls it.  Whole (DDP, one process) and sharded (FSDP) runs write the same format, which loads
+    back into either at any number of processes (:func:`load_train_state`).  Nothing is pickled.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    flat, groups = _flat_train_state(model, optimizer, ema)
+    with _single_process_is_meant():
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(directory / "state"), save_distributed=True),
+                 no_dist=not _distributed())
+    if is_main:
+        write_json(directory / "optimizer.json", {"param_groups": groups})
+    if _distributed():
+        torch.distributed.barrier()
+    if is_main:
+        apply_umask(directory / "state")
+
+
+def load_train_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any) -> None:
+    """Read what :func:`save_train_state` wrote into ``model``, ``optimizer`` and ``ema``, resharding as needed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    if not (directory / "state").is_dir():
+        raise CheckpointError(f"checkpoint {directory} has no state/ folder (weights, optimizer and EMA state)")
+    groups = read_json(directory / "optimizer.json")["param_groups"]
+    flat, _ = _flat_train_state(model, optimizer, ema)
+    try:
+        with _single_process_is_meant():
+            dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(directory / "state")),
+                     no_dist=not _distributed())
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError, CheckpointException) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        first = lines[-1] if lines else type(err).__name__  # the root cause closes a checkpoint exception
+        raise CheckpointError(f"the state in {directory / 'state'} cannot be read into this run (a corrupt file, or "
+                              f"another model's): {first}") from err
+    model_state = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    optim_state: dict[str, dict[str, Tensor]] = {}
+    for key, value in flat.items():
+        if key.startswith("optim."):
+            name, entry = key[len("optim."):].rsplit(".", 1)
+            optim_state.setdefault(name, {})[entry] = value
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    set_state_dict(model, optimizer, model_state_dict=model_state,
+                   optim_state_dict={"state": optim_state, "param_groups": groups})
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer, directory: Path) -> None:

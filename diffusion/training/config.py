@@ -11,6 +11,7 @@ from typing import Any
 from ..objectives import OBJECTIVES
 from ..processes import PROCESSES
 from ..schedules import SCHEDULES, get_schedule
+from .distributed import DISTRIBUTED
 
 TRAIN_OBJECTIVES = (*OBJECTIVES, "autoregressive")  # autoregressive: the causal-LM baseline of the same size
 
@@ -22,7 +23,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "eval_every", "eval_blocks", "eval_batch_size", "log_every", "save_every", "keep_last",
     "resume", "stop_after_steps", "report_to", "progress", "attention", "max_consecutive_skips",
-    "allow_inexact_resume",
+    "allow_inexact_resume", "distributed", "gradient_checkpointing",
 })
 
 
@@ -42,9 +43,21 @@ class TrainConfig:
     text_column: str = _f("text", "column holding the text (json/parquet/Hub datasets)")
     valid_fraction: float = _f(0.02, "fraction of documents held out when the source has no validation split")
     streaming: bool = _f(False, "stream a Hub dataset instead of loading it into memory")
-    tokenizer: str = _f("builtin", "tokenizer: 'builtin' (shipped BPE, 4096 + mask), a local folder or a Hub id")
+    stream_shards: int = _f(8, "streaming: the stream is cut into this many shards (datasets' split_dataset_by_node), "
+                               "dealt to the ranks; each shard's position is checkpointed, so a resume with another "
+                               "number of processes neither repeats nor skips a block")
+    tokenizer: str = _f("auto", "tokenizer: 'builtin' (shipped BPE, 4096 + mask), a local folder or a Hub id; auto: "
+                                "builtin, or the --init-from model's own")
     seq_len: int = _f(128, "tokens per training block")
     # model
+    init_from: str | None = _f(None, "start from this model instead of a fresh one: a causal LM (LLaMA, Qwen, GPT-2, "
+                                     "an autoregressive baseline; converted on the fly, see diffusion/convert.py), a "
+                                     "model ddlm-convert wrote, or a ddit model; its architecture replaces the model "
+                                     "flags below (None: a fresh model)")
+    shift_logits: bool = _f(True, "--init-from a causal LM: the output at position i-1 predicts token i (the "
+                                  "next-token alignment the model was trained with)")
+    anneal_steps: int = _f(0, "--init-from a causal LM: training steps over which its attention goes from causal to "
+                              "bidirectional (0: bidirectional from the start)")
     hidden_size: int = _f(256, "transformer width")
     num_layers: int = _f(4, "number of transformer blocks")
     num_heads: int = _f(4, "attention heads")
@@ -55,6 +68,8 @@ class TrainConfig:
     max_position_embeddings: int = _f(1024, "longest sequence the model will accept")
     attention: str = _f("sdpa", "attention implementation: sdpa (scaled_dot_product_attention) or eager (faster on "
                         "CPUs in bf16)", choices=["sdpa", "eager"])
+    gradient_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass: same loss and "
+                                             "gradients, less memory, about a third more compute")
     # diffusion
     process: str = _f("absorbing", "forward process", choices=sorted(PROCESSES))
     objective: str = _f("masked_elbo", "loss (autoregressive trains the LLaMA-style causal-LM baseline of the same "
@@ -67,7 +82,11 @@ class TrainConfig:
                        choices=["auto", *sorted(SCHEDULES)])
     schedule_kwargs: dict | None = _f(None, "schedule arguments as JSON, e.g. '{\"eps\": 1e-3}' (None: eps 1e-3 for "
                                             "loglinear, sigma 1e-4 to 20 for geometric, the schedule's own otherwise)")
-    t_min: float = _f(1e-3, "smallest diffusion time drawn in training, t ~ U(t_min, 1)")
+    t_min: float = _f(1e-3, "smallest diffusion time drawn in training, t ~ U(t_min, t_max)")
+    t_max: float = _f(1.0, "largest diffusion time drawn in training (below 1: block diffusion's clipped range; the "
+                           "held-out bound always integrates over (t_min, 1))")
+    block_size: int | None = _f(None, "block diffusion (BD3-LM): tokens per block, dividing seq_len; each block is "
+                                      "denoised given the clean blocks before it (None: one block, MDLM)")
     antithetic: bool = _f(True, "stratified (low-discrepancy) draws of t across the global batch")
     # optimisation
     batch_size: int = _f(32, "blocks per device per micro-step")
@@ -88,6 +107,9 @@ class TrainConfig:
     ema_decay: float = _f(0.999, "EMA decay of the weights used for evaluation and the final model (0 turns EMA off)")
     precision: str = _f("auto", "no (float32), bf16, fp16 (GPU only) or auto (bf16 where the device has fast bf16)",
                         choices=list(PRECISIONS))
+    distributed: str = _f("auto", "how several processes share the work: ddp (whole model on every rank), fsdp "
+                                  "(FSDP2: weights, gradients and optimizer state sharded), none, or auto (ddp when "
+                                  "launched with several processes)", choices=list(DISTRIBUTED))
     seed: int = _f(0, "seed of initialisation, data order and noise")
     # bookkeeping
     eval_every: int = _f(250, "steps between held-out evaluations (0: only at the end)")
@@ -107,7 +129,7 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {list(choices)}, got {f.name}={getattr(self, f.name)!r}")
-        positive = ("max_consecutive_skips", "seq_len", "hidden_size", "num_layers", "num_heads", "cond_dim", "batch_size",
+        positive = ("max_consecutive_skips", "stream_shards", "seq_len", "hidden_size", "num_layers", "num_heads", "cond_dim", "batch_size",
                     "grad_accum_steps", "max_steps", "eval_blocks", "eval_batch_size", "log_every",
                     "keep_last", "max_position_embeddings")
         for name in positive:
@@ -126,6 +148,7 @@ class TrainConfig:
              f"must not exceed max_position_embeddings={self.max_position_embeddings}"),
             ("lr", self.lr > 0, "must be > 0"),
             ("t_min", 0 < self.t_min < 1, "must be in (0, 1)"),
+            ("t_max", self.t_min < self.t_max <= 1, f"must be in (t_min={self.t_min}, 1]"),
             ("valid_fraction", 0 < self.valid_fraction < 1, "must be in (0, 1)"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
@@ -147,6 +170,7 @@ class TrainConfig:
             raise ValueError(f"parameterization='subs' needs process='absorbing', got process={self.process!r}")
         if self.objective == "masked_elbo" and self.resolved_parameterization != "subs":
             raise ValueError("objective='masked_elbo' needs parameterization='subs' (or auto), got 'score'")
+        self._check_start_and_blocks()
         if self.schedule_kwargs is not None and not isinstance(self.schedule_kwargs, dict):
             raise ValueError(f"schedule_kwargs must be a dict, got schedule_kwargs={self.schedule_kwargs!r}")
         name, kwargs = self.resolved_schedule
@@ -155,7 +179,42 @@ class TrainConfig:
         except TypeError as err:
             raise ValueError(f"schedule_kwargs={self.schedule_kwargs!r} do not fit schedule {name!r}: {err}") from err
 
+    def _check_start_and_blocks(self) -> None:
+        """--init-from, --block-size and --t-max: what they combine with."""
+        if self.block_size is not None:
+            if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+                raise ValueError(f"block_size must be a positive int or None, got block_size={self.block_size!r}")
+            if self.seq_len % self.block_size:
+                raise ValueError(f"block_size={self.block_size} must divide seq_len={self.seq_len}")
+            if self.objective != "masked_elbo":
+                raise ValueError(f"block_size (block diffusion) needs objective='masked_elbo', got {self.objective!r}")
+            if self.time_conditioning == "on":
+                raise ValueError("block_size (block diffusion) needs time_conditioning off: every block has its own "
+                                 "noise level, and the denoiser reads none")
+        if self.t_max < 1 and self.block_size is None:
+            raise ValueError(f"t_max below 1 (a clipped range) is for block diffusion: set block_size, got "
+                             f"t_max={self.t_max!r}")
+        if isinstance(self.anneal_steps, bool) or not isinstance(self.anneal_steps, int) or self.anneal_steps < 0:
+            raise ValueError(f"anneal_steps must be an int >= 0, got anneal_steps={self.anneal_steps!r}")
+        if self.anneal_steps and self.block_size is not None:
+            raise ValueError("anneal_steps anneals towards bidirectional attention; block diffusion (block_size) keeps "
+                             "its block-causal attention from the start")
+        if self.init_from is not None:
+            if self.objective != "masked_elbo":
+                raise ValueError(f"init_from trains a masked-diffusion model: objective must be 'masked_elbo', got "
+                                 f"{self.objective!r}")
+            if self.tokenizer != "auto":
+                raise ValueError(f"init_from brings its own tokenizer: leave tokenizer at 'auto', got "
+                                 f"tokenizer={self.tokenizer!r}")
+        elif self.anneal_steps:
+            raise ValueError(f"anneal_steps is for a causal LM given by init_from, got anneal_steps={self.anneal_steps}")
+
     # --- resolved values (the config itself is never rewritten) ---------------------------
+
+    @property
+    def resolved_tokenizer(self) -> str:
+        """``tokenizer``, with auto as builtin (a run with init_from takes the model's own instead)."""
+        return "builtin" if self.tokenizer == "auto" else self.tokenizer
 
     @property
     def resolved_warmup_steps(self) -> int:

@@ -12,6 +12,7 @@ weights, optimizer, LR schedule, EMA and the global torch RNG (dropout) travel t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,9 +29,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..adapters import DiffusionLMAdapter
+from ..block_diffusion import BlockDiffusionObjective
 from ..evaluation.autoregressive import AutoregressiveObjective, build_causal_lm
 from ..modeling_ddit import DDiTConfig, DDiTModel
 from ..objectives import DiffusionObjective
+from ..spec import DiffusionSpec
 from .checkpoint import (
     CheckpointError,
     atomic_directory,
@@ -39,20 +43,22 @@ from .checkpoint import (
     find_latest_checkpoint,
     is_complete,
     load_tensors,
-    load_weights,
-    optimizer_from_files,
-    optimizer_to_files,
+    load_train_state,
     prune_checkpoints,
     read_json,
+    save_train_state,
     save_weights,
     write_json,
 )
 from .config import RESUMABLE_CHANGES, TrainConfig
+from .distributed import clip_gradients, full_state, resolve_distributed, shard_model
+from .init_model import load_init_model
 from .run_data import RunData, load_run_data
 from .ema import EMA
 from .seeding import derive_generator
 
-__all__ = ["TrainResult", "build_model_and_objective", "build_model_config", "evaluate_loss", "lr_factor", "train"]
+__all__ = ["TrainResult", "build_model_and_objective", "build_model_config", "evaluate_loss", "held_out_objective",
+           "lr_factor", "resolve_precision", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +71,9 @@ class TrainResult:
     metrics_path: Path
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of the peak LR at optimizer step ``step``: linear warm-up, then cosine to min_lr_ratio."""
+def lr_factor(step: int, config: Any) -> float:
+    """Multiplier of the peak LR at optimizer step ``step``: linear warm-up, then cosine to min_lr_ratio (``config``:
+    any run config with ``resolved_warmup_steps``, ``max_steps`` and ``min_lr_ratio``)."""
     warmup = config.resolved_warmup_steps
     if step < warmup:
         return (step + 1) / warmup
@@ -102,11 +109,20 @@ def build_model_config(config: TrainConfig, tokenizer: Any) -> DDiTConfig:
         eos_token_id=tokenizer.eos_token_id,
         attn_implementation=config.attention,
         trained_length=config.seq_len,
+        attention_block_size=config.block_size,
     )
 
 
-def build_model_and_objective(config: TrainConfig, tokenizer: Any) -> tuple[torch.nn.Module, Any]:
-    """The freshly initialised model a run trains and the objective that scores it."""
+def build_model_and_objective(config: TrainConfig, tokenizer: Any, model: torch.nn.Module | None = None,
+                              ) -> tuple[torch.nn.Module, Any]:
+    """The model a run trains (freshly initialised, or ``model``: the ``init_from`` one) and the objective that
+    scores it: block diffusion with ``block_size``, else ``config.objective``."""
+    if model is not None:
+        spec = DiffusionSpec.from_config(model.config)
+        if not spec.masked:
+            raise ValueError(f"init_from must be a masked-diffusion model, got process={spec.process_name!r}, "
+                             f"parameterization={spec.parameterization!r}")
+        return model, _diffusion_objective(config, spec)
     if config.objective == "autoregressive":
         model = build_causal_lm(vocab_size=len(tokenizer), hidden_size=config.hidden_size,
                                 num_layers=config.num_layers, num_heads=config.num_heads,
@@ -115,38 +131,70 @@ def build_model_and_objective(config: TrainConfig, tokenizer: Any) -> tuple[torc
                                 attn_implementation=config.attention, trained_length=config.seq_len)
         return model, AutoregressiveObjective(len(tokenizer))
     model_config = build_model_config(config, tokenizer)
-    objective = DiffusionObjective.from_config(model_config, objective=config.objective, t_min=config.t_min,
-                                               antithetic=config.antithetic)
-    return DDiTModel(model_config), objective
+    return DDiTModel(model_config), _diffusion_objective(config, DiffusionSpec.from_config(model_config))
+
+
+def _diffusion_objective(config: TrainConfig, spec: DiffusionSpec) -> Any:
+    if config.block_size is not None:
+        return BlockDiffusionObjective.from_spec(spec, config.block_size, t_low=config.t_min, t_high=config.t_max,
+                                                 antithetic=config.antithetic)
+    return DiffusionObjective.from_spec(spec, config.objective, t_min=config.t_min, antithetic=config.antithetic)
+
+
+def held_out_objective(objective: Any) -> Any:
+    """The objective held-out evaluation uses: block diffusion's clipped range widened to the bound's ``t_high = 1``."""
+    if isinstance(objective, BlockDiffusionObjective) and objective.t_high < 1.0:
+        return dataclasses.replace(objective, t_high=1.0)
+    return objective
 
 
 @dataclass
 class _State:
-    """What a run updates: the model (``wrapped`` by DDP when several processes), its optimizer, LR schedule,
-    EMA and counters; ``step`` is the number of optimizer steps taken (skipped ones included)."""
+    """What a run updates: the model (``wrapped`` by DDP when several processes share it; FSDP shards it in place),
+    its optimizer (``stepper``: accelerate's wrapper of it, or itself), LR schedule, EMA and counters.  ``step``
+    is the number of optimizer steps taken (skipped ones included); ``counters["blocks_consumed"]`` the data
+    position."""
 
     model: Any
     wrapped: Any
     objective: Any
+    eval_objective: Any
     optimizer: Any
+    stepper: Any
     scheduler: Any
     ema: EMA | None
+    mode: str
     step: int = 0
-    counters: dict[str, Any] = field(default_factory=lambda: {"tokens_seen": 0, "skipped_steps": 0})
+    counters: dict[str, Any] = field(default_factory=lambda: {"tokens_seen": 0, "skipped_steps": 0,
+                                                              "blocks_consumed": 0})
 
 
-def _build(config: TrainConfig, tokenizer: Any) -> _State:
+def _build(config: TrainConfig, tokenizer: Any, mode: str, acc: Any, init_model: Any = None) -> _State:
+    """Model, objective, optimizer, LR schedule and EMA; under FSDP the model is sharded before the optimizer and
+    the EMA are made, so that both hold shards too.  ``init_model``: the model ``init_from`` gave."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model, objective = build_model_and_objective(config, tokenizer)
+    model, objective = build_model_and_objective(config, tokenizer, init_model)
+    if config.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    if mode == "fsdp":
+        shard_model(model.to(acc.device), acc.device, bf16=resolve_precision(config) == "bf16")
     # fused: one kernel over all parameters (CPU and CUDA), 4-5x faster than the foreach loop on a CPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_eps, weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
-    return _State(model, model, objective, optimizer, scheduler, ema)
+    return _State(model, model, objective, held_out_objective(objective), optimizer, optimizer, scheduler, ema, mode)
 
 
-def _precision(config: TrainConfig) -> str:
+def _prepare(state: _State, acc: Any) -> None:
+    """Hand the model to DDP (``ddp``, ``none``: accelerate's device placement); FSDP needs nothing more."""
+    if state.mode != "fsdp":
+        state.wrapped, state.stepper = acc.prepare(state.model, state.optimizer)
+
+
+def resolve_precision(config: Any) -> str:
+    """The precision a run uses: ``config.precision``, with auto as bf16 where the device computes it fast."""
     if config.precision != "auto":
         if config.precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("precision='fp16' has no fast kernels on the CPU (about 80x slower); use bf16 or no")
@@ -160,21 +208,27 @@ def _precision(config: TrainConfig) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
-def _accelerator(config: TrainConfig) -> Any:
-    from accelerate import Accelerator
+def _accelerator(config: TrainConfig) -> tuple[Any, str]:
+    """The accelerator and the distributed mode (see :mod:`diffusion.training.distributed`).
+
+    Under FSDP the precision is FSDP's own policy, so accelerate runs without autocast.
+    """
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType
 
+    world = PartialState(cpu=not torch.cuda.is_available()).num_processes
+    mode = resolve_distributed(config.distributed, world)
     log_with = None if config.report_to == "none" else config.report_to
     # cpu=True on GPU-less machines lets torchrun / accelerate launch ranks form a gloo group (MULTI_CPU).
-    acc = Accelerator(mixed_precision=_precision(config), log_with=log_with, project_dir=config.output_dir,
-                      cpu=not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision="no" if mode == "fsdp" else resolve_precision(config), log_with=log_with,
+                      project_dir=config.output_dir, cpu=not torch.cuda.is_available())
     if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        raise ValueError(
-            f"distributed type {acc.distributed_type} is not supported by this loop yet (one device, DDP on CPU or GPU)"
-        )
+        raise ValueError(f"accelerate's distributed type {acc.distributed_type} is not used by this loop: launch "
+                         "plain processes (torchrun, or accelerate launch without an FSDP/DeepSpeed config) and choose "
+                         "--distributed ddp or fsdp")
     if log_with:
         acc.init_trackers("ddlm", config={k: str(v) for k, v in config.to_dict().items()})
-    return acc
+    return acc, mode
 
 
 # ----- resume --------------------------------------------------------------------------------------------
@@ -208,24 +262,56 @@ def _restore_rng(path: Path, rank: int, allow_inexact: bool) -> None:
 
 
 def _resume(path: Path, state: _State, config: TrainConfig, acc: Any) -> None:
-    """Load a checkpoint into ``state`` (weights, EMA, optimizer, LR schedule, counters, RNG)."""
+    """Load a checkpoint into ``state`` (weights, EMA, optimizer, LR schedule, counters, RNG).
+
+    Any checkpoint loads into any mode (one process, DDP, FSDP) and is resharded to the run's processes; with
+    another number of processes than the writer's, the run cannot repeat the original (each rank's dropout
+    stream and share of the batch change), so that needs ``--allow-inexact-resume``.
+    """
     saved = read_json(path / "trainer_state.json")
     check_resumable(saved.get("config", {}), config.to_dict(), RESUMABLE_CHANGES, path)
-    if saved.get("num_processes") != acc.num_processes:
+    written_by = saved.get("num_processes")
+    if written_by != acc.num_processes and not config.allow_inexact_resume:
         raise CheckpointError(
-            f"checkpoint {path} was written by {saved.get('num_processes')} processes, this run has "
-            f"{acc.num_processes}: the dropout RNG streams would differ"
-        )
-    model = state.model
-    tied = model.all_tied_weights_keys if model.config.tie_word_embeddings else {}
-    load_weights(model, path / "model" / "model.safetensors", tied=tied)
+            f"checkpoint {path} was written by {written_by} processes, this run has {acc.num_processes}: resume "
+            f"with {written_by} processes to continue exactly, or pass --allow-inexact-resume true to reshard it "
+            "(the dropout streams and each rank's rows then differ from the original run)")
+    load_train_state(path, state.model, state.optimizer, state.ema)
     if state.ema is not None:
-        state.ema.load_state_dict(load_tensors(path / "ema" / "model.safetensors"), saved["ema_updates"])
-    optimizer_from_files(state.optimizer, path)
+        state.ema.num_updates = int(saved["ema_updates"])
     state.scheduler.load_state_dict(saved["scheduler"])
-    _restore_rng(path, acc.process_index, config.allow_inexact_resume)
+    _restore_rng(path, acc.process_index, config.allow_inexact_resume or written_by != acc.num_processes)
     state.step = saved["step"]
-    state.counters = {"tokens_seen": saved.get("tokens_seen", 0), "skipped_steps": saved.get("skipped_steps", 0)}
+    global_batch = config.batch_size * (written_by or 1) * config.grad_accum_steps
+    state.counters = {"tokens_seen": saved.get("tokens_seen", 0), "skipped_steps": saved.get("skipped_steps", 0),
+                      "blocks_consumed": saved.get("blocks_consumed", state.step * global_batch),
+                      "stream_positions": saved.get("stream_positions")}
+
+
+def _consolidated(state: _State) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """Whole weights and EMA weights (every rank must call it: FSDP gathers the shards)."""
+    model_state = full_state(state.model.state_dict()) if state.mode == "fsdp" else None
+    ema_state = (full_state(state.ema.shadow) if state.mode == "fsdp" else state.ema.state_dict()) \
+        if state.ema is not None else None
+    return model_state, ema_state
+
+
+def _save_model_folder(folder: Path, state: _State, weights: dict[str, Tensor] | None) -> None:
+    """A ``from_pretrained`` folder of ``weights`` (None: the model's own, unsharded weights).
+
+    A converted causal LM writes its own architecture's folder plus its conversion record."""
+    model = state.model
+    if isinstance(model, DiffusionLMAdapter) or (weights is None and state.mode != "fsdp"):
+        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import PreTrainedModel
+
+    cls = next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
+    with torch.random.fork_rng(devices=[]):  # building a model draws initial weights: keep the run's RNG stream
+        whole = cls(model.config)
+    whole.load_state_dict(weights, strict=False)  # tied targets follow their source
+    whole.save_pretrained(folder, safe_serialization=True)
 
 
 # ----- the run's folder ----------------------------------------------------------------------------------
@@ -279,14 +365,14 @@ class _Run:
             if self.config.report_to != "none":
                 self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
-    def save(self, state: _State, tokenizer: Any) -> Path:
+    def save(self, state: _State, tokenizer: Any, data: RunData) -> Path:
         """Write ``checkpoints/step-N`` atomically; a failed write leaves the previous checkpoint intact."""
         acc = self.acc
         final = self.ckpt_root / checkpoint_name(state.step)
         try:
             with atomic_directory(final, complete=True, barrier=acc.wait_for_everyone,
                                   is_main=acc.is_main_process) as tmp:
-                self._write(tmp, state, tokenizer)
+                self._write(tmp, state, tokenizer, data)
         except OSError as err:  # disk full, read-only file system
             previous = find_latest_checkpoint(self.ckpt_root)
             raise OSError(err.errno, f"could not write checkpoint {final.name} in {self.ckpt_root} "
@@ -295,23 +381,26 @@ class _Run:
             prune_checkpoints(self.ckpt_root, self.config.keep_last)
         return final
 
-    def _write(self, tmp: Path, state: _State, tokenizer: Any) -> None:
+    def _write(self, tmp: Path, state: _State, tokenizer: Any, data: RunData) -> None:
+        """Every rank: its RNG state, its shards of the train state; the main process: the whole weights."""
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
         save_weights(rng, tmp / f"rng-{self.acc.process_index}.safetensors")
+        save_train_state(tmp, state.model, state.optimizer, state.ema, is_main=self.acc.is_main_process)
+        model_state, ema_state = _consolidated(state)
+        positions = data.stream_positions(self.acc)
         if not self.acc.is_main_process:
             return
-        model, ema = state.model, state.ema
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        if ema is not None:
-            model.config.save_pretrained(tmp / "ema")
-            save_weights(ema.state_dict(), tmp / "ema" / "model.safetensors")
+        _save_model_folder(tmp / "model", state, model_state)
+        if ema_state is not None:
+            _save_model_folder(tmp / "ema", state, ema_state)
         tokenizer.save_pretrained(tmp / "tokenizer")
-        optimizer_to_files(state.optimizer, tmp)
+        counters = {**state.counters, "stream_positions": positions}
         write_json(tmp / "trainer_state.json", {
             "step": state.step, "scheduler": state.scheduler.state_dict(), "config": self.config.to_dict(),
-            "num_processes": self.acc.num_processes, "ema_updates": ema.num_updates if ema else 0, **state.counters,
+            "num_processes": self.acc.num_processes, "distributed": state.mode,
+            "ema_updates": state.ema.num_updates if state.ema else 0, **counters,
         })
 
 
@@ -323,24 +412,32 @@ def _optimizer_step(state: _State, x0_global: Tensor, xt_global: Tensor, t_globa
     loss or the gradient norm is non-finite on any rank.  Returns ``(loss, grad_norm, skipped)``."""
     world, micro = acc.num_processes, config.batch_size
     step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
+    fsdp = state.mode == "fsdp"
     for m in range(config.grad_accum_steps):
         rows = slice((m * world + acc.process_index) * micro, (m * world + acc.process_index + 1) * micro)
         x0, xt, t = (v[rows].to(acc.device) for v in (x0_global, xt_global, t_global))
-        sync_context = acc.no_sync(state.wrapped) if m < config.grad_accum_steps - 1 else nullcontext()
+        last = m == config.grad_accum_steps - 1
+        if fsdp:  # FSDP reduce-scatters the gradients only after the last micro-step
+            state.model.set_requires_gradient_sync(last)
+            sync_context = nullcontext()
+        else:
+            sync_context = acc.no_sync(state.wrapped) if not last else nullcontext()
         with sync_context, acc.autocast():
             out = state.objective.loss(state.wrapped, x0, xt, t)
             acc.backward(out.loss / config.grad_accum_steps)
         step_loss += out.loss.detach().double() / config.grad_accum_steps
     # The norm is always computed (max_norm=inf clips nothing) so that non-finite gradients are caught.
-    grad_norm = acc.clip_grad_norm_(state.wrapped.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
+    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+    grad_norm = clip_gradients(state.model.parameters(), max_norm) if fsdp else \
+        acc.clip_grad_norm_(state.wrapped.parameters(), max_norm)
     bad = torch.tensor(float(not (torch.isfinite(step_loss) and torch.isfinite(grad_norm))), device=acc.device)
     skipped = acc.reduce(bad, reduction="sum").item() > 0  # every rank skips together
     if not skipped:
-        state.optimizer.step()
+        state.stepper.step()
         state.scheduler.step()
         if state.ema is not None:
             state.ema.update(state.model)
-    state.optimizer.zero_grad(set_to_none=True)
+    state.stepper.zero_grad(set_to_none=True)
     return step_loss, grad_norm, skipped
 
 
@@ -350,21 +447,31 @@ def evaluate_loss(
     accelerator: Any = None,
 ) -> float:
     """Mean held-out loss (nats per token) with noise fixed by ``seed``: comparable across evaluations
-    and the same for any number of ranks (batch i is drawn with its own generator; rank i % world runs it)."""
+    and the same for any number of ranks (batch i is drawn with its own generator; rank i % world runs it).
+
+    Every rank makes the same number of forward passes (a rank out of batches repeats the last one and counts
+    nothing), because a sharded model gathers its weights across all ranks in every pass.
+    """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for index, start in enumerate(range(0, len(blocks), batch_size)):
-        if index % world != rank:
-            continue
-        x0 = blocks[start : start + batch_size]
+    starts = list(range(0, len(blocks), batch_size))
+    for turn in range(-(-len(starts) // world)):
+        index = turn * world + rank
+        counted = index < len(starts)
+        index = min(index, len(starts) - 1)
+        x0 = blocks[starts[index] : starts[index] + batch_size]
         t, xt = objective.corrupt(x0, generator=derive_generator(seed, index, "eval"))
         context = accelerator.autocast() if accelerator else nullcontext()
         with context:
             out = objective.loss(model, x0.to(device), xt.to(device), t.to(device))
-        total += torch.tensor([out.per_sequence.double().sum().item(), out.num_tokens], dtype=torch.float64, device=device)
+        if counted:
+            total += torch.tensor([out.per_sequence.double().sum().item(), out.num_tokens], dtype=torch.float64,
+                                  device=device)
+    if hasattr(model, "reshard"):  # FSDP keeps the root's weights gathered after a forward without backward
+        model.reshard()
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
@@ -375,18 +482,17 @@ def _evaluate(state: _State, blocks: Tensor, config: TrainConfig, acc: Any) -> f
     """Held-out loss of the EMA weights (of the raw weights when EMA is off)."""
     weights = state.ema.applied(state.model) if state.ema is not None else nullcontext(state.model)
     with weights as model:
-        return evaluate_loss(model, state.objective, blocks, config.eval_batch_size, config.seed, acc)
+        return evaluate_loss(model, state.eval_objective, blocks, config.eval_batch_size, config.seed, acc)
 
 
 def _export_final(run: _Run, state: _State, tokenizer: Any) -> Path:
     """``output_dir/final``: the EMA weights (or raw weights) and the tokenizer, loadable with from_pretrained."""
     final = run.root / "final"
     acc = run.acc
+    model_state, ema_state = _consolidated(state)
     with atomic_directory(final, complete=True, barrier=acc.wait_for_everyone, is_main=acc.is_main_process) as tmp:
         if acc.is_main_process:
-            weights = state.ema.applied(state.model) if state.ema is not None else nullcontext(state.model)
-            with weights as model:
-                model.save_pretrained(tmp, safe_serialization=True)
+            _save_model_folder(tmp, state, ema_state if ema_state is not None else model_state)
             tokenizer.save_pretrained(tmp)
     return final
 
@@ -412,22 +518,27 @@ def _log_eval(run: _Run, step: int, loss: float, config: TrainConfig) -> None:
 def train(config: TrainConfig) -> TrainResult:
     """Train a denoiser as ``config`` says; returns where the final model went and the last held-out loss."""
     resume_path = _resolve_resume(config, Path(config.output_dir) / "checkpoints")  # a bad path fails before any work
-    acc = _accelerator(config)
+    acc, mode = _accelerator(config)
     run = _Run(config, acc)
-    data: RunData = load_run_data(config, acc)
-    state = _build(config, data.tokenizer)
+    init_model, init_tokenizer = load_init_model(config) if config.init_from else (None, None)
+    positions = read_json(resume_path / "trainer_state.json").get("stream_positions") if resume_path else None
+    data: RunData = load_run_data(config, acc, stream_positions=positions, tokenizer=init_tokenizer)
+    state = _build(config, data.tokenizer, mode, acc, init_model)
     if resume_path is not None:
         _resume(resume_path, state, config, acc)
         acc.print(f"resumed from {resume_path} at step {state.step}")
-    state.wrapped, state.optimizer = acc.prepare(state.model, state.optimizer)
+    _prepare(state, acc)
 
     world = acc.num_processes
     global_batch = config.batch_size * world * config.grad_accum_steps
     tokens_per_step = global_batch * config.seq_len
     stop = config.stop_after_steps or config.max_steps
-    num_params = sum(p.numel() for p in state.model.parameters())
-    acc.print(f"model: {num_params / 1e6:.2f}M parameters | train blocks/step {global_batch} x {config.seq_len} | "
-              f"held-out blocks {len(data.valid_blocks)} | precision {acc.mixed_precision} | processes {world}")
+    num_params = sum(_numel(p) for p in state.model.parameters())
+    precision = "bf16 (FSDP policy)" if mode == "fsdp" and resolve_precision(config) == "bf16" else \
+        ("no" if mode == "fsdp" else acc.mixed_precision)
+    origin = f" from {config.init_from}" if config.init_from else ""
+    acc.print(f"model{origin}: {num_params / 1e6:.2f}M parameters | train blocks/step {global_batch} x {config.seq_len} | "
+              f"held-out blocks {len(data.valid_blocks)} | precision {precision} | processes {world} ({mode})")
 
     eval_loss = None
     if state.step == 0 and config.eval_every:
@@ -441,9 +552,12 @@ def train(config: TrainConfig) -> TrainResult:
     preemption = _Preemption()  # SIGTERM: finish the step, checkpoint, exit cleanly
     try:
         while state.step < stop:
-            x0_global = data.batches.batch(state.step, global_batch)
+            x0_global = data.global_batch(state.counters["blocks_consumed"], global_batch, acc)
+            state.counters["blocks_consumed"] += global_batch
             t_global, xt_global = state.objective.corrupt(x0_global,
                                                           generator=derive_generator(config.seed, state.step, "batch"))
+            if config.anneal_steps:
+                state.model.set_step(state.step)
             step_loss, grad_norm, skipped = _optimizer_step(state, x0_global, xt_global, t_global, config, acc)
             state.step += 1
             done = state.step
@@ -477,10 +591,10 @@ def train(config: TrainConfig) -> TrainResult:
                 _log_eval(run, done, eval_loss, config)
             saved = (config.save_every and done % config.save_every == 0) or done == stop
             if saved:
-                run.save(state, data.tokenizer)
+                run.save(state, data.tokenizer, data)
             if preemption.requested(acc) and done < stop:
                 if not saved:
-                    run.save(state, data.tokenizer)
+                    run.save(state, data.tokenizer, data)
                 bar.close()
                 print(f"ddlm-train: received {preemption.signal_name}: checkpoint saved at step {done} in "
                       f"{run.ckpt_root}; continue with --resume auto", file=sys.stderr, flush=True)
@@ -493,3 +607,8 @@ def train(config: TrainConfig) -> TrainResult:
     final_dir = _export_final(run, state, data.tokenizer) if stop == config.max_steps else None
     acc.end_training()
     return TrainResult(step=stop, final_dir=final_dir, eval_loss=eval_loss, metrics_path=run.metrics_path)
+
+
+def _numel(parameter: Tensor) -> int:
+    """Elements of a parameter, whole even when it is a shard."""
+    return parameter.numel() if not hasattr(parameter, "full_tensor") else int(torch.Size(parameter.shape).numel())

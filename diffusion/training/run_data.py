@@ -1,42 +1,92 @@
-"""The data of one training run: its tokenizer, the training batches and the held-out blocks."""
+"""The data of one training run: its tokenizer, where each step's global batch comes from, the held-out blocks.
+
+Three sources, one interface (:meth:`RunData.global_batch`):
+
+- in memory: documents tokenized and packed at start (:class:`~diffusion.data.BlockBatches`);
+- prepared: the memory-mapped blocks of a ``ddlm-prepare`` folder, nothing tokenized (same class);
+- streaming: :class:`~diffusion.data.StreamingBlockBatches`, each rank packing its own shards of the stream; the
+  ranks' rows are gathered so that every rank sees the global batch (and draws the same noise for it).
+
+The data position a checkpoint stores: blocks consumed (in memory, prepared) or blocks per stream shard.
+"""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..data import BlockBatches, StreamingBlockBatches, build_blocks, load_texts, load_tokenizer
+from ..data.prepare import is_prepared, load_prepared
 from .config import TrainConfig
 
 __all__ = ["RunData", "load_run_data"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunData:
-    """``batches.batch(step, size)`` gives the global batch of a step; ``valid_blocks [n, seq_len]`` the held-out set."""
-
     tokenizer: Any
     batches: Any
     valid_blocks: Tensor
+    streaming: bool = False
+    accum_steps: int = 1
+
+    def global_batch(self, position: int, size: int, accelerator: Any) -> Tensor:
+        """The ``size`` blocks of one optimizer step starting at ``position`` (blocks consumed so far)."""
+        if not self.streaming:
+            return self.batches.batch_at(position, size)
+        world = accelerator.num_processes
+        local = self.batches.local_rows(size // world)  # (accum * micro, L): this rank's rows, micro-batch by micro
+        if world == 1:
+            return local
+        gathered = accelerator.gather(local.to(accelerator.device)).cpu()  # (world * accum * micro, L), rank-major
+        micro_rows = size // world // self.accum_steps
+        chunks = gathered.view(world, self.accum_steps, micro_rows, -1).transpose(0, 1)
+        return chunks.reshape(size, -1)  # micro-step m, rank r -> rows (m * world + r) * micro
+
+    def stream_positions(self, accelerator: Any) -> list[int] | None:
+        """Every stream shard's position, combined from the ranks that own them (every rank must call it)."""
+        if not self.streaming:
+            return None
+        mine = torch.zeros(len(self.batches.positions), dtype=torch.long)
+        for shard in self.batches.owned:
+            mine[shard] = self.batches.positions[shard]
+        if accelerator.num_processes > 1:
+            mine = accelerator.reduce(mine.to(accelerator.device), reduction="sum").cpu()
+        return mine.tolist()
 
 
-def load_run_data(config: TrainConfig, accelerator: Any) -> RunData:
-    """Tokenizer, batches and held-out blocks as ``config`` says (the main process reads a Hub dataset first)."""
-    tokenizer = load_tokenizer(config.tokenizer)
+def load_run_data(config: TrainConfig, accelerator: Any, stream_positions: list[int] | None = None,
+                  tokenizer: Any = None) -> RunData:
+    """Tokenizer, batches and held-out blocks as ``config`` says (the main process reads a Hub dataset first).
+
+    ``tokenizer``: the one to use instead of ``config``'s (the tokenizer of an ``init_from`` model)."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.resolved_tokenizer)
+    if is_prepared(config.dataset):
+        splits = load_prepared(config.dataset, tokenizer=tokenizer, seq_len=config.seq_len)
+        return RunData(tokenizer, BlockBatches(splits["train"], seed=config.seed),
+                       splits["validation"][: config.eval_blocks].long(), accum_steps=config.grad_accum_steps)
     with accelerator.main_process_first():
         texts = load_texts(config.dataset, dataset_config=config.dataset_config, text_column=config.text_column,
                            valid_fraction=config.valid_fraction, seed=config.seed, streaming=config.streaming)
-    if config.streaming:
-        def make_texts() -> Any:
-            return load_texts(config.dataset, dataset_config=config.dataset_config, text_column=config.text_column,
-                              seed=config.seed, streaming=True)["train"]
-
-        batches: Any = StreamingBlockBatches(make_texts, tokenizer, config.seq_len)
-        valid_texts = (text for _, text in zip(range(10 * config.eval_blocks), texts["validation"]))
-    else:
+    if not config.streaming:
         batches = BlockBatches(build_blocks(texts["train"], tokenizer, config.seq_len), seed=config.seed)
-        valid_texts = texts["validation"]
+        valid_blocks = build_blocks(texts["validation"], tokenizer, config.seq_len)[: config.eval_blocks]
+        return RunData(tokenizer, batches, valid_blocks, accum_steps=config.grad_accum_steps)
+
+    def make_stream() -> Any:
+        return load_texts(config.dataset, dataset_config=config.dataset_config, text_column=config.text_column,
+                          seed=config.seed, streaming=True)["train"]
+
+    if accelerator.num_processes > config.stream_shards:
+        raise ValueError(f"stream_shards={config.stream_shards} is fewer than the {accelerator.num_processes} "
+                         "processes: every rank needs a shard of the stream")
+    batches = StreamingBlockBatches(make_stream, tokenizer, config.seq_len, text_column=config.text_column,
+                                    num_shards=config.stream_shards, rank=accelerator.process_index,
+                                    world_size=accelerator.num_processes, positions=stream_positions)
+    valid_texts = (row[config.text_column] for row in itertools.islice(texts["validation"], 10 * config.eval_blocks))
     valid_blocks = build_blocks(valid_texts, tokenizer, config.seq_len)[: config.eval_blocks]
-    return RunData(tokenizer, batches, valid_blocks)
+    return RunData(tokenizer, batches, valid_blocks, streaming=True, accum_steps=config.grad_accum_steps)

@@ -2,6 +2,8 @@
 
     ddlm-generate --model runs/shakespeare/final --prompt "HAMLET:" --length 64 --sampling-steps 64
     ddlm-generate --model runs/shakespeare/final --prompt "To be" --suffix "question." --sampler remask --json
+    ddlm-generate --model runs/bd3/final --prompt "HAMLET:" --max-length 256     # stops at EOS (block models)
+    ddlm-generate --model runs/sft/final --chat --prompt "ROMEO: What light?" --sampler remask --block-length 16 --max-length 64
 
 The sampler and the number of steps default to the model folder's ``sampler_config.json`` (written by
 ``ddlm-push``), else to the model's default sampler and 64 steps; flags override both.  On a terminal the
@@ -32,10 +34,15 @@ def _parser() -> Any:
     p = ArgumentParser(prog="ddlm-generate", description=__doc__)
     p.add_argument("--model", required=True, help="a local model folder (with its tokenizer) or a Hub id")
     p.add_argument("--prompt", default=None, help="text the sample starts with, never changed (default: none)")
+    p.add_argument("--chat", action="store_true",
+                   help="format --prompt as a user turn with the tokenizer's chat template (an instruction-tuned model)")
     p.add_argument("--suffix", default=None, help="text the sample ends with, never changed; joined with a space "
                                                    "unless it starts with whitespace or punctuation (default: none)")
     p.add_argument("--length", type=int, default=64, help="tokens to generate between prompt and suffix "
                                                           "(default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="generate up to this many tokens, stopping at EOS, instead of --length exactly: block-diffusion "
+                        "models, or the remask and threshold samplers with --block-length (default: off)")
     p.add_argument("--sampling-steps", type=int, default=None,
                    help=f"sampling steps (default: the model's sampler_config.json, else {DEFAULT_STEPS})")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), metavar="SAMPLER",
@@ -83,6 +90,16 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """The prompt's tokens; with ``chat``, the chat template of one user turn and the generation prompt."""
+    if not chat:
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat needs a tokenizer with a chat template, and this model's has none")
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                              add_generation_prompt=True, return_dict=False))
+
+
 def _suffix_ids(tokenizer: Any, suffix: str) -> list[int]:
     """The suffix's tokens; a suffix that starts with a letter or digit is joined with a space, as a word."""
     text = suffix if not suffix[:1].isalnum() else " " + suffix
@@ -124,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--prompt is empty (leave it out for unconditional samples)")
     if args.suffix is not None and not args.suffix.strip():
         return _fail("--suffix is empty (leave it out for no suffix)")
-    for name in ("length", "sampling_steps", "num_samples", "block_length"):
+    if args.chat and args.prompt is None:
+        return _fail("--chat formats --prompt as a user turn: give --prompt")
+    if args.max_length is not None and args.suffix is not None:
+        return _fail("--max-length stops at EOS, so it cannot end at a --suffix: use --length with --suffix")
+    for name in ("length", "max_length", "sampling_steps", "num_samples", "block_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
@@ -133,11 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{err} (--temperature / --top-k / --top-p)")
     options = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
                                  ("block_length", args.block_length), ("threshold", args.threshold)) if v is not None}
+    if args.max_length is not None:
+        options["stop_at_eos"] = True
 
     def build_sampler(name: str) -> Any:
         try:
             return get_sampler(name, **options)
         except TypeError as err:
+            if args.max_length is not None:
+                raise ValueError(f"--max-length needs a sampler that stops at EOS (block; remask or threshold with "
+                                 f"--block-length), and {name!r} does not") from err
             raise ValueError(f"sampler {name!r} does not take {sorted(options)}") from err
 
     try:
@@ -148,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         config = model.config
         sampler_name, steps = _sampling_defaults(args, locate_model(args.model), DiffusionSpec.from_config(config))
         sampler = build_sampler(sampler_name)
-        prefix = tokenizer(args.prompt, add_special_tokens=False)["input_ids"] if args.prompt else []
+        prefix = _prompt_ids(tokenizer, args.prompt, args.chat) if args.prompt else []
         suffix = _suffix_ids(tokenizer, args.suffix) if args.suffix else []
-        row = prefix + [FREE] * args.length + suffix
+        row = prefix + [FREE] * (args.max_length or args.length) + suffix
         canvas = torch.tensor([row] * args.num_samples, dtype=torch.long)
         live = _LiveView(tokenizer, config.mask_token_id) if sys.stdout.isatty() and not args.json else None
         start = time.perf_counter()
@@ -169,12 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
-    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out.tokens.tolist()]
+    rows = out.tokens.tolist()
+    if out.lengths is not None:  # stopped at EOS: each sample ends at its own length
+        rows = [tokens[:length] for tokens, length in zip(rows, out.lengths.tolist())]
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in rows]
     temperature = getattr(sampler, "temperature", None)
     if args.json:
         print(json.dumps({"model": args.model, "sampler": sampler_name, "sampling_steps": steps,
                           "temperature": temperature, "nfe": out.nfe, "seconds": round(seconds, 3), "seed": args.seed,
-                          "samples": [{"text": t, "tokens": tok} for t, tok in zip(texts, out.tokens.tolist())]}))
+                          "samples": [{"text": t, "tokens": tok} for t, tok in zip(texts, rows)]}))
     else:
         for i, text in enumerate(texts):
             print(f"--- sample {i + 1} ---\n{text}")

@@ -28,15 +28,17 @@ def print_samples(result: Any, args: argparse.Namespace, config: Any) -> int:
     """Print ``args.num_samples`` samples of ``args.sample_length`` tokens (default: the run's ``seq_len``)."""
     if args.num_samples <= 0:
         return 0
-    from diffusion.data import load_tokenizer
+    from diffusion.adapters import load_denoiser
 
     final_dir = result.final_dir
-    tokenizer = load_tokenizer(str(final_dir))
     length = args.sample_length or config.seq_len
     generator = torch.Generator().manual_seed(config.seed)
     if config.objective == "autoregressive":
         from transformers import AutoModelForCausalLM
 
+        from diffusion.data import load_tokenizer
+
+        tokenizer = load_tokenizer(str(final_dir))
         model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
         torch.manual_seed(config.seed)
         start = torch.full((args.num_samples, 1), tokenizer.eos_token_id)
@@ -44,11 +46,11 @@ def print_samples(result: Any, args: argparse.Namespace, config: Any) -> int:
                               min_new_tokens=length - 1, top_k=0, pad_token_id=tokenizer.eos_token_id).tolist()
         print(f"\n{args.num_samples} samples ({length} tokens, autoregressive, {length - 1} network calls each):")
     else:
-        from diffusion import DDiTModel, DiffusionSpec
+        from diffusion import DiffusionSpec
 
         from .. import get_sampler
 
-        model = DDiTModel.from_pretrained(final_dir).eval()
+        model, tokenizer = load_denoiser(str(final_dir))
         name = DiffusionSpec.from_config(model.config).default_sampler
         out = get_sampler(name).generate(model, batch_size=args.num_samples, length=length,
                                          num_steps=args.sampling_steps, generator=generator)
