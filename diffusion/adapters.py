@@ -301,8 +301,10 @@ def _check_denoiser_family(name_or_path: str, config: Any) -> None:
         return
     kind = ", ".join(getattr(config, "architectures", None) or []) or f"model_type {family!r}"
     causal = " (a causal LM)" if kind.endswith("ForCausalLM") else ""
+    take = ("; ddlm-generate samples it and ddlm-eval ppl scores it as it is, ddlm-convert or ddlm-train --init-from "
+            "make a diffusion model of it") if causal else ""
     raise ValueError(f"{name_or_path!r} is a {kind}{causal}, which cannot denoise: this needs a diffusion model (ddit, "
-                     "LLaDA- or Dream-style) or a masked LM (BERT-style)")
+                     f"LLaDA- or Dream-style) or a masked LM (BERT-style){take}")
 
 
 def read_converted(name_or_path: str, **from_pretrained: Any) -> dict[str, Any] | None:

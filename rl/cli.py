@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                "final_model": str(trainer.output_dir / "final")}
     if trainer.accelerator.is_main_process:
         print(json.dumps(summary, indent=2))
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroy the process group before exit: a gloo group left alive can abort
     return 0
 
 

@@ -117,7 +117,7 @@ def main() -> None:
         print(f"evaluated {slug}", flush=True)
 
     print(f"\nX = Y = {steps} steps of {size['batch_size']} x {length} tokens; held-out: {len(held_out)} blocks of "
-          "Macbeth + Twelfth Night; nats per token (95% interval).\n")
+          "the held-out plays (the first blocks: Macbeth); nats per token (95% interval).\n")
     print("| start | training | held-out bound, nats/token | perplexity bound |\n|---|---|---|---|")
     for label, slug, how in [("(a) from scratch", "masked-X+Y", f"{2 * steps} masked steps"),
                              ("(b) AR baseline, converted", "ar-X->masked-Y", f"{steps} AR + {steps} masked steps"),

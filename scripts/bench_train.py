@@ -109,11 +109,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of the machine (two ranks get half each)")
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
     parser.add_argument("--json", default="bench_train.json", help="where to write the results")
-    parser.add_argument("--smoke", action="store_true", help="a toy size and one step: checks that the script runs")
+    parser.add_argument("--smoke", action="store_true", help="a toy size, one step, the first precision: checks that the script runs in every mode asked for")
     parser.add_argument("--single", nargs=2, metavar=("SIZE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.smoke:
+    if args.smoke:  # every distributed mode still runs; one precision, and checkpointing on if asked for at all
         args.sizes, args.steps, args.batch_size, args.seq_len = "tiny", 1, 2, 16
+        args.precisions = args.precisions.split(",")[0]
+        args.gradient_checkpointing = "on" if args.gradient_checkpointing == "both" else args.gradient_checkpointing
     torch.set_num_threads(args.threads)
 
     if args.single:

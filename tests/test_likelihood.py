@@ -203,13 +203,15 @@ def test_eval_cli_on_saved_models(tmp_path, capsys):
     for folder in ("dm", "ar"):
         tokenizer.save_pretrained(tmp_path / folder)
     capsys.readouterr()
+    held_out = ["--dataset", "builtin:shakespeare", "--split", "validation"]  # these models have no data record
     assert main(["ppl", "--model", str(tmp_path / "dm"), "--seq-len", "16", "--max-blocks", "6", "--num-points", "2",
-                 "--any-order", "1", "--json"]) == 0
+                 "--any-order", "1", "--json", *held_out]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_sequences"] == 6 and result["network_calls"] == 2 and result["form"] == "lambda"
     assert result["nats_ci95"][0] <= result["nats_per_token"] <= result["nats_ci95"][1]
     assert result["any_order"]["network_calls"] == 16
-    assert main(["ppl", "--model", str(tmp_path / "ar"), "--seq-len", "16", "--max-blocks", "6", "--json"]) == 0
+    assert main(["ppl", "--model", str(tmp_path / "ar"), "--seq-len", "16", "--max-blocks", "6", "--json",
+                 *held_out]) == 0
     ar = json.loads(capsys.readouterr().out)
     assert ar["form"] == "autoregressive" and abs(ar["perplexity"] - math.exp(ar["nats_per_token"])) < 1e-6
     assert main(["genppl", "--model", str(tmp_path / "dm"), "--reference", str(tmp_path / "ar"), "--length", "12",

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..locate import locate_model
 
-__all__ = ["is_causal_lm", "load_denoiser_for", "load_model_for"]
+__all__ = ["is_causal_lm", "is_plain_causal_lm", "load_denoiser_for", "load_model_for"]
 
 
 def _first_line(err: BaseException) -> str:
@@ -37,6 +37,14 @@ def _config_for(name: str, flag: str, trust_remote_code: bool) -> tuple[str, Any
 def is_causal_lm(config: Any) -> bool:
     """Whether a config describes a causal LM (an autoregressive baseline, LLaMA, GPT-2, ...)."""
     return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
+
+def is_plain_causal_lm(name: str, *, flag: str = "--model", trust_remote_code: bool = False) -> bool:
+    """Whether ``name`` is a causal LM as it is (an AR baseline), not one converted into a denoiser."""
+    from ..adapters import read_converted
+
+    location, config = _config_for(name, flag, trust_remote_code)
+    return is_causal_lm(config) and read_converted(location) is None
 
 
 def load_denoiser_for(name: str, *, flag: str = "--model", trust_remote_code: bool = False,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BlockBatches", "StreamingBlockBatches", "build_blocks", "pack"]
+__all__ = ["BlockBatches", "StreamingBlockBatches", "build_blocks", "pack", "tokenize_documents"]
 
 
 def pack(token_lists: Iterable[list[int]], block_size: int, separator_id: int) -> Iterator[list[int]]:
@@ -31,7 +31,8 @@ def pack(token_lists: Iterable[list[int]], block_size: int, separator_id: int) -
             del buffer[:block_size]
 
 
-def _tokenize(texts: Iterable[str], tokenizer: Any, chunk: int = 256) -> Iterator[list[int]]:
+def tokenize_documents(texts: Iterable[str], tokenizer: Any, chunk: int = 256) -> Iterator[list[int]]:
+    """Token ids of each document (no special tokens added), tokenized ``chunk`` documents at a time."""
     batch: list[str] = []
     for text in texts:
         batch.append(text)
@@ -44,7 +45,7 @@ def _tokenize(texts: Iterable[str], tokenizer: Any, chunk: int = 256) -> Iterato
 
 def build_blocks(texts: Iterable[str], tokenizer: Any, block_size: int) -> Tensor:
     """Tokenize and pack documents into ``LongTensor[num_blocks, block_size]``."""
-    blocks = list(pack(_tokenize(texts, tokenizer), block_size, tokenizer.eos_token_id))
+    blocks = list(pack(tokenize_documents(texts, tokenizer), block_size, tokenizer.eos_token_id))
     if not blocks:
         raise ValueError(f"the data holds fewer than block_size={block_size} tokens")
     return torch.tensor(blocks, dtype=torch.long)
@@ -136,7 +137,7 @@ class StreamingBlockBatches:
             yield item[self.text_column] if isinstance(item, dict) else item
 
     def _blocks(self, shard: int) -> Iterator[list[int]]:
-        return pack(_tokenize(self._texts(shard), self.tokenizer), self.block_size, self.tokenizer.eos_token_id)
+        return pack(tokenize_documents(self._texts(shard), self.tokenizer), self.block_size, self.tokenizer.eos_token_id)
 
     def _next(self, shard: int) -> list[int]:
         if shard not in self._iterators:  # first use: replay the blocks taken before (a resumed run)

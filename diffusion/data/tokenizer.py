@@ -1,14 +1,52 @@
-"""The tokenizer of a run, made ready for absorbing diffusion (a separator and a MASK that is the last id)."""
+"""The tokenizer of a run, made ready for absorbing diffusion (a separator and a MASK that is the last id),
+or trained on the run's own documents (byte-level BPE, :func:`train_tokenizer`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from .corpus import builtin_tokenizer_path
 
-__all__ = ["MASK_TOKEN", "load_tokenizer"]
+__all__ = ["EOS_TOKEN", "MASK_TOKEN", "load_tokenizer", "parse_trained_vocab", "train_tokenizer"]
 
 MASK_TOKEN = "<|mask|>"
+EOS_TOKEN = "<|endoftext|>"
+TRAIN_PREFIX = "train:"
+MIN_TRAINED_VOCAB = 257  # the 256 byte-level symbols and EOS
+
+
+def parse_trained_vocab(spec: str) -> int | None:
+    """``N`` of a ``train:N`` tokenizer spec; None for any other spec (builtin, a folder, a Hub id)."""
+    if not spec.startswith(TRAIN_PREFIX):
+        return None
+    value = spec[len(TRAIN_PREFIX):]
+    if not value.isdigit() or int(value) < MIN_TRAINED_VOCAB:
+        raise ValueError(f"tokenizer={spec!r}: train:VOCAB_SIZE needs an integer VOCAB_SIZE >= {MIN_TRAINED_VOCAB} "
+                         "(256 bytes, EOS and the merges)")
+    return int(value)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """Byte-level BPE with ``vocab_size`` tokens (EOS first), then MASK appended as the last id.
+
+    Byte-level, so every text round-trips exactly; deterministic for the same texts.  It gets the built-in
+    tokenizer's chat template, so ``ddlm-sft`` and ``ddlm-generate --chat`` work with it too.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN,
+                                      clean_up_tokenization_spaces=False)
+    wrapped.add_special_tokens({"mask_token": MASK_TOKEN})
+    wrapped.chat_template = load_tokenizer("builtin").chat_template  # the shipped template, however it is stored
+    return wrapped
 
 
 def load_tokenizer(name_or_path: str = "builtin") -> Any:
@@ -23,7 +61,7 @@ def load_tokenizer(name_or_path: str = "builtin") -> Any:
     path = builtin_tokenizer_path() if name_or_path == "builtin" else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.eos_token is None:
-        tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+        tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
     if tokenizer.mask_token is None or tokenizer.mask_token_id != len(tokenizer) - 1:
         tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
     if tokenizer.mask_token_id != len(tokenizer) - 1:

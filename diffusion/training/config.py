@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..data.prepare import is_prepared
+from ..data.tokenizer import parse_trained_vocab
 from ..objectives import OBJECTIVES
 from ..processes import PROCESSES
 from ..schedules import SCHEDULES, get_schedule
@@ -46,8 +48,9 @@ class TrainConfig:
     stream_shards: int = _f(8, "streaming: the stream is cut into this many shards (datasets' split_dataset_by_node), "
                                "dealt to the ranks; each shard's position is checkpointed, so a resume with another "
                                "number of processes neither repeats nor skips a block")
-    tokenizer: str = _f("auto", "tokenizer: 'builtin' (shipped BPE, 4096 + mask), a local folder or a Hub id; auto: "
-                                "builtin, or the --init-from model's own")
+    tokenizer: str = _f("auto", "tokenizer: 'builtin' (shipped BPE, 4096 + mask), a local folder, a Hub id, or "
+                                "'train:VOCAB_SIZE' (a byte-level BPE trained on this run's training documents only, "
+                                "saved with the run); auto: builtin, or the --init-from model's own")
     seq_len: int = _f(128, "tokens per training block")
     # model
     init_from: str | None = _f(None, "start from this model instead of a fresh one: a causal LM (LLaMA, Qwen, GPT-2, "
@@ -171,6 +174,7 @@ class TrainConfig:
         if self.objective == "masked_elbo" and self.resolved_parameterization != "subs":
             raise ValueError("objective='masked_elbo' needs parameterization='subs' (or auto), got 'score'")
         self._check_start_and_blocks()
+        self._check_trained_tokenizer()
         if self.schedule_kwargs is not None and not isinstance(self.schedule_kwargs, dict):
             raise ValueError(f"schedule_kwargs must be a dict, got schedule_kwargs={self.schedule_kwargs!r}")
         name, kwargs = self.resolved_schedule
@@ -208,6 +212,16 @@ class TrainConfig:
                                  f"tokenizer={self.tokenizer!r}")
         elif self.anneal_steps:
             raise ValueError(f"anneal_steps is for a causal LM given by init_from, got anneal_steps={self.anneal_steps}")
+
+    def _check_trained_tokenizer(self) -> None:
+        if parse_trained_vocab(self.tokenizer) is None:
+            return
+        if self.streaming:
+            raise ValueError(f"tokenizer={self.tokenizer!r} trains on the run's documents, which a streamed dataset "
+                             "does not hold up front: train one with a non-streaming run and pass its folder")
+        if is_prepared(self.dataset):
+            raise ValueError(f"tokenizer={self.tokenizer!r}: dataset={self.dataset!r} is already tokenized "
+                             "(ddlm-prepare); its tokenizer is the one it was prepared with")
 
     # --- resolved values (the config itself is never rewritten) ---------------------------
 

@@ -31,6 +31,9 @@ from tqdm.auto import tqdm
 
 from ..adapters import DiffusionLMAdapter
 from ..block_diffusion import BlockDiffusionObjective
+from ..data import load_tokenizer
+from ..data.split_record import check_unchanged, write_record
+from ..data.tokenizer import parse_trained_vocab
 from ..evaluation.autoregressive import AutoregressiveObjective, build_causal_lm
 from ..modeling_ddit import DDiTConfig, DDiTModel
 from ..objectives import DiffusionObjective
@@ -485,15 +488,18 @@ def _evaluate(state: _State, blocks: Tensor, config: TrainConfig, acc: Any) -> f
         return evaluate_loss(model, state.eval_objective, blocks, config.eval_batch_size, config.seed, acc)
 
 
-def _export_final(run: _Run, state: _State, tokenizer: Any) -> Path:
-    """``output_dir/final``: the EMA weights (or raw weights) and the tokenizer, loadable with from_pretrained."""
+def _export_final(run: _Run, state: _State, data: RunData) -> Path:
+    """``output_dir/final``: the EMA weights (or raw weights), the tokenizer and the data record
+    (``data_split.json``), loadable with from_pretrained."""
     final = run.root / "final"
     acc = run.acc
     model_state, ema_state = _consolidated(state)
     with atomic_directory(final, complete=True, barrier=acc.wait_for_everyone, is_main=acc.is_main_process) as tmp:
         if acc.is_main_process:
             _save_model_folder(tmp, state, ema_state if ema_state is not None else model_state)
-            tokenizer.save_pretrained(tmp)
+            data.tokenizer.save_pretrained(tmp)
+            if data.split_record is not None:
+                write_record(tmp, data.split_record)
     return final
 
 
@@ -522,7 +528,14 @@ def train(config: TrainConfig) -> TrainResult:
     run = _Run(config, acc)
     init_model, init_tokenizer = load_init_model(config) if config.init_from else (None, None)
     positions = read_json(resume_path / "trainer_state.json").get("stream_positions") if resume_path else None
+    if resume_path is not None and parse_trained_vocab(config.resolved_tokenizer) is not None:
+        init_tokenizer = load_tokenizer(str(resume_path / "tokenizer"))  # the one this run trained, not a retrain
     data: RunData = load_run_data(config, acc, stream_positions=positions, tokenizer=init_tokenizer)
+    if data.split_record is not None:
+        if resume_path is not None:
+            check_unchanged(run.root, data.split_record)
+        if acc.is_main_process:
+            write_record(run.root, data.split_record)
     state = _build(config, data.tokenizer, mode, acc, init_model)
     if resume_path is not None:
         _resume(resume_path, state, config, acc)
@@ -604,7 +617,7 @@ def train(config: TrainConfig) -> TrainResult:
         bar.close()
         preemption.restore()
 
-    final_dir = _export_final(run, state, data.tokenizer) if stop == config.max_steps else None
+    final_dir = _export_final(run, state, data) if stop == config.max_steps else None
     acc.end_training()
     return TrainResult(step=stop, final_dir=final_dir, eval_loss=eval_loss, metrics_path=run.metrics_path)
 

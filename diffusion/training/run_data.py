@@ -13,14 +13,19 @@ The data position a checkpoint stores: blocks consumed (in memory, prepared) or 
 from __future__ import annotations
 
 import itertools
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..data import BlockBatches, StreamingBlockBatches, build_blocks, load_texts, load_tokenizer
+from ..data.loading import load_split
 from ..data.prepare import is_prepared, load_prepared
+from ..data.split_record import make_record
+from ..data.tokenizer import parse_trained_vocab, train_tokenizer
 from .config import TrainConfig
 
 __all__ = ["RunData", "load_run_data"]
@@ -33,6 +38,7 @@ class RunData:
     valid_blocks: Tensor
     streaming: bool = False
     accum_steps: int = 1
+    split_record: dict[str, Any] | None = None  # what the run trained on and held out (data_split.json)
 
     def global_batch(self, position: int, size: int, accelerator: Any) -> Tensor:
         """The ``size`` blocks of one optimizer step starting at ``position`` (blocks consumed so far)."""
@@ -59,23 +65,47 @@ class RunData:
         return mine.tolist()
 
 
+def _trained_tokenizer(config: TrainConfig, accelerator: Any, documents: Any, vocab_size: int) -> Any:
+    """``train:N``: the main process trains the BPE on the training documents and saves it as
+    ``output_dir/tokenizer`` (written aside, then renamed); the other ranks load that copy."""
+    folder = Path(config.output_dir) / "tokenizer"
+    with accelerator.main_process_first():
+        if not accelerator.is_main_process:
+            return load_tokenizer(str(folder))
+        tokenizer = train_tokenizer(documents, vocab_size)
+        tmp = folder.with_name(".tokenizer-tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        return tokenizer
+
+
 def load_run_data(config: TrainConfig, accelerator: Any, stream_positions: list[int] | None = None,
                   tokenizer: Any = None) -> RunData:
     """Tokenizer, batches and held-out blocks as ``config`` says (the main process reads a Hub dataset first).
 
-    ``tokenizer``: the one to use instead of ``config``'s (the tokenizer of an ``init_from`` model)."""
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.resolved_tokenizer)
+    ``tokenizer``: the one to use instead of ``config``'s (the tokenizer of an ``init_from`` model, or the one a
+    resumed run trained).  A ``train:N`` tokenizer is trained here on the training documents only."""
+    trained_vocab = parse_trained_vocab(config.resolved_tokenizer)
+    if tokenizer is None and trained_vocab is None:
+        tokenizer = load_tokenizer(config.resolved_tokenizer)
     if is_prepared(config.dataset):
         splits = load_prepared(config.dataset, tokenizer=tokenizer, seq_len=config.seq_len)
         return RunData(tokenizer, BlockBatches(splits["train"], seed=config.seed),
                        splits["validation"][: config.eval_blocks].long(), accum_steps=config.grad_accum_steps)
     with accelerator.main_process_first():
-        texts = load_texts(config.dataset, dataset_config=config.dataset_config, text_column=config.text_column,
+        split = load_split(config.dataset, dataset_config=config.dataset_config, text_column=config.text_column,
                            valid_fraction=config.valid_fraction, seed=config.seed, streaming=config.streaming)
+    record = make_record(split, dataset=config.dataset, dataset_config=config.dataset_config,
+                         text_column=config.text_column, valid_fraction=config.valid_fraction, seed=config.seed)
+    texts = {"train": split.train, "validation": split.validation}
+    if tokenizer is None:
+        tokenizer = _trained_tokenizer(config, accelerator, split.train, trained_vocab)
     if not config.streaming:
         batches = BlockBatches(build_blocks(texts["train"], tokenizer, config.seq_len), seed=config.seed)
         valid_blocks = build_blocks(texts["validation"], tokenizer, config.seq_len)[: config.eval_blocks]
-        return RunData(tokenizer, batches, valid_blocks, accum_steps=config.grad_accum_steps)
+        return RunData(tokenizer, batches, valid_blocks, accum_steps=config.grad_accum_steps, split_record=record)
 
     def make_stream() -> Any:
         return load_texts(config.dataset, dataset_config=config.dataset_config, text_column=config.text_column,
@@ -89,4 +119,5 @@ def load_run_data(config: TrainConfig, accelerator: Any, stream_positions: list[
                                     world_size=accelerator.num_processes, positions=stream_positions)
     valid_texts = (row[config.text_column] for row in itertools.islice(texts["validation"], 10 * config.eval_blocks))
     valid_blocks = build_blocks(valid_texts, tokenizer, config.seq_len)[: config.eval_blocks]
-    return RunData(tokenizer, batches, valid_blocks, streaming=True, accum_steps=config.grad_accum_steps)
+    return RunData(tokenizer, batches, valid_blocks, streaming=True, accum_steps=config.grad_accum_steps,
+                   split_record=record)

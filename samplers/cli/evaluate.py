@@ -4,8 +4,9 @@
     ddlm-eval ppl --model runs/ar/final                                  # an AR baseline: exact perplexity
     ddlm-eval genppl --model runs/shakespeare/final --reference runs/ar/final --sampling-steps 32 128 --num-samples 16
 
-``ppl`` scores packed blocks of the data set's held-out split: diffusion models by their negative ELBO
-(an upper bound on the NLL), causal LMs exactly.  ``genppl`` samples with any sampler and scores the
+``ppl`` scores packed blocks: by default the documents the model's training run held out (its
+``data_split.json``), else the ``--dataset`` named (whole, or its ``--split``); diffusion models by their negative
+ELBO (an upper bound on the NLL), causal LMs exactly; in nats per token and bits per byte.  ``genppl`` samples with any sampler and scores the
 samples with a reference causal LM (generative perplexity), beside their unigram entropy and the
 network calls.  ``--json`` prints one object.
 """
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffusion.evaluation.held_out import SPLITS
 from diffusion.time_nodes import TIME_RULES
 
 
@@ -29,8 +31,21 @@ def _parser() -> Any:
     sub = p.add_subparsers(dest="command", required=True)
     ppl = sub.add_parser("ppl", help="held-out perplexity (bound) with a 95%% interval", description=__doc__)
     ppl.add_argument("--model", required=True, help="a model folder or Hub id (diffusion or causal LM)")
-    ppl.add_argument("--dataset", default="builtin:shakespeare",
-                     help="data set, as ddlm-train --dataset (default: %(default)s)")
+    ppl.add_argument("--dataset", default=None,
+                     help="data set to score, as ddlm-train --dataset (default: the documents the model's training "
+                          "run held out, from its data_split.json)")
+    ppl.add_argument("--split", default="all", choices=SPLITS,
+                     help="with --dataset: which of its documents to score (default: %(default)s)")
+    ppl.add_argument("--dataset-config", default=None,
+                     help="with --dataset: its configuration, Hub data sets (default: none)")
+    ppl.add_argument("--text-column", default="text", help="with --dataset: the column holding the text "
+                                                         "(default: %(default)s)")
+    ppl.add_argument("--valid-fraction", type=float, default=None,
+                     help="with --dataset --split train/validation, a source without a validation split: the fraction "
+                          "of documents held out (default: the run's when --dataset is the run's data, else 0.02)")
+    ppl.add_argument("--split-seed", type=int, default=None,
+                     help="with --dataset --split train/validation: the seed of that hold-out (default: the run's "
+                          "when --dataset is the run's data, else 0)")
     ppl.add_argument("--seq-len", type=int, default=None,
                      help="block length (default: the length the model was trained on, else its context)")
     ppl.add_argument("--max-blocks", type=int, default=256, help="held-out blocks to score (default: %(default)s)")
@@ -79,7 +94,7 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from diffusion.cli.loading import load_model_for
-    from diffusion.data import build_blocks, load_texts
+    from diffusion.evaluation.held_out import bits_per_byte, evaluation_data, scored_bytes
     from diffusion.evaluation.likelihood import (
         any_order_nll,
         evaluate_causal_likelihood,
@@ -87,10 +102,16 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
         summarize,
     )
 
+    if args.dataset is None and args.split != "all":
+        raise ValueError(f"--split {args.split} needs --dataset (without it the run's held-out split is scored)")
     model, tokenizer, causal = load_model_for(args.model, trust_remote_code=args.trust_remote_code)
     seq_len = args.seq_len or _default_length(args.model, model)
-    texts = load_texts(args.dataset)["validation"]
-    blocks = build_blocks(texts, tokenizer, seq_len)[: args.max_blocks]
+    data = evaluation_data(args.model, tokenizer, seq_len, args.max_blocks, dataset=args.dataset, split=args.split,
+                           dataset_config=args.dataset_config, text_column=args.text_column,
+                           valid_fraction=args.valid_fraction, split_seed=args.split_seed)
+    for warning in data.warnings:
+        print(f"ddlm-eval: warning: {warning}", file=sys.stderr)
+    blocks = data.blocks
     start = time.perf_counter()
     if causal:
         result = evaluate_causal_likelihood(model, blocks, batch_size=args.batch_size).to_dict()
@@ -112,7 +133,12 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
             bar.close()
             result["any_order"] = summarize(torch.cat(values), seq_len, calls=calls, method="any_order",
                                             num_points=args.any_order, form="any-order AR").to_dict()
-    result.update(model=args.model, dataset=args.dataset, seq_len=seq_len, seconds=round(time.perf_counter() - start, 2))
+    tokens, num_bytes = scored_bytes(blocks, tokenizer, skip_first=causal)
+    result.update(model=args.model, dataset=args.dataset, data=data.description, document_ids=data.document_ids,
+                  num_documents=data.num_documents, documents_scored=data.documents_scored,
+                  blocks_available=data.blocks_available, warnings=data.warnings, seq_len=seq_len,
+                  bytes_scored=num_bytes, bits_per_byte=bits_per_byte(result["nats_per_token"], tokens, num_bytes),
+                  seconds=round(time.perf_counter() - start, 2))
     return result
 
 
@@ -129,7 +155,8 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"unknown --sampler {args.sampler!r}; valid: {sorted(SAMPLERS)}")
     model, tokenizer, causal = load_model_for(args.model, trust_remote_code=args.trust_remote_code)
     if causal:
-        raise ValueError(f"--model {args.model!r} is a causal LM; genppl samples from diffusion models")
+        raise ValueError(f"--model {args.model!r} is a causal LM ({type(model).__name__}): genppl samples diffusion "
+                         "models; score it with ddlm-eval ppl, sample it with ddlm-generate")
     reference, reference_tokenizer, ref_causal = load_model_for(args.reference, flag="--reference",
                                                                 trust_remote_code=args.trust_remote_code)
     if not ref_causal:
@@ -152,6 +179,9 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "ppl" and args.valid_fraction is not None and not 0 < args.valid_fraction < 1:
+        print(f"ddlm-eval: error: --valid-fraction must be in (0, 1), got {args.valid_fraction}", file=sys.stderr)
+        return 2
     for name in ("max_blocks", "num_points", "batch_size", "num_samples", "length", "seq_len"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -170,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "ppl":
         low, high = result["perplexity_ci95"]
         kind = "perplexity" if result["form"] == "autoregressive" else "perplexity bound"
-        print(f"{args.model}: {result['nats_per_token']:.4f} nats/token, {kind} {result['perplexity']:.2f} "
-              f"(95% CI {low:.2f}-{high:.2f}), {result['num_sequences']} blocks of {result['seq_len']}, "
-              f"{result['network_calls']} network calls, {result['method']} x {result['num_points']}")
+        print(f"{args.model}: {result['nats_per_token']:.4f} nats/token ({result['bits_per_byte']:.4f} bits/byte), "
+              f"{kind} {result['perplexity']:.2f} (95% CI {low:.2f}-{high:.2f}), {result['network_calls']} network "
+              f"calls, {result['method']} x {result['num_points']}")
+        print(f"  data: {result['data']}")
         if "any_order" in result:
             print(f"  any-order AR: {result['any_order']['nats_per_token']:.4f} nats/token")
     else:

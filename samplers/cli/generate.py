@@ -8,6 +8,10 @@
 The sampler and the number of steps default to the model folder's ``sampler_config.json`` (written by
 ``ddlm-push``), else to the model's default sampler and 64 steps; flags override both.  On a terminal the
 masked canvas is shown filling in step by step (masked positions as ``_``).
+
+A causal LM (the autoregressive baseline of ``ddlm-train --objective autoregressive``, or any Hugging Face one)
+is sampled left to right, one network call per token, with the same prompt, length, temperature, top-k/top-p,
+seed and JSON output (``ddlm-generate --model runs/ar/final --prompt "HAMLET:"``).
 """
 
 from __future__ import annotations
@@ -127,10 +131,64 @@ class _LiveView:
             sys.stdout.flush()
 
 
+def _print_samples(args: argparse.Namespace, texts: list[str], rows: list[list[int]], sampler: str, steps: int,
+                   temperature: float | None, nfe: int, seconds: float) -> None:
+    if args.json:
+        print(json.dumps({"model": args.model, "sampler": sampler, "sampling_steps": steps,
+                          "temperature": temperature, "nfe": nfe, "seconds": round(seconds, 3), "seed": args.seed,
+                          "samples": [{"text": t, "tokens": tok} for t, tok in zip(texts, rows)]}))
+        return
+    for i, text in enumerate(texts):
+        print(f"--- sample {i + 1} ---\n{text}")
+    how = f", temperature {temperature:g}" + (" (greedy)" if temperature == 0 else "") if temperature is not None else ""
+    print(f"({sampler}, {steps} steps{how}, {nfe} network calls, {seconds:.2f} s)")
+
+
+def _generate_autoregressive(args: argparse.Namespace) -> int:
+    """A causal LM, left to right: ``--length`` new tokens (or up to ``--max-length``, stopping at EOS)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from diffusion.locate import locate_model
+
+    from ..autoregressive import sample_autoregressive
+
+    diffusion_only = [f"--{name.replace('_', '-')}" for name in ("suffix", "sampler", "sampling_steps", "block_length",
+                                                                  "threshold", "mask_token_id")
+                      if getattr(args, name) is not None]
+    location = locate_model(args.model)
+    if diffusion_only:
+        kind = (AutoConfig.from_pretrained(location, trust_remote_code=args.trust_remote_code).architectures or ["?"])[0]
+        raise ValueError(f"--model {args.model!r} is a causal LM ({kind}), sampled left to right: "
+                         f"{' '.join(diffusion_only)} are for diffusion models")
+    model = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=args.trust_remote_code).eval()
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=args.trust_remote_code)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"--model {args.model!r}: its tokenizer has no EOS token, which a causal LM needs to pad, to "
+                         "stop at and to start an unprompted sample from")
+    prefix = _prompt_ids(tokenizer, args.prompt, args.chat) if args.prompt else [eos]  # no prompt: a new document
+    new_tokens = args.max_length or args.length
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and len(prefix) + new_tokens > context:
+        raise ValueError(f"prompt ({len(prefix)} tokens) + {new_tokens} new tokens is beyond the model's context of "
+                         f"{context}")
+    temperature = 1.0 if args.temperature is None else args.temperature
+    start = time.perf_counter()
+    tokens, lengths = sample_autoregressive(
+        model, torch.tensor([prefix] * args.num_samples), new_tokens, seed=args.seed, eos_id=eos,
+        temperature=temperature, top_k=args.top_k, top_p=args.top_p, stop_at_eos=args.max_length is not None)
+    seconds = time.perf_counter() - start
+    keep = len(prefix) if args.prompt else 0  # the EOS a prompt-less sample starts from is not part of it
+    rows = [row[len(prefix) - keep : len(prefix) + length] for row, length in zip(tokens.tolist(), lengths.tolist())]
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    _print_samples(args, texts, rows, "autoregressive", new_tokens, temperature, int(lengths.max()), seconds)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from diffusion import DiffusionSpec
-    from diffusion.cli.loading import load_denoiser_for
+    from diffusion.cli.loading import is_plain_causal_lm, load_denoiser_for
     from diffusion.locate import locate_model
 
     from .. import FREE, get_sampler
@@ -167,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"sampler {name!r} does not take {sorted(options)}") from err
 
     try:
+        if is_plain_causal_lm(args.model, trust_remote_code=args.trust_remote_code):
+            return _generate_autoregressive(args)
         if args.sampler is not None:
             build_sampler(args.sampler)  # its options are checked now; the model comes next
         model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code,
@@ -199,16 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.lengths is not None:  # stopped at EOS: each sample ends at its own length
         rows = [tokens[:length] for tokens, length in zip(rows, out.lengths.tolist())]
     texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in rows]
-    temperature = getattr(sampler, "temperature", None)
-    if args.json:
-        print(json.dumps({"model": args.model, "sampler": sampler_name, "sampling_steps": steps,
-                          "temperature": temperature, "nfe": out.nfe, "seconds": round(seconds, 3), "seed": args.seed,
-                          "samples": [{"text": t, "tokens": tok} for t, tok in zip(texts, rows)]}))
-    else:
-        for i, text in enumerate(texts):
-            print(f"--- sample {i + 1} ---\n{text}")
-        how = f", temperature {temperature:g}" + (" (greedy)" if temperature == 0 else "") if temperature is not None else ""
-        print(f"({sampler_name}, {steps} steps{how}, {out.nfe} network calls, {seconds:.2f} s)")
+    _print_samples(args, texts, rows, sampler_name, steps, getattr(sampler, "temperature", None), out.nfe, seconds)
     return 0
 
 

@@ -38,12 +38,13 @@ def print_samples(result: Any, args: argparse.Namespace, config: Any) -> int:
 
         from diffusion.data import load_tokenizer
 
+        from ..autoregressive import sample_autoregressive
+
         tokenizer = load_tokenizer(str(final_dir))
         model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
-        torch.manual_seed(config.seed)
-        start = torch.full((args.num_samples, 1), tokenizer.eos_token_id)
-        rows = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=length - 1,
-                              min_new_tokens=length - 1, top_k=0, pad_token_id=tokenizer.eos_token_id).tolist()
+        start = torch.full((args.num_samples, 1), tokenizer.eos_token_id)  # a new document, as in the stream
+        tokens, _ = sample_autoregressive(model, start, length - 1, seed=config.seed, eos_id=tokenizer.eos_token_id)
+        rows = tokens.tolist()
         print(f"\n{args.num_samples} samples ({length} tokens, autoregressive, {length - 1} network calls each):")
     else:
         from diffusion import DiffusionSpec
