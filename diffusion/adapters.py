@@ -273,7 +273,7 @@ def load_denoiser(name_or_path: str, *, trust_remote_code: bool = False, mask_to
         if mask_token_id is not None and mask_token_id != model.config.mask_token_id:
             raise ValueError(f"mask_token_id={mask_token_id} disagrees with the model's config "
                              f"(mask_token_id={model.config.mask_token_id})")
-        return model.eval(), load_tokenizer(name_or_path)
+        return model.eval(), load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained)
     try:
         generation_config = GenerationConfig.from_pretrained(name_or_path, **from_pretrained)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .estimators import ESTIMATORS
@@ -68,6 +68,10 @@ class GRPOConfig:
     progress: bool = _help("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # inf and NaN slip through comparisons: refuse them by name first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {f.name}={value!r}")
         for name in ("max_steps", "prompts_per_step", "inner_steps", "completion_length", "sampling_steps",
                      "num_points", "log_every", "keep_last"):
             value = getattr(self, name)

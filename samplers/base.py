@@ -14,6 +14,7 @@ generate; prompts (prefix, suffix or anywhere) are fixed tokens and are never ch
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -156,8 +157,8 @@ def check_stop_at_eos(stop_at_eos: bool, block_length: int | None) -> None:
 
 
 def check_filters(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be >= 0, got temperature={temperature!r}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be >= 0 and finite, got temperature={temperature!r}")
     if top_k is not None:
         check_positive_int("top_k", top_k)
     if top_p is not None and not 0 < top_p <= 1:

@@ -56,7 +56,7 @@ def main() -> None:
         size = dict(hidden_size=32, num_layers=1, num_heads=2, seq_len=16, batch_size=4)
         args.steps, args.eval_blocks, args.num_samples = 4, 8, 2
     length, steps = size["seq_len"], args.steps
-    common = dict(**size, lr=2e-3, warmup_steps=min(50, steps), eval_every=0, eval_blocks=8, attention="eager",
+    common = dict(**size, overwrite=True, lr=2e-3, warmup_steps=min(50, steps), eval_every=0, eval_blocks=8, attention="eager",
                   progress=False, save_every=0)
 
     def run(slug: str, max_steps: int, **overrides) -> tuple[Path, float | None]:

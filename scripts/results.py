@@ -56,7 +56,7 @@ def main() -> None:
         size = dict(hidden_size=32, num_layers=1, num_heads=2, seq_len=32, batch_size=4)
         args.max_steps, args.sampling_steps, args.num_samples, args.eval_blocks = 4, [2], 2, 8
     seq_len = size["seq_len"]
-    common = dict(**size, lr=2e-3, max_steps=args.max_steps, warmup_steps=min(50, args.max_steps),
+    common = dict(**size, overwrite=True, lr=2e-3, max_steps=args.max_steps, warmup_steps=min(50, args.max_steps),
                   eval_every=args.max_steps, eval_blocks=min(256, args.eval_blocks), attention="eager",
                   progress=False, save_every=args.max_steps)
     finals, seconds = {}, {}

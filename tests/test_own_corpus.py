@@ -249,3 +249,45 @@ def test_a_resumed_run_reuses_its_tokenizer_and_refuses_changed_data(corpus, tmp
     shutil.copyfile(corpus, data)
     result = train(TrainConfig(**config, resume="auto"))
     assert load_tokenizer(str(result.final_dir)).get_vocab() == trained
+
+
+def test_a_plain_text_file_is_cut_into_paragraphs_and_trains(tmp_path, capsys):
+    from samplers.cli.evaluate import main as evaluate
+    from samplers.cli.train import main
+
+    plays = load_split("builtin:shakespeare").train[0]
+    text = plays[:30000]  # speeches separated by blank lines
+    path = tmp_path / "my.txt"
+    path.write_text(text)
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    assert load_split(str(path), valid_fraction=0.05).held_out_ids is not None
+    code = main(["--output-dir", str(tmp_path / "run"), "--dataset", str(path), "--valid-fraction", "0.05",
+                 "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--seq-len", "32", "--batch-size", "4",
+                 "--max-steps", "2", "--eval-every", "0", "--eval-blocks", "4", "--precision", "no", "--progress",
+                 "false", "--num-samples", "0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    held = round(0.05 * len(paragraphs))
+    assert f"data: {path}: {len(paragraphs):,} documents, held out {held} (held-out documents; .txt split by " \
+           "paragraph)" in out
+    assert evaluate(["ppl", "--model", str(tmp_path / "run/final"), "--num-points", "2", "--max-blocks", "4"]) == 0
+    assert f"{held} documents" in capsys.readouterr().out  # the record's rule finds the same held-out paragraphs
+    by_line = load_split(str(path), valid_fraction=0.05, text_split="line")
+    assert len(by_line.train) + len(by_line.validation) == sum(1 for line in text.splitlines() if line.strip())
+
+
+def test_text_in_another_encoding_is_refused_naming_the_file_and_the_byte_then_read_with_encoding(tmp_path, capsys):
+    from samplers.cli.train import main
+
+    path = tmp_path / "latin.txt"
+    text = "Caf\u00e9 society.\n\nNa\u00efve art.\n\nD\u00e9j\u00e0 vu.\n"
+    path.write_bytes(text.encode("latin-1"))
+    code = main(["--output-dir", str(tmp_path / "run"), "--dataset", str(path), "--max-steps", "2", "--precision", "no"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{path}: not utf-8 text (byte 3 is b'\\xe9')" in err and "--encoding" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    split = load_split(str(path), valid_fraction=0.3, encoding="latin-1")
+    assert sorted(split.train + split.validation) == sorted(["Caf\u00e9 society.", "Na\u00efve art.", "D\u00e9j\u00e0 vu."])
+    with pytest.raises(ValueError, match="encoding must be a text encoding Python knows.*got encoding='klingon'"):
+        TrainConfig(encoding="klingon")

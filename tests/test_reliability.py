@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from diffusion.objectives import DiffusionObjective
 from diffusion.training import train
+from diffusion.training.checkpoint import CheckpointError
 from tests.test_training import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +74,7 @@ _RUN = """
 import sys
 from diffusion.training.config import TrainConfig
 from diffusion.training import train
+from diffusion.training.checkpoint import CheckpointError
 config = TrainConfig(output_dir=sys.argv[1], seq_len=32, hidden_size=32, num_layers=1, num_heads=2, cond_dim=16,
                      batch_size=4, max_steps=int(sys.argv[2]), warmup_steps=2, lr=3e-3, eval_every=0, eval_blocks=8,
                      eval_batch_size=8, log_every=1, save_every=int(sys.argv[3]), keep_last=50, precision="no",
@@ -106,19 +108,19 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> No
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_killed_or_preempted_runs_resume_to_the_uninterrupted_result_bit_for_bit(tmp_path, how):
     straight = _run(tmp_path / "straight", 40, 40)
     interrupted = _run(tmp_path / "interrupted", 40, 5)
     _wait_for(tmp_path / "interrupted/checkpoints/step-00000010/COMPLETE", interrupted)
-    interrupted.send_signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
+    interrupted.send_signal(getattr(signal, how))
     _, stderr = interrupted.communicate(timeout=240)
-    if how == "SIGTERM":
-        # Pre-emption: a checkpoint at the step it stopped, then a clean exit.
+    if how != "SIGKILL":
+        # Pre-emption or Ctrl-C: a checkpoint at the step it stopped (not only at a multiple of 5), a clean exit.
         assert interrupted.returncode == 0, stderr[-2000:]
         state = json.loads(max((tmp_path / "interrupted/checkpoints").glob("step-*/trainer_state.json")).read_text())
         assert state["step"] < 40
-        assert "SIGTERM" in stderr
+        assert f"received {how}: checkpoint saved at step {state['step']}" in stderr
     else:
         assert interrupted.returncode == -signal.SIGKILL
     resumed = _run(tmp_path / "interrupted", 40, 5, resume="auto")
@@ -127,6 +129,25 @@ def test_killed_or_preempted_runs_resume_to_the_uninterrupted_result_bit_for_bit
     a, b = _final_state(tmp_path / "straight", 40), _final_state(tmp_path / "interrupted", 40)
     assert a.keys() == b.keys() and len(a) > 10
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line_and_leaves_only_complete_checkpoints(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, "-m", "samplers.cli.train", "--output-dir", str(tmp_path / "run"), "--seq-len", "32",
+               "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4",
+               "--max-steps", "100000", "--save-every", "5", "--eval-every", "0", "--eval-blocks", "8",
+               "--precision", "no", "--progress", "false", "--num-samples", "0"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "run/checkpoints/step-00000005/COMPLETE", process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(
+        "ddlm-train: stopped by Ctrl-C; the last complete checkpoint is ")
+    checkpoints = list((tmp_path / "run/checkpoints").iterdir())
+    assert checkpoints and all((c / "COMPLETE").is_file() for c in checkpoints if c.name.startswith("step-"))
 
 
 def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_previous_one_is_intact(tmp_path, monkeypatch):
@@ -253,3 +274,89 @@ def test_a_pickle_offered_as_a_training_checkpoint_never_runs_and_incomplete_one
         train(tiny(tmp_path, max_steps=6, save_every=3, resume="auto"))
     assert not marker.exists()  # never unpickled
     assert "skipping incomplete checkpoint" in caplog.text and "step-00000005" in caplog.text
+
+
+_TOKENIZER_CODE = """
+from pathlib import Path
+Path(__file__).with_name("RAN").write_text("the folder's code ran")
+from transformers import PreTrainedTokenizerFast
+class MarkerTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def _tokenizer_with_code(folder: Path) -> Path:
+    """The built-in tokenizer plus an ``auto_map`` to a module that leaves a marker file when it is imported."""
+    from diffusion.data import load_tokenizer
+
+    load_tokenizer("builtin").save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(auto_map={"AutoTokenizer": [None, "marker_tok.MarkerTokenizer"]}, tokenizer_class="MarkerTokenizer")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "marker_tok.py").write_text(_TOKENIZER_CODE)
+    return folder
+
+
+def test_tokenizer_code_never_runs_without_the_flag_even_when_stdin_answers_yes(tmp_path):
+    from diffusion import DDiTConfig, DDiTModel
+
+    tokenizer_dir = _tokenizer_with_code(tmp_path / "tok")
+    model_dir = _tokenizer_with_code(tmp_path / "model")
+    DDiTModel(DDiTConfig(vocab_size=4097, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, cond_dim=8,
+                         max_position_embeddings=32, mask_token_id=4096)).save_pretrained(model_dir)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    commands = {
+        "ddlm-train": ["samplers.cli.train", "--output-dir", str(tmp_path / "run"), "--tokenizer", str(tokenizer_dir),
+                       "--max-steps", "1", "--precision", "no"],
+        "ddlm-generate": ["samplers.cli.generate", "--model", str(model_dir), "--length", "4"],
+        "ddlm-eval": ["samplers.cli.evaluate", "ppl", "--model", str(model_dir), "--dataset", "builtin:shakespeare"],
+    }
+    for name, args in commands.items():
+        result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, input="y\ny\n", text=True,
+                                capture_output=True, timeout=120)
+        err = result.stderr.strip()
+        assert result.returncode == 2, (name, err[-2000:])
+        assert "needs its own code" in err.splitlines()[-1] and "Traceback" not in err, (name, err[-2000:])
+        for folder in (tokenizer_dir, model_dir):
+            assert not (folder / "RAN").exists(), name
+
+
+def test_a_fresh_run_into_a_used_folder_is_refused_and_a_refused_resume_changes_nothing(tmp_path):
+    import hashlib
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    train(tiny(tmp_path, max_steps=2, save_every=1))
+    before = digest(tmp_path / "run")
+    with pytest.raises(ValueError, match="already holds a run .*--resume auto.*--overwrite true"):
+        train(tiny(tmp_path, max_steps=2, save_every=1))
+    with pytest.raises(CheckpointError, match="seq_len: checkpoint 32 vs run 48"):  # another configuration
+        train(tiny(tmp_path, max_steps=2, save_every=1, seq_len=48, resume="auto"))
+    assert digest(tmp_path / "run") == before  # nothing rewritten, train_config.json included
+    result = train(tiny(tmp_path, max_steps=3, save_every=1, overwrite=True))
+    assert result.step == 3
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == [
+        "step-00000001", "step-00000002", "step-00000003"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)][:1] == [1]  # the old metrics went with the old run
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    from diffusion.training.run_folder import LOCK_FILE
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / LOCK_FILE).write_text(json.dumps({"pid": sleeper.pid, "host": __import__("socket").gethostname(),
+                                                    "started": "now"}))
+        with pytest.raises(ValueError, match=f"is in use by process {sleeper.pid}"):
+            train(tiny(tmp_path, max_steps=1, warmup_steps=0))
+        assert not (folder / "checkpoints").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert train(tiny(tmp_path, max_steps=1, warmup_steps=0)).step == 1  # its process is gone: the lock is stale
+    assert not (folder / LOCK_FILE).exists()  # released at the end

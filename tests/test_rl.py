@@ -195,6 +195,8 @@ def test_config_errors_name_the_value():
         GRPOConfig(estimator="ppo")
     with pytest.raises(ValueError, match="group_size=1"):
         GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match="lr must be a finite number, got lr=inf"):
+        GRPOConfig(lr=float("inf"))
     with pytest.raises(ValueError, match="clip_eps_low=1.5"):
         GRPOConfig(clip_eps_low=1.5)
     with pytest.raises(ValueError, match="level='word'"):

@@ -111,7 +111,10 @@ def test_resume_rejects_a_different_run_configuration(tmp_path):
         ({"schedule": "exponential"}, "schedule must be one of \\['auto', .*got schedule='exponential'"),
         ({"schedule": "geometric", "schedule_kwargs": {"eps": 0.1}}, "schedule_kwargs="),
         ({"process": "uniform"}, "objective='masked_elbo' needs process='absorbing'"),
-        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": 0.0}, r"lr must be in \(0, 1\]"),
+        ({"lr": 1e308}, r"lr must be in \(0, 1\].*got lr=1e\+308"),
+        ({"lr": float("inf")}, "lr must be a finite number, got lr=inf"),
+        ({"weight_decay": float("nan")}, "weight_decay must be a finite number, got weight_decay=nan"),
         ({"precision": "fp8"}, "precision must be one of"),
     ],
 )

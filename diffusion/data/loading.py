@@ -3,8 +3,9 @@
 Sources (``dataset`` argument of :func:`load_texts`):
 
 * ``builtin:shakespeare`` (default) or ``builtin:shakespeare-full``: the shipped corpus;
-* a local file or folder: ``.txt`` (one document per file), ``.json``/``.jsonl`` or ``.parquet``
-  (one document per row, text in ``text_column``);
+* a local file or folder: ``.txt``/``.md`` (cut into documents by ``text_split``: blank-line-separated
+  paragraphs, lines, or whole files; decoded with ``encoding``), ``.json``/``.jsonl`` or ``.parquet`` (one
+  document per row, text in ``text_column``);
 * any other string is passed to ``datasets.load_dataset`` (a Hub name), optionally streaming.
 
 When a source has no validation split, whole documents are held out (a seeded choice), so the two
@@ -14,6 +15,7 @@ a run records (:mod:`diffusion.data.split_record`) so that evaluation can score 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,10 @@ import torch
 
 from .corpus import BUILTIN_CORPORA, builtin_corpus
 
-__all__ = ["DocumentSplit", "held_out_ids", "load_documents", "load_split", "load_texts", "source_name"]
+__all__ = ["TEXT_SPLITS", "DocumentSplit", "held_out_ids", "is_text_source", "load_documents", "load_split",
+           "load_texts", "source_name", "split_text"]
+
+TEXT_SPLITS = ("paragraph", "line", "file")  # how a .txt file becomes documents
 
 HELD_OUT_RULE = "held-out documents"  # a seeded choice of whole documents of one list
 SOURCE_RULE = "source validation split"  # the source's own validation split
@@ -58,6 +63,35 @@ class DocumentSplit:
     held_out_ids: tuple[int, ...] | None
 
 
+def split_text(text: str, rule: str) -> list[str]:
+    """Documents of one text file: ``paragraph`` (runs of lines between blank lines), ``line`` (each non-blank
+    line) or ``file`` (the whole text); blank documents are dropped, paragraphs lose their surrounding newlines."""
+    if rule not in TEXT_SPLITS:
+        raise ValueError(f"text_split must be one of {TEXT_SPLITS}, got text_split={rule!r}")
+    if rule == "file":
+        pieces = [text]
+    elif rule == "line":
+        pieces = text.splitlines()
+    else:
+        pieces = [p.strip("\r\n") for p in re.split(r"\n[ \t\r]*\n", text)]
+    return [p for p in pieces if p.strip()]
+
+
+def _read_text_files(files: list[Path], text_split: str, encoding: str) -> list[str]:
+    docs: list[str] = []
+    for path in files:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode(encoding)
+        except LookupError as err:
+            raise ValueError(f"unknown encoding={encoding!r}") from err
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not {encoding} text (byte {err.start} is {raw[err.start:err.start + 1]!r}); "
+                             "pass the file's encoding with --encoding (latin-1, cp1252, ...)") from err
+        docs.extend(split_text(text, text_split))
+    return docs
+
+
 def held_out_ids(num_documents: int, valid_fraction: float, seed: int) -> list[int]:
     """Ids (ascending) of the documents held out of ``num_documents``: ``round(valid_fraction * n)`` of them,
     at least one and at most ``n - 1``, the first of a permutation seeded by ``seed``."""
@@ -86,19 +120,21 @@ def _source_split(train: Iterable[str], validation: Iterable[str], streaming: bo
 
 def load_texts(dataset: str = "builtin:shakespeare", *, dataset_config: str | None = None,
                text_column: str = "text", valid_fraction: float = 0.02, seed: int = 0,
-               streaming: bool = False) -> dict[str, Iterable[str]]:
+               streaming: bool = False, text_split: str = "paragraph",
+               encoding: str = "utf-8") -> dict[str, Iterable[str]]:
     """Documents of a data source, as ``{"train": ..., "validation": ...}`` (:func:`load_split` without the ids).
 
     Non-streaming sources give lists of strings; ``streaming=True`` (Hub datasets only) gives
     ``datasets.IterableDataset`` objects with the one column ``text_column`` and needs a validation split.
     """
     split = load_split(dataset, dataset_config=dataset_config, text_column=text_column,
-                       valid_fraction=valid_fraction, seed=seed, streaming=streaming)
+                       valid_fraction=valid_fraction, seed=seed, streaming=streaming, text_split=text_split,
+                       encoding=encoding)
     return {"train": split.train, "validation": split.validation}
 
 
-def _read_source(dataset: str, *, dataset_config: str | None, text_column: str, seed: int,
-                 streaming: bool) -> tuple[Iterable[str], Iterable[str] | None]:
+def _read_source(dataset: str, *, dataset_config: str | None, text_column: str, seed: int, streaming: bool,
+                 text_split: str = "paragraph", encoding: str = "utf-8") -> tuple[Iterable[str], Iterable[str] | None]:
     """``(documents, None)`` for a source of one list of documents; ``(train, validation)`` for a source with its
     own validation split."""
     if dataset.startswith("builtin:"):
@@ -114,8 +150,9 @@ def _read_source(dataset: str, *, dataset_config: str | None, text_column: str, 
     if path.exists():
         files = _local_files(path)
         kind = _LOCAL_FORMATS[files[0].suffix]
-        extra = {"sample_by": "document"} if kind == "text" else {}
-        ds = load_dataset(kind, data_files=[str(f) for f in files], split="train", **extra)
+        if kind == "text":
+            return _read_text_files(files, text_split, encoding), None
+        ds = load_dataset(kind, data_files=[str(f) for f in files], split="train")
         if text_column not in ds.column_names:
             raise ValueError(f"text_column={text_column!r} not in the columns {ds.column_names} of {dataset!r}")
         return list(ds[text_column]), None
@@ -148,6 +185,8 @@ def load_split(
     valid_fraction: float = 0.02,
     seed: int = 0,
     streaming: bool = False,
+    text_split: str = "paragraph",
+    encoding: str = "utf-8",
 ) -> DocumentSplit:
     """The training and held-out documents of a data source, with the ids of the held-out ones.
 
@@ -157,18 +196,30 @@ def load_split(
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got valid_fraction={valid_fraction!r}")
     train, validation = _read_source(dataset, dataset_config=dataset_config, text_column=text_column, seed=seed,
-                                     streaming=streaming)
+                                     streaming=streaming, text_split=text_split, encoding=encoding)
     if validation is None:
         return _split_documents(list(train), valid_fraction, seed)
     return _source_split(train, validation, streaming=streaming)
 
 
-def load_documents(dataset: str, *, dataset_config: str | None = None, text_column: str = "text") -> list[str]:
+def load_documents(dataset: str, *, dataset_config: str | None = None, text_column: str = "text",
+                   text_split: str = "paragraph", encoding: str = "utf-8") -> list[str]:
     """Every document of a data source, in order (training split first where the source has two): what
     scoring a data set "whole" reads; one document is enough."""
     train, validation = _read_source(dataset, dataset_config=dataset_config, text_column=text_column, seed=0,
-                                     streaming=False)
+                                     streaming=False, text_split=text_split, encoding=encoding)
     return list(train) + list(validation or [])
+
+
+def is_text_source(dataset: str) -> bool:
+    """Whether ``dataset`` is local .txt/.md files (the sources ``text_split`` and ``encoding`` apply to)."""
+    path = Path(dataset).expanduser()
+    if dataset.startswith("builtin:") or not path.exists():
+        return False
+    try:
+        return _LOCAL_FORMATS[_local_files(path)[0].suffix] == "text"
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def source_name(dataset: str) -> str:

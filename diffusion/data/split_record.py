@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .loading import DocumentSplit, load_split, source_name
+from .loading import DocumentSplit, is_text_source, load_split, source_name
 
 __all__ = ["SPLIT_FILE", "check_unchanged", "document_digest", "make_record", "read_record", "reload_split",
            "write_record"]
@@ -35,12 +35,16 @@ def document_digest(documents: Iterable[str]) -> str:
 
 
 def make_record(split: DocumentSplit, *, dataset: str, dataset_config: str | None, text_column: str,
-                valid_fraction: float, seed: int) -> dict[str, Any]:
-    """The JSON record of ``split``, loaded from ``dataset`` with these arguments (a local path recorded absolute)."""
+                valid_fraction: float, seed: int, text_split: str = "paragraph",
+                encoding: str = "utf-8") -> dict[str, Any]:
+    """The JSON record of ``split``, loaded from ``dataset`` with these arguments (a local path recorded absolute;
+    ``text_split`` and ``encoding`` only for a local text source, the one kind they apply to)."""
     record: dict[str, Any] = {
         "dataset": source_name(dataset), "dataset_config": dataset_config, "text_column": text_column,
         "rule": split.rule, "valid_fraction": valid_fraction, "seed": seed,
     }
+    if is_text_source(dataset):
+        record.update(text_split=text_split, encoding=encoding)
     if split.held_out_ids is None:  # streaming: the documents are not known up front
         return {**record, "held_out_ids": None}
     return {**record, "num_train_documents": len(split.train), "num_held_out_documents": len(split.validation),
@@ -87,7 +91,8 @@ def reload_split(record: dict[str, Any]) -> DocumentSplit:
                          "recorded: pass --dataset (and --split) to say what to score")
     split = load_split(record["dataset"], dataset_config=record["dataset_config"],
                        text_column=record["text_column"], valid_fraction=record["valid_fraction"],
-                       seed=record["seed"])
+                       seed=record["seed"], text_split=record.get("text_split", "paragraph"),
+                       encoding=record.get("encoding", "utf-8"))
     for name, docs in (("held_out", split.validation), ("train", split.train)):
         if document_digest(docs) != record[f"{name}_sha256"]:
             raise ValueError(f"dataset={record['dataset']!r} no longer holds the documents the run "

@@ -49,8 +49,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     return wrapped
 
 
-def load_tokenizer(name_or_path: str = "builtin") -> Any:
+def load_tokenizer(name_or_path: str = "builtin", *, trust_remote_code: bool = False) -> Any:
     """Load a tokenizer (``builtin``, a local folder or a Hub id) ready for absorbing diffusion.
+
+    A tokenizer that brings its own code (``auto_map``) loads only with ``trust_remote_code=True``; without it
+    the answer is a one-line ValueError, never a prompt on the terminal.
 
     Guarantees a document separator (EOS, added as ``<|endoftext|>`` if missing) and a MASK token whose
     id is the *last* id, ``len(tokenizer) - 1``: if the tokenizer has no mask token, or its mask token
@@ -59,7 +62,13 @@ def load_tokenizer(name_or_path: str = "builtin") -> Any:
     from transformers import AutoTokenizer
 
     path = builtin_tokenizer_path() if name_or_path == "builtin" else name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(f"tokenizer {name_or_path!r} needs its own code to run (auto_map in its tokenizer or model "
+                         "config): read that code, then pass --trust-remote-code") from err
     if tokenizer.eos_token is None:
         tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
     if tokenizer.mask_token is None or tokenizer.mask_token_id != len(tokenizer) - 1:

@@ -97,7 +97,8 @@ def _pack_and_cover(docs: list[str], tokenizer: Any, seq_len: int, max_blocks: i
 
 def evaluation_data(model: str, tokenizer: Any, seq_len: int, max_blocks: int, *, dataset: str | None = None,
                     split: str = "all", dataset_config: str | None = None, text_column: str = "text",
-                    valid_fraction: float | None = None, split_seed: int | None = None) -> EvalData:
+                    valid_fraction: float | None = None, split_seed: int | None = None,
+                    text_split: str | None = None, encoding: str | None = None) -> EvalData:
     """The blocks to score for ``model`` (a folder or Hub id) and a description of them.
 
     ``dataset=None``: the run's held-out documents (its ``data_split.json``; a ValueError when it has none).
@@ -119,15 +120,18 @@ def evaluation_data(model: str, tokenizer: Any, seq_len: int, max_blocks: int, *
                 f"fraction {record['valid_fraction']})")
     else:
         runs_data = record is not None and record["dataset"] == source_name(dataset)
+        run_text = record if runs_data else {}  # .txt rules: the run's own for its own data
+        text = {"text_split": text_split or run_text.get("text_split", "paragraph"),
+                "encoding": encoding or run_text.get("encoding", "utf-8")}
         ids = None
         if split == "all":
-            docs = load_documents(dataset, dataset_config=dataset_config, text_column=text_column)
+            docs = load_documents(dataset, dataset_config=dataset_config, text_column=text_column, **text)
         else:
             fraction = valid_fraction if valid_fraction is not None else (
                 record["valid_fraction"] if runs_data else 0.02)
             seed = split_seed if split_seed is not None else (record["seed"] if runs_data else 0)
             source = load_split(dataset, dataset_config=dataset_config, text_column=text_column,
-                                valid_fraction=fraction, seed=seed)
+                                valid_fraction=fraction, seed=seed, **text)
             docs = list(source.train) if split == "train" else list(source.validation)
             if split == "validation" and source.held_out_ids is not None:
                 ids = list(source.held_out_ids)

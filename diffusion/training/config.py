@@ -5,9 +5,12 @@ The user's config is never rewritten: values left on ``auto`` are resolved by pr
 
 from __future__ import annotations
 
+import codecs
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..data.loading import TEXT_SPLITS
 from ..data.prepare import is_prepared
 from ..data.tokenizer import parse_trained_vocab
 from ..objectives import OBJECTIVES
@@ -25,7 +28,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "eval_every", "eval_blocks", "eval_batch_size", "log_every", "save_every", "keep_last",
     "resume", "stop_after_steps", "report_to", "progress", "attention", "max_consecutive_skips",
-    "allow_inexact_resume", "distributed", "gradient_checkpointing",
+    "allow_inexact_resume", "distributed", "gradient_checkpointing", "trust_remote_code", "overwrite",
 })
 
 
@@ -43,6 +46,11 @@ class TrainConfig:
     dataset: str = _f("builtin:shakespeare", "builtin:shakespeare, builtin:shakespeare-full, a local file/folder, or a datasets Hub name")
     dataset_config: str | None = _f(None, "configuration name for a Hub dataset (None: the dataset's default)")
     text_column: str = _f("text", "column holding the text (json/parquet/Hub datasets)")
+    text_split: str = _f("paragraph", ".txt/.md files: what a document is: a paragraph (lines between blank lines), "
+                                      "a line, or a whole file", choices=list(TEXT_SPLITS))
+    encoding: str = _f("utf-8", ".txt/.md files: their text encoding (latin-1, cp1252, ...)")
+    trust_remote_code: bool = _f(False, "let a --tokenizer or --init-from folder run its own code (auto_map); "
+                                        "read that code first")
     valid_fraction: float = _f(0.02, "fraction of documents held out when the source has no validation split")
     streaming: bool = _f(False, "stream a Hub dataset instead of loading it into memory")
     stream_shards: int = _f(8, "streaming: the stream is cut into this many shards (datasets' split_dataset_by_node), "
@@ -121,6 +129,8 @@ class TrainConfig:
     log_every: int = _f(10, "steps between metric records")
     save_every: int = _f(500, "steps between checkpoints (0: only at the end)")
     keep_last: int = _f(2, "checkpoints kept on disk")
+    overwrite: bool = _f(False, "replace the run already in output_dir (its checkpoints, final model and metrics "
+                                "are deleted); without it a fresh run into a used folder is refused")
     resume: str = _f("", "'' (fresh run), 'auto' (newest complete checkpoint in output_dir, if any) or a checkpoint path")
     stop_after_steps: int | None = _f(None, "stop (after a checkpoint) at this step without changing the schedule "
                                             "(None: run to max_steps)")
@@ -145,11 +155,15 @@ class TrainConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {name}={value!r}")
+        for f in fields(self):  # inf and NaN pass every comparison below or none: refuse them by name first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {f.name}={value!r}")
         checks = [
             ("seq_len", self.seq_len >= 2, "must be >= 2"),
             ("seq_len", self.seq_len <= self.max_position_embeddings,
              f"must not exceed max_position_embeddings={self.max_position_embeddings}"),
-            ("lr", self.lr > 0, "must be > 0"),
+            ("lr", 0 < self.lr <= 1, "must be in (0, 1] (AdamW's step size; larger only diverges)"),
             ("t_min", 0 < self.t_min < 1, "must be in (0, 1)"),
             ("t_max", self.t_min < self.t_max <= 1, f"must be in (t_min={self.t_min}, 1]"),
             ("valid_fraction", 0 < self.valid_fraction < 1, "must be in (0, 1)"),
@@ -175,6 +189,11 @@ class TrainConfig:
             raise ValueError("objective='masked_elbo' needs parameterization='subs' (or auto), got 'score'")
         self._check_start_and_blocks()
         self._check_trained_tokenizer()
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError as err:
+            raise ValueError(f"encoding must be a text encoding Python knows (utf-8, latin-1, cp1252, ...), got "
+                             f"encoding={self.encoding!r}") from err
         if self.schedule_kwargs is not None and not isinstance(self.schedule_kwargs, dict):
             raise ValueError(f"schedule_kwargs must be a dict, got schedule_kwargs={self.schedule_kwargs!r}")
         name, kwargs = self.resolved_schedule

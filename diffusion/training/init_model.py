@@ -33,6 +33,7 @@ def load_init_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     from ..data import load_tokenizer
 
     location = locate_model(config.init_from, flag="--init-from")
+    trust = config.trust_remote_code
     block = config.block_size
     converted = read_converted(location)
     if converted is not None:
@@ -42,12 +43,12 @@ def load_init_model(config: TrainConfig) -> tuple[nn.Module, Any]:
         if block is not None and converted["shift_logits"]:
             raise ValueError(f"--init-from {config.init_from!r} shifts its logits, which block diffusion cannot use: "
                              "convert it again with --shift-logits false")
-        model = AutoModelForCausalLM.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=trust)
         adapter = DiffusionLMAdapter(model, converted["mask_token_id"], shift_logits=converted["shift_logits"],
                                      attention="block" if block else converted["attention"], block_size=block,
                                      anneal_steps=config.anneal_steps, eos_token_id=converted.get("eos_token_id"))
-        return adapter, AutoTokenizer.from_pretrained(location)
-    model_config = AutoConfig.from_pretrained(location)
+        return adapter, AutoTokenizer.from_pretrained(location, trust_remote_code=trust)
+    model_config = AutoConfig.from_pretrained(location, trust_remote_code=trust)
     if model_config.model_type == "ddit":
         if config.anneal_steps:
             raise ValueError("--anneal-steps is for a causal LM; --init-from names a ddit model")
@@ -60,7 +61,7 @@ def load_init_model(config: TrainConfig) -> tuple[nn.Module, Any]:
             blocked = DDiTModel(DDiTConfig.from_dict({**model.config.to_dict(), "attention_block_size": block}))
             blocked.load_state_dict(model.state_dict())
             model = blocked
-        return model, load_tokenizer(location)
+        return model, load_tokenizer(location, trust_remote_code=trust)
     if not is_causal_lm_config(model_config):
         kind = ", ".join(getattr(model_config, "architectures", None) or []) or model_config.model_type
         raise ValueError(f"--init-from {config.init_from!r} is a {kind}: it needs a causal LM, a converted model or a "
@@ -68,7 +69,7 @@ def load_init_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     if block is not None and config.shift_logits:
         raise ValueError("--block-size with --init-from a causal LM needs --shift-logits false (a shifted output at a "
                          "block's first position would come from the previous block)")
-    model, tokenizer = load_causal_lm(location)
+    model, tokenizer = load_causal_lm(location, trust_remote_code=trust)
     return convert_causal_lm(model, tokenizer, shift_logits=config.shift_logits,
                              attention="block" if block else "bidirectional", block_size=block,
                              anneal_steps=config.anneal_steps)

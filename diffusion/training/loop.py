@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -57,6 +58,7 @@ from .config import RESUMABLE_CHANGES, TrainConfig
 from .distributed import clip_gradients, full_state, resolve_distributed, shard_model
 from .init_model import load_init_model
 from .run_data import RunData, load_run_data
+from .run_folder import claim_run_folder
 from .ema import EMA
 from .seeding import derive_generator
 
@@ -320,19 +322,34 @@ def _save_model_folder(folder: Path, state: _State, weights: dict[str, Tensor] |
 # ----- the run's folder ----------------------------------------------------------------------------------
 
 class _Preemption:
-    """Turns SIGTERM (a scheduler's pre-emption notice) into a flag the loop checks once per step.
+    """Turns SIGTERM (a scheduler's pre-emption notice) and a first Ctrl-C (SIGINT) into a flag the loop checks
+    once per step: the step finishes, a checkpoint is written, the run says how to resume.
 
-    Only the main thread can install handlers; elsewhere this does nothing.  With several ranks the flag is
-    combined across them, so that every rank stops after the same step.
+    A second Ctrl-C stops the process at once (exit 130) with one line naming the last complete checkpoint.  It
+    may land inside a checkpoint write, whose folder is then never marked complete (checkpoints are atomic), and
+    the run folder's lock is left to be found stale.  Only the main thread can install handlers; elsewhere this
+    does nothing.  With several ranks the flag is combined across them, so every rank stops after the same step.
     """
 
-    def __init__(self) -> None:
-        self.flag, self.signal_name, self.previous = False, "SIGTERM", None
+    def __init__(self, ckpt_root: Path) -> None:
+        self.flag, self.signal_name, self.previous, self.ckpt_root = False, "SIGTERM", {}, ckpt_root
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.flag = True
+        main = os.environ.get("RANK", "0") == "0"
+        if signum == signal.SIGINT and self.flag:  # the second Ctrl-C
+            if main:
+                latest = find_latest_checkpoint(self.ckpt_root)
+                print(f"\nddlm-train: stopped by Ctrl-C; the last complete checkpoint is {latest} "
+                      f"({'continue with --resume auto' if latest else 'none was written: start again'})",
+                      file=sys.stderr, flush=True)
+            os._exit(130)
+        if signum == signal.SIGINT and main:
+            print("\nddlm-train: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at "
+                  "once)", file=sys.stderr, flush=True)
+        self.flag, self.signal_name = True, signal.Signals(signum).name
 
     def requested(self, acc: Any) -> bool:
         if acc.num_processes == 1:
@@ -341,9 +358,9 @@ class _Preemption:
         return acc.reduce(flag, reduction="sum").item() > 0
 
     def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous = {}
 
 
 class _Run:
@@ -354,12 +371,10 @@ class _Run:
         self.root = Path(config.output_dir)
         self.ckpt_root = self.root / "checkpoints"
         self.metrics_path = self.root / "metrics.jsonl"
-        if accelerator.is_main_process:
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise FileNotFoundError(f"output_dir={config.output_dir!r} cannot be created or written: {err}") from err
-            write_json(self.root / "train_config.json", config.to_dict())
+
+    def write_config(self) -> None:
+        if self.acc.is_main_process:
+            write_json(self.root / "train_config.json", self.config.to_dict())
 
     def log(self, record: dict[str, Any]) -> None:
         if self.acc.is_main_process:
@@ -522,9 +537,21 @@ def _log_eval(run: _Run, step: int, loss: float, config: TrainConfig) -> None:
 # ----- the run -------------------------------------------------------------------------------------------
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train a denoiser as ``config`` says; returns where the final model went and the last held-out loss."""
+    """Train a denoiser as ``config`` says; returns where the final model went and the last held-out loss.
+
+    The run holds its folder for its lifetime (:mod:`diffusion.training.run_folder`): a second run into it is
+    refused, and so is a fresh run into a folder holding a previous run, unless ``overwrite`` replaces it."""
     resume_path = _resolve_resume(config, Path(config.output_dir) / "checkpoints")  # a bad path fails before any work
     acc, mode = _accelerator(config)
+    lock = claim_run_folder(Path(config.output_dir), fresh=not config.resume, overwrite=config.overwrite,
+                            accelerator=acc)
+    try:
+        return _train(config, resume_path, acc, mode)
+    finally:
+        lock.release()
+
+
+def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str) -> TrainResult:
     run = _Run(config, acc)
     init_model, init_tokenizer = load_init_model(config) if config.init_from else (None, None)
     positions = read_json(resume_path / "trainer_state.json").get("stream_positions") if resume_path else None
@@ -540,6 +567,7 @@ def train(config: TrainConfig) -> TrainResult:
     if resume_path is not None:
         _resume(resume_path, state, config, acc)
         acc.print(f"resumed from {resume_path} at step {state.step}")
+    run.write_config()  # after the resume was accepted: a refused one leaves the run's record as it was
     _prepare(state, acc)
 
     world = acc.num_processes
@@ -562,7 +590,7 @@ def train(config: TrainConfig) -> TrainResult:
     window_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
     window_steps, window_start, consecutive_skips = 0, time.perf_counter(), 0
     state.wrapped.train()
-    preemption = _Preemption()  # SIGTERM: finish the step, checkpoint, exit cleanly
+    preemption = _Preemption(run.ckpt_root)  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit cleanly
     try:
         while state.step < stop:
             x0_global = data.global_batch(state.counters["blocks_consumed"], global_batch, acc)

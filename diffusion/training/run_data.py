@@ -89,16 +89,22 @@ def load_run_data(config: TrainConfig, accelerator: Any, stream_positions: list[
     resumed run trained).  A ``train:N`` tokenizer is trained here on the training documents only."""
     trained_vocab = parse_trained_vocab(config.resolved_tokenizer)
     if tokenizer is None and trained_vocab is None:
-        tokenizer = load_tokenizer(config.resolved_tokenizer)
+        tokenizer = load_tokenizer(config.resolved_tokenizer, trust_remote_code=config.trust_remote_code)
     if is_prepared(config.dataset):
         splits = load_prepared(config.dataset, tokenizer=tokenizer, seq_len=config.seq_len)
         return RunData(tokenizer, BlockBatches(splits["train"], seed=config.seed),
                        splits["validation"][: config.eval_blocks].long(), accum_steps=config.grad_accum_steps)
     with accelerator.main_process_first():
         split = load_split(config.dataset, dataset_config=config.dataset_config, text_column=config.text_column,
-                           valid_fraction=config.valid_fraction, seed=config.seed, streaming=config.streaming)
+                           valid_fraction=config.valid_fraction, seed=config.seed, streaming=config.streaming,
+                           text_split=config.text_split, encoding=config.encoding)
     record = make_record(split, dataset=config.dataset, dataset_config=config.dataset_config,
-                         text_column=config.text_column, valid_fraction=config.valid_fraction, seed=config.seed)
+                         text_column=config.text_column, valid_fraction=config.valid_fraction, seed=config.seed,
+                         text_split=config.text_split, encoding=config.encoding)
+    if split.held_out_ids is not None:
+        accelerator.print(f"data: {config.dataset}: {len(split.train) + len(split.validation):,} documents, held out "
+                          f"{len(split.validation):,} ({split.rule}"
+                          + (f"; .txt split by {config.text_split}" if record.get("text_split") else "") + ")")
     texts = {"train": split.train, "validation": split.validation}
     if tokenizer is None:
         tokenizer = _trained_tokenizer(config, accelerator, split.train, trained_vocab)

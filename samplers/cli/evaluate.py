@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffusion.data.loading import TEXT_SPLITS
 from diffusion.evaluation.held_out import SPLITS
 from diffusion.time_nodes import TIME_RULES
 
@@ -40,6 +41,12 @@ def _parser() -> Any:
                      help="with --dataset: its configuration, Hub data sets (default: none)")
     ppl.add_argument("--text-column", default="text", help="with --dataset: the column holding the text "
                                                          "(default: %(default)s)")
+    ppl.add_argument("--text-split", default=None, choices=TEXT_SPLITS,
+                     help="with --dataset of .txt/.md files: what a document is (default: the run's rule for its own "
+                          "data, else paragraph)")
+    ppl.add_argument("--encoding", default=None,
+                     help="with --dataset of .txt/.md files: their encoding (default: the run's for its own data, "
+                          "else utf-8)")
     ppl.add_argument("--valid-fraction", type=float, default=None,
                      help="with --dataset --split train/validation, a source without a validation split: the fraction "
                           "of documents held out (default: the run's when --dataset is the run's data, else 0.02)")
@@ -108,7 +115,8 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     seq_len = args.seq_len or _default_length(args.model, model)
     data = evaluation_data(args.model, tokenizer, seq_len, args.max_blocks, dataset=args.dataset, split=args.split,
                            dataset_config=args.dataset_config, text_column=args.text_column,
-                           valid_fraction=args.valid_fraction, split_seed=args.split_seed)
+                           valid_fraction=args.valid_fraction, split_seed=args.split_seed,
+                           text_split=args.text_split, encoding=args.encoding)
     for warning in data.warnings:
         print(f"ddlm-eval: warning: {warning}", file=sys.stderr)
     blocks = data.blocks
