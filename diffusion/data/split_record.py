@@ -20,17 +20,22 @@ from typing import Any
 
 from .loading import DocumentSplit, is_text_source, load_split, source_name
 
-__all__ = ["SPLIT_FILE", "check_unchanged", "document_digest", "make_record", "read_record", "reload_split",
+__all__ = ["SPLIT_FILE", "check_unchanged", "document_digest", "document_hash", "make_record", "read_record", "reload_split",
            "write_record"]
 
 SPLIT_FILE = "data_split.json"
+
+
+def document_hash(text: str) -> bytes:
+    """SHA-256 of one document's UTF-8 text: how documents are compared across data sets."""
+    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 def document_digest(documents: Iterable[str]) -> str:
     """SHA-256 over the documents in order (each hashed, then the hashes chained): equal iff the same texts."""
     outer = hashlib.sha256()
     for text in documents:
-        outer.update(hashlib.sha256(text.encode("utf-8")).digest())
+        outer.update(document_hash(text))
     return outer.hexdigest()
 
 

@@ -12,7 +12,6 @@ more blocks exist than are asked for, an evenly spaced subset is scored (block `
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from ..data.loading import load_documents, load_split, source_name
 from ..data.packing import pack, tokenize_documents
-from ..data.split_record import read_record, reload_split
+from ..data.split_record import document_hash, read_record, reload_split
 
 __all__ = ["SPLITS", "EvalData", "bits_per_byte", "evaluation_data", "scored_bytes", "spread_blocks"]
 
@@ -67,10 +66,6 @@ def scored_bytes(blocks: Tensor, tokenizer: Any, *, skip_first: bool = False) ->
     num_bytes = sum(len(tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                         .encode("utf-8")) for row in rows.tolist())
     return rows.numel(), num_bytes
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 def _pack_and_cover(docs: list[str], tokenizer: Any, seq_len: int, max_blocks: int) -> tuple[Tensor, int, int]:
@@ -138,11 +133,11 @@ def evaluation_data(model: str, tokenizer: Any, seq_len: int, max_blocks: int, *
         what = f"{dataset}, split {split}"
         if record is not None and record.get("held_out_ids") is not None:
             try:
-                trained = {_digest(d) for d in reload_split(record).train}
+                trained = {document_hash(d) for d in reload_split(record).train}
             except (ValueError, FileNotFoundError) as err:  # the run's data moved or changed: say so, score anyway
                 trained = set()
                 warnings.append(f"overlap with the run's training documents not checked: {err}")
-            overlap = sum(_digest(d) in trained for d in docs)
+            overlap = sum(document_hash(d) in trained for d in docs)
             if overlap:
                 warnings.append(f"{overlap} of the {len(docs)} documents scored are training documents of this run "
                                 f"({record['dataset']}): the score is not a held-out one")
