@@ -29,6 +29,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from .attention_patterns import ATTENTION_MODES, annealed_causal, block_causal
 from .modeling_ddit import subs_log_probs
+from .weights import load_weights_checked
 
 __all__ = ["CONVERTED_FILE", "SHIFTED_FAMILIES", "DenoiserConfig", "DiffusionLMAdapter", "MaskedLMAdapter",
            "load_denoiser", "read_converted", "save_denoiser"]
@@ -259,8 +260,8 @@ def load_denoiser(name_or_path: str, *, trust_remote_code: bool = False, mask_to
         if mask_token_id is not None and mask_token_id != converted["mask_token_id"]:
             raise ValueError(f"mask_token_id={mask_token_id} disagrees with {CONVERTED_FILE} "
                              f"(mask_token_id={converted['mask_token_id']})")
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                                     **from_pretrained)
+        model = load_weights_checked(AutoModelForCausalLM, name_or_path, trust_remote_code=trust_remote_code,
+                                     **from_pretrained)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained)
         return DiffusionLMAdapter(model.eval(), converted["mask_token_id"], shift_logits=converted["shift_logits"],
                                   attention=converted["attention"], block_size=converted["block_size"],
@@ -269,7 +270,7 @@ def load_denoiser(name_or_path: str, *, trust_remote_code: bool = False, mask_to
     _check_denoiser_family(name_or_path, config)
     family = str(getattr(config, "model_type", "")).lower()
     if family == "ddit":
-        model = AutoModelForMaskedLM.from_pretrained(name_or_path, **from_pretrained)
+        model = load_weights_checked(AutoModelForMaskedLM, name_or_path, **from_pretrained)
         if mask_token_id is not None and mask_token_id != model.config.mask_token_id:
             raise ValueError(f"mask_token_id={mask_token_id} disagrees with the model's config "
                              f"(mask_token_id={model.config.mask_token_id})")
@@ -284,9 +285,10 @@ def load_denoiser(name_or_path: str, *, trust_remote_code: bool = False, mask_to
         raise ValueError(f"{name_or_path!r} names no mask token (config, generation config and tokenizer have none): "
                          "pass mask_token_id")
     if family in SHIFTED_FAMILIES:
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained)
+        model = load_weights_checked(AutoModel, name_or_path, trust_remote_code=trust_remote_code, **from_pretrained)
         return DiffusionLMAdapter(model.eval(), mask_id, shift_logits=SHIFTED_FAMILIES[family]), tokenizer
-    model = AutoModelForMaskedLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained)
+    model = load_weights_checked(AutoModelForMaskedLM, name_or_path, trust_remote_code=trust_remote_code,
+                                 **from_pretrained)
     return MaskedLMAdapter(model.eval(), mask_id), tokenizer
 
 

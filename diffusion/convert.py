@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import DiffusionLMAdapter, read_converted
+from .weights import load_weights_checked
 
 __all__ = ["DEFAULT_MASK_TOKEN", "choose_mask_id", "convert_causal_lm", "is_causal_lm_config", "load_causal_lm"]
 
@@ -59,7 +60,8 @@ def load_causal_lm(name_or_path: str, *, trust_remote_code: bool = False, **from
         kind = ", ".join(getattr(config, "architectures", None) or []) or f"model_type {config.model_type!r}"
         raise ValueError(f"{name_or_path!r} is a {kind}, which has no causal-LM head: conversion needs a model that "
                          "AutoModelForCausalLM loads (LLaMA, Qwen2/3, GPT-2, ...)")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained)
+    model = load_weights_checked(AutoModelForCausalLM, name_or_path, trust_remote_code=trust_remote_code,
+                                 **from_pretrained)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained)
     return model, tokenizer
 

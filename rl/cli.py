@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from diffusion.cli.errors import console_command, one_line
+
 
 DEFAULTS = {"max_steps": 150, "lr": 1e-3}  # this command's own settings for the sorting task; --help shows them
 
@@ -84,16 +86,17 @@ def _import_reward(spec: str) -> Any:
     return function
 
 
+@console_command("ddlm-rl")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
     from diffusion import DDiTConfig, DDiTModel
     from diffusion.cli.loading import load_denoiser_for
-    from diffusion.training.checkpoint import CheckpointError, find_latest_checkpoint
+    from diffusion.training.checkpoint import find_latest_checkpoint
 
     from .config import GRPOConfig
-    from .rewards import RewardError
+    from .rewards import check_weights
     from .sft import supervised_warmup
     from .tasks import SortTask, char_tokenizer
     from .trainer import GRPOTrainer
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.reward_weight) > len(extra):
             raise ValueError(f"{len(args.reward_weight)} --reward-weight values for {len(extra)} --reward functions")
         weights = list(args.reward_weight) + [1.0] * (len(extra) - len(args.reward_weight))
+        check_weights(extra, weights)  # before any model is built
         resuming = config.resume is not None and (
             config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -142,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         before = None if resuming else trainer.evaluate(held_out)  # a resumed model loads inside train()
         history = trainer.train()
         after = trainer.evaluate(held_out)
-    except (ValueError, FileNotFoundError, CheckpointError, RewardError) as err:
-        print(f"ddlm-rl: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError and RewardError are ValueErrors
+        if args.debug:
+            raise
+        print(f"ddlm-rl: error: {one_line(err)}", file=sys.stderr)
         return 2
     summary = {"steps_run": len(history), "held_out_before": before, "held_out_after": after,
                "final_model": str(trainer.output_dir / "final")}

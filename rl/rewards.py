@@ -7,6 +7,8 @@ trainer treats what a function returns (as TRL does):
   if every function leaves it out, the completion gets no advantage (it is excluded from the loss).
 - the wrong number of values, a value that is not a number, an exception, or a call that runs past
   ``timeout`` seconds: a :class:`RewardError` naming the function.
+- a weighted reward beyond ``±MAX_REWARD`` (1e100): a :class:`RewardError` naming the function, because the group
+  statistics square the rewards and would overflow float64 into NaN advantages.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["RewardError", "RewardFunction", "compute_rewards", "exact_match", "format_reward", "length_penalty",
+__all__ = ["MAX_REWARD", "RewardError", "RewardFunction", "check_weights", "compute_rewards", "exact_match", "format_reward", "length_penalty",
            "final_answer"]
 
 RewardFunction = Callable[..., Sequence[Any]]
+MAX_REWARD = 1e100  # |weight * reward| at most this: squared deviations of a group stay finite in float64
 
 
 class RewardError(ValueError):
@@ -58,11 +61,20 @@ def _call_with_timeout(fn: RewardFunction, timeout: float | None, args: tuple, k
     return outcome["value"]
 
 
+def check_weights(functions: Sequence[RewardFunction], weights: Sequence[float]) -> None:
+    """ValueError unless there is one finite weight of size at most :data:`MAX_REWARD` per function."""
+    if len(functions) != len(weights):
+        raise ValueError(f"need one weight per reward function: {len(functions)} functions, {len(weights)} weights")
+    for fn, weight in zip(functions, weights):
+        if not math.isfinite(weight) or abs(weight) > MAX_REWARD:
+            raise ValueError(f"the weight of reward function {_name(fn)!r} must be finite and at most {MAX_REWARD:g} "
+                             f"in size, got {weight!r}")
+
+
 def compute_rewards(functions: Sequence[RewardFunction], weights: Sequence[float], prompts: list[str],
                     completions: list[str], *, timeout: float | None = None, **kwargs: list[Any]) -> tuple[Tensor, Tensor]:
     """``(total [N], per_function [N, F])``; total is NaN where every function left the completion out."""
-    if len(functions) != len(weights):
-        raise ValueError(f"need one weight per reward function: {len(functions)} functions, {len(weights)} weights")
+    check_weights(functions, weights)
     n = len(completions)
     table = torch.full((n, len(functions)), float("nan"), dtype=torch.float64)
     for j, fn in enumerate(functions):
@@ -85,6 +97,10 @@ def compute_rewards(functions: Sequence[RewardFunction], weights: Sequence[float
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isinf(value):
                 raise RewardError(f"reward function {_name(fn)!r} returned {value!r} for completion {i}: "
                                   "rewards are finite numbers or None")
+            if abs(float(value) * weights[j]) > MAX_REWARD:
+                raise RewardError(f"reward function {_name(fn)!r} returned {value!r} for completion {i} (weight "
+                                  f"{weights[j]!r}): weighted rewards must be at most {MAX_REWARD:g} in size, or the "
+                                  "group statistics overflow")
             table[i, j] = float(value)
         if missing:
             warnings.warn(f"reward function {_name(fn)!r} returned None/NaN for {missing} of {n} completions; "

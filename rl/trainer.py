@@ -42,6 +42,7 @@ from diffusion.training.checkpoint import (
     optimizer_to_files,
     prune_checkpoints,
     read_json,
+    refuse_nonfinite_weights,
     save_weights,
     write_json,
 )
@@ -53,7 +54,7 @@ from samplers.base import RowStreams
 from .config import GRPOConfig
 from .estimators import LikelihoodEstimator, concat_draws, get_estimator
 from .objective import group_advantages, grpo_loss
-from .rewards import RewardFunction, compute_rewards
+from .rewards import RewardFunction, check_weights, compute_rewards
 
 __all__ = ["GRPOTrainer", "completion_mask"]
 
@@ -114,6 +115,7 @@ class GRPOTrainer:
         self.records = list(records)
         self.reward_functions = list(reward_functions)
         self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(reward_functions)
+        check_weights(self.reward_functions, self.reward_weights)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if config.prompts_per_step % self.world:
@@ -337,6 +339,7 @@ class GRPOTrainer:
         """``checkpoints/step-N``, written by the main process (every rank holds the same weights and state)."""
         root = self.output_dir / "checkpoints"
         target = root / checkpoint_name(self.step)
+        refuse_nonfinite_weights(self.model, self.step, root)  # every rank holds the same weights
         if self.accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
             with atomic_directory(target, complete=True) as tmp:
@@ -382,6 +385,7 @@ class GRPOTrainer:
 
     def export(self, folder: Path) -> Path:
         """The fine-tuned model (LoRA merged) and tokenizer as a folder :func:`~diffusion.adapters.load_denoiser` reads."""
+        refuse_nonfinite_weights(self.model, self.step, self.output_dir / "checkpoints")
         if not self.accelerator.is_main_process:  # every rank holds the same weights: one writes them
             self.accelerator.wait_for_everyone()
             return Path(folder)

@@ -18,7 +18,7 @@ from .base import check_filters
 __all__ = ["sample_autoregressive"]
 
 
-def sample_autoregressive(model: Any, prompt: Tensor, new_tokens: int, *, seed: int, eos_id: int,
+def sample_autoregressive(model: Any, prompt: Tensor, new_tokens: int, *, seed: int | None, eos_id: int,
                           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                           stop_at_eos: bool = False) -> tuple[Tensor, Tensor]:
     """``(tokens [B, P + new_tokens], lengths [B])``: ``prompt`` ``[B, P]`` (``P >= 1``) continued by sampling.
@@ -27,7 +27,7 @@ def sample_autoregressive(model: Any, prompt: Tensor, new_tokens: int, *, seed: 
     distribution unchanged (an EOS among them starts a new document, as in the packed training stream) and every
     length is ``new_tokens``; with it a row ends at its first EOS (kept), its length counts the new tokens up to
     and including it, and the rest of the row is EOS.  The global torch generator is seeded with ``seed``, as
-    ``generate`` draws from it.
+    ``generate`` draws from it (``seed=None`` goes on drawing from it: the next batch of one seeded stream).
     """
     from transformers import GenerationConfig
 
@@ -43,7 +43,8 @@ def sample_autoregressive(model: Any, prompt: Tensor, new_tokens: int, *, seed: 
     # generate() fills every field left None from the model's own generation_config (its eos_token_id, say, which
     # would stop at EOS, or a Hub model's repetition penalty): make ours the model's for the call, so only it counts.
     saved, model.generation_config = model.generation_config, config
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     try:
         with torch.no_grad():
             tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)

@@ -70,7 +70,7 @@ def test_local_jsonl_and_bad_column(tmp_path):
     path.write_text("\n".join(json.dumps({"body": f"row {i}"}) for i in range(10)))
     splits = load_texts(str(path), text_column="body", valid_fraction=0.1)
     assert len(splits["train"]) == 9 and len(splits["validation"]) == 1
-    with pytest.raises(ValueError, match="text_column='text' not in the columns"):
+    with pytest.raises(ValueError, match=r"data.jsonl: row 1 has no 'text' field \(its fields: \['body'\]\)"):
         load_texts(str(path))
     with pytest.raises(FileNotFoundError, match="dataset path does not exist"):
         load_texts("./no/such/file.txt")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from .errors import console_command, one_line
+
 __all__ = ["main"]
 
 
@@ -36,6 +38,7 @@ def _parser() -> Any:
     return parser
 
 
+@console_command("ddlm-convert")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -53,20 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     output = Path(args.output_dir)
     if output.exists():
-        print(f"ddlm-convert: error: --output-dir {args.output_dir!r} already exists: choose a new folder",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"--output-dir {args.output_dir!r} already exists: choose a new folder")
     try:
         model, tokenizer = load_causal_lm(locate_model(args.model), trust_remote_code=args.trust_remote_code)
-        adapter, tokenizer = convert_causal_lm(model, tokenizer, mask_token=args.mask_token,
-                                               mask_token_id=args.mask_token_id, shift_logits=args.shift_logits,
-                                               attention=args.attention, block_size=args.block_size)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"ddlm-convert: error: {err}", file=sys.stderr)
-        return 2
     except OSError as err:
-        print(f"ddlm-convert: error: could not load --model {args.model!r}: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise FileNotFoundError(f"could not load --model {args.model!r}: {one_line(err)}") from err
+    adapter, tokenizer = convert_causal_lm(model, tokenizer, mask_token=args.mask_token,
+                                           mask_token_id=args.mask_token_id, shift_logits=args.shift_logits,
+                                           attention=args.attention, block_size=args.block_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(output, complete=False) as tmp:
         adapter.save_pretrained(tmp)

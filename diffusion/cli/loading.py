@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..locate import locate_model
+from ..weights import load_weights_checked
 
 __all__ = ["is_causal_lm", "is_plain_causal_lm", "load_denoiser_for", "load_model_for"]
 
@@ -69,7 +70,7 @@ def load_model_for(name: str, *, flag: str = "--model", trust_remote_code: bool 
 
     location, config = _config_for(name, flag, trust_remote_code)
     if is_causal_lm(config) and read_converted(location) is None:  # a converted causal LM is a denoiser
-        model = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=trust_remote_code).eval()
+        model = load_weights_checked(AutoModelForCausalLM, location, trust_remote_code=trust_remote_code).eval()
         return model, AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code), True
     model, tokenizer = load_denoiser_for(name, flag=flag, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer, False

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import sys
 
+from .errors import console_command
+
 __all__ = ["main"]
 
 
+@console_command("ddlm-prepare")
 def main(argv: list[str] | None = None) -> int:
     from .args import ArgumentParser
 
@@ -38,15 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..data import load_tokenizer
     from ..data.prepare import load_prepared, prepare_dataset
 
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-        folder = prepare_dataset(args.output, dataset=args.dataset, tokenizer=tokenizer, seq_len=args.seq_len,
-                                 dataset_config=args.dataset_config, text_column=args.text_column,
-                                 valid_fraction=args.valid_fraction, seed=args.seed, num_proc=args.num_proc)
-        splits = load_prepared(folder, tokenizer=tokenizer, seq_len=args.seq_len)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"ddlm-prepare: error: {err}", file=sys.stderr)
-        return 2
+    tokenizer = load_tokenizer(args.tokenizer)
+    folder = prepare_dataset(args.output, dataset=args.dataset, tokenizer=tokenizer, seq_len=args.seq_len,
+                             dataset_config=args.dataset_config, text_column=args.text_column,
+                             valid_fraction=args.valid_fraction, seed=args.seed, num_proc=args.num_proc)
+    splits = load_prepared(folder, tokenizer=tokenizer, seq_len=args.seq_len)
     print(f"wrote {folder}: {len(splits['train'])} training and {len(splits['validation'])} held-out blocks of "
           f"{args.seq_len} tokens")
     return 0

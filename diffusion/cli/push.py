@@ -11,7 +11,10 @@ from __future__ import annotations
 import sys
 import tempfile
 
+from .errors import console_command, one_line
 
+
+@console_command("ddlm-push")
 def main(argv: list[str] | None = None) -> int:
     from .args import ArgumentParser
 
@@ -31,21 +34,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dry-run needs --out (the folder to write)")
 
     from ..hub import export_for_hub, push_folder
-    from ..training.checkpoint import CheckpointError
 
     out = args.out or tempfile.mkdtemp(prefix="ddlm-push-")
-    try:
-        folder = export_for_hub(args.source, out, use_ema=not args.no_ema, location=args.repo_id, license=args.license)
-    except (FileNotFoundError, CheckpointError, ValueError) as err:
-        print(f"ddlm-push: error: {err}", file=sys.stderr)
-        return 2
+    folder = export_for_hub(args.source, out, use_ema=not args.no_ema, location=args.repo_id, license=args.license)
     print(f"wrote {folder}")
     if args.dry_run:
         return 0
     try:
         print(push_folder(folder, args.repo_id, private=args.private, revision=args.revision))
     except Exception as err:  # noqa: BLE001  (network and auth errors: one line, not a traceback)
-        print(f"ddlm-push: error: upload to {args.repo_id!r} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+        if args.debug:
+            raise
+        print(f"ddlm-push: error: upload to {args.repo_id!r} failed: {type(err).__name__}: {one_line(err)}",
               file=sys.stderr)
         return 1
     return 0

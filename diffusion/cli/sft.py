@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from .errors import console_command
+
 __all__ = ["main"]
 
 
@@ -24,6 +26,7 @@ def _parser() -> Any:
     return parser
 
 
+@console_command("ddlm-sft")
 def main(argv: list[str] | None = None) -> int:
     from ..training.sft import SFTConfig
     from .args import dataclass_from_namespace
@@ -37,20 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from ..training.checkpoint import CheckpointError
     from ..training.sft import train_sft
     from .loading import load_denoiser_for
 
     hf_logging.disable_progress_bar()
-    try:
-        model, tokenizer = load_denoiser_for(config.model, trust_remote_code=config.trust_remote_code)
-        result = train_sft(config, model, tokenizer)
-    except (FileNotFoundError, CheckpointError, ValueError) as err:
-        print(f"ddlm-sft: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"ddlm-sft: error: {err}", file=sys.stderr)
-        return 1
+    model, tokenizer = load_denoiser_for(config.model, trust_remote_code=config.trust_remote_code)
+    result = train_sft(config, model, tokenizer)  # errors end as console_command says
     print(f"fine-tuned model: {result.final_dir} (last loss {result.last_loss:.4f} nats per completion token)")
     return 0
 

@@ -7,11 +7,11 @@ samplers, a layer above this package.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from .args import ArgumentParser, add_dataclass_arguments, dataclass_from_namespace
+from .errors import console_command
 
 __all__ = ["build_parser", "main"]
 
@@ -30,6 +30,7 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     return parser
 
 
+@console_command("ddlm-train")
 def main(argv: list[str] | None = None, *, after_training: Callable[[Any, argparse.Namespace, Any], int] | None = None,
          description: str | None = None) -> int:
     """Parse, train, then ``after_training(result, args, config)`` on the main process (exit code 0, 1 or 2).
@@ -53,17 +54,9 @@ def main(argv: list[str] | None = None, *, after_training: Callable[[Any, argpar
     from transformers.utils import logging as hf_logging
 
     from ..training import train
-    from ..training.checkpoint import CheckpointError
 
     hf_logging.disable_progress_bar()  # keep the terminal for our own progress bar
-    try:
-        result = train(config)
-    except (FileNotFoundError, CheckpointError, ValueError) as err:  # a bad --dataset, --tokenizer, --resume, launch
-        print(f"ddlm-train: error: {err}", file=sys.stderr)
-        return 2
-    except (OSError, FloatingPointError) as err:  # a checkpoint that cannot be written, a run that diverged
-        print(f"ddlm-train: error: {err}", file=sys.stderr)
-        return 1
+    result = train(config)  # a bad --dataset or --resume: exit 2; a disk that fills or a diverged run: exit 1
     if result.final_dir is None or after_training is None or not _is_main_process():
         return 0
     return after_training(result, args, config)

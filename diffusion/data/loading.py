@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 from .corpus import BUILTIN_CORPORA, builtin_corpus
+from .encoding import read_text_file
+from .json_rows import read_json_documents
 
-__all__ = ["TEXT_SPLITS", "DocumentSplit", "held_out_ids", "is_text_source", "load_documents", "load_split",
+__all__ = ["TEXT_SPLITS", "DocumentSplit", "held_out_ids", "load_documents", "local_format", "load_split",
            "load_texts", "source_name", "split_text"]
 
 TEXT_SPLITS = ("paragraph", "line", "file")  # how a .txt file becomes documents
@@ -80,15 +82,7 @@ def split_text(text: str, rule: str) -> list[str]:
 def _read_text_files(files: list[Path], text_split: str, encoding: str) -> list[str]:
     docs: list[str] = []
     for path in files:
-        raw = path.read_bytes()
-        try:
-            text = raw.decode(encoding)
-        except LookupError as err:
-            raise ValueError(f"unknown encoding={encoding!r}") from err
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not {encoding} text (byte {err.start} is {raw[err.start:err.start + 1]!r}); "
-                             "pass the file's encoding with --encoding (latin-1, cp1252, ...)") from err
-        docs.extend(split_text(text, text_split))
+        docs.extend(split_text(read_text_file(path, encoding), text_split))
     return docs
 
 
@@ -152,11 +146,13 @@ def _read_source(dataset: str, *, dataset_config: str | None, text_column: str, 
         kind = _LOCAL_FORMATS[files[0].suffix]
         if kind == "text":
             return _read_text_files(files, text_split, encoding), None
+        if kind == "json":
+            return read_json_documents(files, text_column, encoding), None
         ds = load_dataset(kind, data_files=[str(f) for f in files], split="train")
         if text_column not in ds.column_names:
             raise ValueError(f"text_column={text_column!r} not in the columns {ds.column_names} of {dataset!r}")
         return list(ds[text_column]), None
-    if dataset.startswith((".", "/", "~")):
+    if dataset.startswith((".", "/", "~")) or path.suffix in _LOCAL_FORMATS:  # a data file's name is no Hub id
         raise FileNotFoundError(f"dataset path does not exist: dataset={dataset!r}")
 
     splits = load_dataset(dataset, dataset_config, streaming=streaming)
@@ -211,15 +207,16 @@ def load_documents(dataset: str, *, dataset_config: str | None = None, text_colu
     return list(train) + list(validation or [])
 
 
-def is_text_source(dataset: str) -> bool:
-    """Whether ``dataset`` is local .txt/.md files (the sources ``text_split`` and ``encoding`` apply to)."""
+def local_format(dataset: str) -> str | None:
+    """``"text"`` (.txt/.md: ``text_split`` and ``encoding`` apply), ``"json"`` (``encoding`` applies) or
+    ``"parquet"`` for local files; None for anything else."""
     path = Path(dataset).expanduser()
     if dataset.startswith("builtin:") or not path.exists():
-        return False
+        return None
     try:
-        return _LOCAL_FORMATS[_local_files(path)[0].suffix] == "text"
+        return _LOCAL_FORMATS[_local_files(path)[0].suffix]
     except (FileNotFoundError, ValueError):
-        return False
+        return None
 
 
 def source_name(dataset: str) -> str:

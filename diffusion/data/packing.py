@@ -43,11 +43,24 @@ def tokenize_documents(texts: Iterable[str], tokenizer: Any, chunk: int = 256) -
         yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
 
 
-def build_blocks(texts: Iterable[str], tokenizer: Any, block_size: int) -> Tensor:
-    """Tokenize and pack documents into ``LongTensor[num_blocks, block_size]``."""
-    blocks = list(pack(tokenize_documents(texts, tokenizer), block_size, tokenizer.eos_token_id))
+def build_blocks(texts: Iterable[str], tokenizer: Any, block_size: int, what: str = "the data") -> Tensor:
+    """Tokenize and pack documents into ``LongTensor[num_blocks, block_size]``.
+
+    Raises:
+        ValueError: the documents (``what`` names them in the message) do not fill one block.
+    """
+    counts = {"documents": 0, "tokens": 0}
+
+    def counted() -> Iterator[list[int]]:
+        for ids in tokenize_documents(texts, tokenizer):
+            counts["documents"] += 1
+            counts["tokens"] += len(ids) + 1  # and its separator
+            yield ids
+
+    blocks = list(pack(counted(), block_size, tokenizer.eos_token_id))
     if not blocks:
-        raise ValueError(f"the data holds fewer than block_size={block_size} tokens")
+        raise ValueError(f"{what} holds {counts['tokens']} tokens in {counts['documents']} document(s), fewer than "
+                         f"one block of seq_len={block_size} tokens: give more text or a smaller --seq-len")
     return torch.tensor(blocks, dtype=torch.long)
 
 

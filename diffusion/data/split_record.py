@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .loading import DocumentSplit, is_text_source, load_split, source_name
+from .loading import DocumentSplit, load_split, local_format, source_name
 
 __all__ = ["SPLIT_FILE", "check_unchanged", "document_digest", "document_hash", "make_record", "read_record", "reload_split",
            "write_record"]
@@ -43,13 +43,16 @@ def make_record(split: DocumentSplit, *, dataset: str, dataset_config: str | Non
                 valid_fraction: float, seed: int, text_split: str = "paragraph",
                 encoding: str = "utf-8") -> dict[str, Any]:
     """The JSON record of ``split``, loaded from ``dataset`` with these arguments (a local path recorded absolute;
-    ``text_split`` and ``encoding`` only for a local text source, the one kind they apply to)."""
+    ``text_split`` only for local text files and ``encoding`` for local text or JSON files, the kinds they apply to)."""
     record: dict[str, Any] = {
         "dataset": source_name(dataset), "dataset_config": dataset_config, "text_column": text_column,
         "rule": split.rule, "valid_fraction": valid_fraction, "seed": seed,
     }
-    if is_text_source(dataset):
+    kind = local_format(dataset)
+    if kind == "text":
         record.update(text_split=text_split, encoding=encoding)
+    elif kind == "json":
+        record.update(encoding=encoding)
     if split.held_out_ids is None:  # streaming: the documents are not known up front
         return {**record, "held_out_ids": None}
     return {**record, "num_train_documents": len(split.train), "num_held_out_documents": len(split.validation),

@@ -4,6 +4,7 @@ or trained on the run's own documents (byte-level BPE, :func:`train_tokenizer`).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from .corpus import builtin_tokenizer_path
@@ -61,9 +62,17 @@ def load_tokenizer(name_or_path: str = "builtin", *, trust_remote_code: bool = F
     """
     from transformers import AutoTokenizer
 
+    from ..locate import looks_local
+
     path = builtin_tokenizer_path() if name_or_path == "builtin" else name_or_path
+    if name_or_path != "builtin" and looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(f"tokenizer folder does not exist: {name_or_path!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise FileNotFoundError(f"could not load tokenizer {name_or_path!r} (no such folder, or the Hub is "
+                                f"unreachable): {first}") from err
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise

@@ -63,6 +63,7 @@ def export_for_hub(source: str | Path, folder: str | Path, *, use_ema: bool = Tr
     if (config_dir / CONVERTED_FILE).is_file():
         return _export_converted(source, config_dir, weights, tokenizer_dir, folder, location=location,
                                  license=license, datasets=datasets)
+    _check_ddit(source, config_dir)
     config = modeling_ddit.DDiTConfig.from_pretrained(config_dir)
     state = load_tensors(weights)  # refuses anything that is not safetensors
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,6 +85,18 @@ def export_for_hub(source: str | Path, folder: str | Path, *, use_ema: bool = Tr
                       license=license, datasets=datasets)
     (folder / "README.md").write_text(card)
     return folder
+
+
+def _check_ddit(source: Path, config_dir: Path) -> None:
+    """ValueError unless ``config_dir`` holds a ddit config: the card, the code and the auto_map written here are
+    ddit's, so any other model would be published under a label it cannot be loaded by."""
+    try:
+        model_type = json.loads((config_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(source)!r}: config.json cannot be read ({err})") from err
+    if model_type != "ddit":
+        raise ValueError(f"{str(source)!r} is a {model_type!r} model, not a ddit model or a ddlm-convert folder: "
+                         "ddlm-push publishes only those; upload other folders as they are with `hf upload`")
 
 
 def _copy_tokenizer(tokenizer_dir: Path, folder: Path) -> None:

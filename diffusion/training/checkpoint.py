@@ -11,6 +11,10 @@ Layout of ``<root>/step-00000500/``::
     trainer_state.json                        (step, LR-scheduler state, train config, counters, data position)
     COMPLETE                                  (written last)
 
+Every file a run writes into a checkpoint records the run's id (``COMPLETE``, ``trainer_state.json``,
+``optimizer.json`` and the metadata of each ``rng-*.safetensors``); :func:`checkpoint_run_id` refuses a
+checkpoint whose files name different runs, so a folder two runs wrote into can never be resumed.
+
 A checkpoint is written under a temporary name and renamed into place, so a crash never leaves a
 half-written ``step-*`` folder; :func:`find_latest_checkpoint` also requires the ``COMPLETE`` marker and
 reports any folder without it.  Nothing is ever unpickled: tensors go through safetensors and
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -41,16 +45,19 @@ __all__ = [
     "atomic_directory",
     "check_resumable",
     "checkpoint_name",
+    "checkpoint_run_id",
     "find_latest_checkpoint",
     "is_complete",
     "load_tensors",
     "load_train_state",
     "load_weights",
     "mark_complete",
+    "new_run_id",
     "optimizer_from_files",
     "optimizer_to_files",
     "prune_checkpoints",
     "read_json",
+    "refuse_nonfinite_weights",
     "save_train_state",
     "save_weights",
     "write_json",
@@ -131,8 +138,9 @@ class atomic_directory:
     ``is_main``.  The main process creates and renames the folder; every rank writes into it between.
     """
 
-    def __init__(self, target: Path, *, complete: bool = False, barrier: Any = None, is_main: bool = True) -> None:
-        self.target, self.complete = Path(target), complete
+    def __init__(self, target: Path, *, complete: bool = False, barrier: Any = None, is_main: bool = True,
+                 run_id: str | None = None) -> None:
+        self.target, self.complete, self.run_id = Path(target), complete, run_id
         self.barrier, self.is_main = barrier or (lambda: None), is_main
         # One process: a private name, so that two runs writing the same target never share a folder.
         private = "" if barrier is not None else f"-{os.getpid()}"
@@ -153,7 +161,7 @@ class atomic_directory:
         self.barrier()
         if self.is_main:
             if self.complete:
-                mark_complete(self.tmp)
+                mark_complete(self.tmp, self.run_id)
             apply_umask(self.tmp)
             if self.target.exists():
                 shutil.rmtree(self.target)
@@ -173,8 +181,63 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], may_change: 
         raise CheckpointError(f"checkpoint {path} was written by a different run configuration: " + "; ".join(diffs))
 
 
-def mark_complete(path: Path) -> None:
-    (path / COMPLETE).write_text("ok\n")
+def mark_complete(path: Path, run_id: str | None = None) -> None:
+    """Write the ``COMPLETE`` marker (holding ``run_id`` when the folder belongs to a run)."""
+    (path / COMPLETE).write_text(f"run {run_id}\n" if run_id else "ok\n")
+
+
+def refuse_nonfinite_weights(model: nn.Module, step: int, checkpoints: Path, accelerator: Any = None) -> None:
+    """Raise FloatingPointError, before anything is written, when a weight of ``model`` holds NaN or infinity.
+
+    Every rank calls it (with ``accelerator``, the verdict is shared: a shard's NaN stops every rank).  The message
+    names the step and the newest complete checkpoint under ``checkpoints``, the one to resume from."""
+    from ..weights import nonfinite_tensors
+
+    bad = nonfinite_tensors(model.named_parameters())
+    count = float(len(bad))
+    if accelerator is not None and accelerator.num_processes > 1:
+        count = accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum").item()
+    if count > 0:
+        where = f"e.g. {bad[0]}" if bad else "on another rank"
+        raise FloatingPointError(
+            f"the weights hold NaN or infinite values at step {step} ({where}): nothing was written; the last good "
+            f"checkpoint is {find_latest_checkpoint(checkpoints)}. Lower --lr or use --precision no, then --resume "
+            "from it.")
+
+
+def new_run_id() -> str:
+    """A fresh run's id: 16 random hex digits."""
+    import uuid
+
+    return uuid.uuid4().hex[:16]
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The id of the run that wrote checkpoint ``path``, after checking that every file of it names that run.
+
+    Returns None for a checkpoint written before run ids were recorded (no file names one).
+
+    Raises:
+        CheckpointError: the files name different runs, or some name one and others none (a mixed folder).
+    """
+    marker = (path / COMPLETE).read_text().strip() if (path / COMPLETE).is_file() else ""
+    found = {COMPLETE: marker[len("run "):] if marker.startswith("run ") else None,
+             "trainer_state.json": read_json(path / "trainer_state.json").get("run_id"),
+             "optimizer.json": read_json(path / "optimizer.json").get("run_id")}
+    for rng in sorted(path.glob("rng-*.safetensors")):
+        try:
+            with safe_open(str(rng), framework="pt") as f:
+                found[rng.name] = (f.metadata() or {}).get("run_id")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"corrupt safetensors file {rng}: {err}") from err
+    ids = set(found.values())
+    if ids == {None}:
+        return None
+    if len(ids) > 1:
+        listing = ", ".join(f"{name}: {value or 'none'}" for name, value in found.items())
+        raise CheckpointError(f"checkpoint {path} mixes the files of different runs ({listing}): it cannot be "
+                              "resumed; resume from an earlier checkpoint with --resume PATH")
+    return ids.pop()
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -200,9 +263,10 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"corrupt safetensors file {path}: {err}") from err
 
 
-def save_weights(state: dict[str, Tensor], path: Path) -> None:
+def save_weights(state: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write tensors as safetensors, with the file mode of the process umask (see :func:`apply_umask`)."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path),
+              metadata={"format": "pt", **(metadata or {})})
     apply_umask(Path(path))
 
 
@@ -255,7 +319,7 @@ def _single_process_is_meant() -> Iterator[None]:
 
 
 def save_train_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any,
-                     is_main: bool = True) -> None:
+                     is_main: bool = True, run_id: str | None = None) -> None:
     """Write weights, optimizer and EMA state to ``directory/state`` (safetensors, each rank its own shards,
     through ``torch.distributed.checkpoint``) and the optimizer's param groups to ``directory/optimizer.json``.
 
@@ -270,7 +334,7 @@ def save_train_state(directory: Path, model: nn.Module, optimizer: torch.optim.O
         dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(directory / "state"), save_distributed=True),
                  no_dist=not _distributed())
     if is_main:
-        write_json(directory / "optimizer.json", {"param_groups": groups})
+        write_json(directory / "optimizer.json", {"param_groups": groups, **({"run_id": run_id} if run_id else {})})
     if _distributed():
         torch.distributed.barrier()
     if is_main:

@@ -21,6 +21,7 @@ from ..adapters import DiffusionLMAdapter, read_converted
 from ..convert import convert_causal_lm, is_causal_lm_config, load_causal_lm
 from ..locate import locate_model
 from ..modeling_ddit import DDiTConfig, DDiTModel
+from ..weights import load_weights_checked
 from .config import TrainConfig
 
 __all__ = ["load_init_model"]
@@ -28,6 +29,14 @@ __all__ = ["load_init_model"]
 
 def load_init_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` for ``config.init_from``; one-line ``ValueError`` / ``FileNotFoundError`` otherwise."""
+    try:
+        return _load(config)
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(message if message.startswith("--init-from") else f"--init-from {message}") from err
+
+
+def _load(config: TrainConfig) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..data import load_tokenizer
@@ -43,7 +52,7 @@ def load_init_model(config: TrainConfig) -> tuple[nn.Module, Any]:
         if block is not None and converted["shift_logits"]:
             raise ValueError(f"--init-from {config.init_from!r} shifts its logits, which block diffusion cannot use: "
                              "convert it again with --shift-logits false")
-        model = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=trust)
+        model = load_weights_checked(AutoModelForCausalLM, location, trust_remote_code=trust)
         adapter = DiffusionLMAdapter(model, converted["mask_token_id"], shift_logits=converted["shift_logits"],
                                      attention="block" if block else converted["attention"], block_size=block,
                                      anneal_steps=config.anneal_steps, eos_token_id=converted.get("eos_token_id"))
@@ -52,7 +61,7 @@ def load_init_model(config: TrainConfig) -> tuple[nn.Module, Any]:
     if model_config.model_type == "ddit":
         if config.anneal_steps:
             raise ValueError("--anneal-steps is for a causal LM; --init-from names a ddit model")
-        model = DDiTModel.from_pretrained(location)
+        model = load_weights_checked(DDiTModel, location)
         if model.config.attention_block_size != block:
             if model.config.attention_block_size is not None:
                 raise ValueError(f"--init-from {config.init_from!r} is a block-diffusion model with block size "

@@ -44,12 +44,15 @@ from .checkpoint import (
     atomic_directory,
     check_resumable,
     checkpoint_name,
+    checkpoint_run_id,
     find_latest_checkpoint,
+    new_run_id,
     is_complete,
     load_tensors,
     load_train_state,
     prune_checkpoints,
     read_json,
+    refuse_nonfinite_weights,
     save_train_state,
     save_weights,
     write_json,
@@ -366,8 +369,8 @@ class _Preemption:
 class _Run:
     """The run's folder: ``metrics.jsonl``, ``train_config.json``, ``checkpoints/`` and ``final/``."""
 
-    def __init__(self, config: TrainConfig, accelerator: Any) -> None:
-        self.config, self.acc = config, accelerator
+    def __init__(self, config: TrainConfig, accelerator: Any, run_id: str) -> None:
+        self.config, self.acc, self.run_id = config, accelerator, run_id
         self.root = Path(config.output_dir)
         self.ckpt_root = self.root / "checkpoints"
         self.metrics_path = self.root / "metrics.jsonl"
@@ -386,10 +389,11 @@ class _Run:
     def save(self, state: _State, tokenizer: Any, data: RunData) -> Path:
         """Write ``checkpoints/step-N`` atomically; a failed write leaves the previous checkpoint intact."""
         acc = self.acc
+        refuse_nonfinite_weights(state.model, state.step, self.ckpt_root, acc)
         final = self.ckpt_root / checkpoint_name(state.step)
         try:
             with atomic_directory(final, complete=True, barrier=acc.wait_for_everyone,
-                                  is_main=acc.is_main_process) as tmp:
+                                  is_main=acc.is_main_process, run_id=self.run_id) as tmp:
                 self._write(tmp, state, tokenizer, data)
         except OSError as err:  # disk full, read-only file system
             previous = find_latest_checkpoint(self.ckpt_root)
@@ -404,8 +408,9 @@ class _Run:
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-        save_weights(rng, tmp / f"rng-{self.acc.process_index}.safetensors")
-        save_train_state(tmp, state.model, state.optimizer, state.ema, is_main=self.acc.is_main_process)
+        save_weights(rng, tmp / f"rng-{self.acc.process_index}.safetensors", metadata={"run_id": self.run_id})
+        save_train_state(tmp, state.model, state.optimizer, state.ema, is_main=self.acc.is_main_process,
+                         run_id=self.run_id)
         model_state, ema_state = _consolidated(state)
         positions = data.stream_positions(self.acc)
         if not self.acc.is_main_process:
@@ -416,7 +421,8 @@ class _Run:
         tokenizer.save_pretrained(tmp / "tokenizer")
         counters = {**state.counters, "stream_positions": positions}
         write_json(tmp / "trainer_state.json", {
-            "step": state.step, "scheduler": state.scheduler.state_dict(), "config": self.config.to_dict(),
+            "step": state.step, "run_id": self.run_id, "scheduler": state.scheduler.state_dict(),
+            "config": self.config.to_dict(),
             "num_processes": self.acc.num_processes, "distributed": state.mode,
             "ema_updates": state.ema.num_updates if state.ema else 0, **counters,
         })
@@ -508,6 +514,7 @@ def _export_final(run: _Run, state: _State, data: RunData) -> Path:
     (``data_split.json``), loadable with from_pretrained."""
     final = run.root / "final"
     acc = run.acc
+    refuse_nonfinite_weights(state.model, state.step, run.ckpt_root, acc)
     model_state, ema_state = _consolidated(state)
     with atomic_directory(final, complete=True, barrier=acc.wait_for_everyone, is_main=acc.is_main_process) as tmp:
         if acc.is_main_process:
@@ -542,17 +549,29 @@ def train(config: TrainConfig) -> TrainResult:
     The run holds its folder for its lifetime (:mod:`diffusion.training.run_folder`): a second run into it is
     refused, and so is a fresh run into a folder holding a previous run, unless ``overwrite`` replaces it."""
     resume_path = _resolve_resume(config, Path(config.output_dir) / "checkpoints")  # a bad path fails before any work
+    # A resumed run keeps its id; a checkpoint whose files name different runs is refused here.
+    run_id = checkpoint_run_id(resume_path) if resume_path is not None else None
     acc, mode = _accelerator(config)
+    run_id = run_id or _shared_run_id(acc)
     lock = claim_run_folder(Path(config.output_dir), fresh=not config.resume, overwrite=config.overwrite,
                             accelerator=acc)
     try:
-        return _train(config, resume_path, acc, mode)
+        return _train(config, resume_path, acc, mode, run_id)
     finally:
         lock.release()
 
 
-def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str) -> TrainResult:
-    run = _Run(config, acc)
+def _shared_run_id(acc: Any) -> str:
+    """A fresh run id, the main process's on every rank."""
+    value = torch.tensor(int(new_run_id(), 16) >> 1 if acc.is_main_process else 0, dtype=torch.int64,
+                         device=acc.device)  # 63 bits: a positive int64
+    if acc.num_processes > 1:
+        value = acc.reduce(value, reduction="sum")
+    return f"{int(value.item()):016x}"
+
+
+def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, run_id: str) -> TrainResult:
+    run = _Run(config, acc, run_id)
     init_model, init_tokenizer = load_init_model(config) if config.init_from else (None, None)
     positions = read_json(resume_path / "trainer_state.json").get("stream_positions") if resume_path else None
     if resume_path is not None and parse_trained_vocab(config.resolved_tokenizer) is not None:

@@ -109,8 +109,12 @@ def load_run_data(config: TrainConfig, accelerator: Any, stream_positions: list[
     if tokenizer is None:
         tokenizer = _trained_tokenizer(config, accelerator, split.train, trained_vocab)
     if not config.streaming:
-        batches = BlockBatches(build_blocks(texts["train"], tokenizer, config.seq_len), seed=config.seed)
-        valid_blocks = build_blocks(texts["validation"], tokenizer, config.seq_len)[: config.eval_blocks]
+        source = f"dataset={config.dataset!r}"
+        batches = BlockBatches(build_blocks(texts["train"], tokenizer, config.seq_len, f"the training split of {source}"),
+                               seed=config.seed)
+        held_out = f"the held-out split of {source}" + (
+            f" (valid_fraction={config.valid_fraction}: raise it to hold out more)" if split.held_out_ids else "")
+        valid_blocks = build_blocks(texts["validation"], tokenizer, config.seq_len, held_out)[: config.eval_blocks]
         return RunData(tokenizer, batches, valid_blocks, accum_steps=config.grad_accum_steps, split_record=record)
 
     def make_stream() -> Any:

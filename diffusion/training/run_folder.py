@@ -4,6 +4,9 @@
   unless ``--overwrite true`` asks to replace it (its checkpoints, final model, metrics and records are deleted).
 - The folder is locked for the run's lifetime: ``output_dir/.lock`` holds the owner's pid, host and start time.
   A second writer is refused in one line; a lock whose process is gone (same host) is stale and taken over.
+- Before any compute, the folder and its ``checkpoints/`` are probed with a write, so that a read-only place is
+  found at start-up, not at the first checkpoint.  A folder the run created and left empty (a run refused at
+  start-up) is removed again.
 
 The main process decides; with several ranks its verdict is shared, so that every rank stops or none does.
 """
@@ -40,8 +43,8 @@ def _alive(pid: int) -> bool:
 class RunFolderLock:
     """The exclusive lock on a run folder (``None`` path: a rank that holds no lock)."""
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, created: bool = False) -> None:
+        self.path, self.created = path, created
 
     @classmethod
     def acquire(cls, folder: Path) -> RunFolderLock:
@@ -72,18 +75,35 @@ class RunFolderLock:
         try:
             if json.loads(self.path.read_text()).get("pid") == os.getpid():
                 self.path.unlink()
+            if self.created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()
         except (OSError, ValueError):
             pass
         self.path = None
 
 
-def _check_and_lock(folder: Path, *, fresh: bool, overwrite: bool) -> RunFolderLock:
+def _probe_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and write and delete a file in it, or raise a one-line PermissionError."""
+    probe = folder / f".probe-{os.getpid()}"
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder: choose another --output-dir or move the file")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as err:
-        raise FileNotFoundError(f"output_dir={str(folder)!r} cannot be created or written: {err}") from err
+        raise PermissionError(f"{folder} cannot be written ({err.strerror or err}): fix its permissions or "
+                              "choose another --output-dir") from err
+
+
+def _check_and_lock(folder: Path, *, fresh: bool, overwrite: bool) -> RunFolderLock:
+    created = not folder.exists()
+    _probe_writable(folder)
     lock = RunFolderLock.acquire(folder)
+    lock.created = created
     try:
+        if (folder / "checkpoints").exists():
+            _probe_writable(folder / "checkpoints")
         previous = [name for name in _PREVIOUS_RUN if (folder / name).exists()
                     and not (name == "checkpoints" and not any((folder / name).iterdir()))]
         if fresh and previous and not overwrite:
@@ -109,7 +129,7 @@ def claim_run_folder(folder: Path, *, fresh: bool, overwrite: bool, accelerator:
     if accelerator.is_main_process:
         try:
             lock = _check_and_lock(folder, fresh=fresh, overwrite=overwrite)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, OSError) as err:
             error = err
     if accelerator.num_processes > 1:  # every rank learns the verdict before any of them goes on
         failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device),

@@ -38,6 +38,7 @@ from .checkpoint import (
     load_tensors,
     load_train_state,
     prune_checkpoints,
+    refuse_nonfinite_weights,
     read_json,
     save_train_state,
     save_weights,
@@ -143,6 +144,7 @@ def _step_examples(examples: list[InstructionExample], step: int, batch_size: in
 
 def _save(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, tokenizer: Any, config: SFTConfig) -> Path:
     target = root / "checkpoints" / checkpoint_name(step)
+    refuse_nonfinite_weights(model, step, root / "checkpoints")
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(target, complete=True) as tmp:
         save_weights({"cpu": torch.get_rng_state()}, tmp / "rng-0.safetensors")
@@ -243,6 +245,7 @@ def train_sft(config: SFTConfig, model: Any = None, tokenizer: Any = None) -> SF
     bar.close()
     model.eval()
     final = root / "final"
+    refuse_nonfinite_weights(model, step, root / "checkpoints")
     with atomic_directory(final, complete=True) as tmp:
         save_denoiser(merged(model), tokenizer, tmp)
     return SFTResult(step=step, final_dir=final, last_loss=loss_value, metrics_path=metrics_path)

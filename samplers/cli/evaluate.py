@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffusion.cli.errors import console_command
 from diffusion.data.loading import TEXT_SPLITS
 from diffusion.evaluation.held_out import SPLITS
 from diffusion.time_nodes import TIME_RULES
@@ -72,6 +73,9 @@ def _parser() -> Any:
     gen.add_argument("--sampling-steps", type=int, nargs="+", default=[32, 128],
                      help="sampling step counts (default: %(default)s)")
     gen.add_argument("--num-samples", type=int, default=16, help="samples per step count (default: %(default)s)")
+    gen.add_argument("--batch-size", type=int, default=64,
+                     help="samples per sampler call: memory grows with it, not with --num-samples (default: "
+                          "%(default)s)")
     gen.add_argument("--length", type=int, default=None,
                      help="tokens per sample (default: the length the model was trained on, else its context)")
     for q in (ppl, gen):
@@ -157,7 +161,8 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
     from diffusion.cli.loading import load_model_for
     from diffusion.evaluation.sample_quality import generative_perplexity, unigram_entropy
 
-    from .. import SAMPLERS, get_sampler
+    from .. import FREE, SAMPLERS, get_sampler
+    from .batches import generate_in_batches
 
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise ValueError(f"unknown --sampler {args.sampler!r}; valid: {sorted(SAMPLERS)}")
@@ -174,17 +179,19 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for steps in args.sampling_steps:
         start = time.perf_counter()
-        out = get_sampler(name).generate(model, batch_size=args.num_samples, length=length, num_steps=steps,
-                                         generator=torch.Generator().manual_seed(args.seed))
+        outs = list(generate_in_batches(get_sampler(name), model, [FREE] * length, args.num_samples, args.batch_size,
+                                        num_steps=steps, generator=torch.Generator().manual_seed(args.seed)))
         seconds = time.perf_counter() - start
-        quality = generative_perplexity(out.tokens, reference, sample_tokenizer=tokenizer,
+        tokens = torch.cat([out.tokens for out in outs])
+        quality = generative_perplexity(tokens, reference, sample_tokenizer=tokenizer,
                                         reference_tokenizer=reference_tokenizer)
-        rows.append({"steps": steps, "nfe": out.nfe, "seconds": round(seconds, 2), **quality,
-                     "unigram_entropy": unigram_entropy(out.tokens)})
+        rows.append({"steps": steps, "nfe": sum(out.nfe for out in outs), "seconds": round(seconds, 2), **quality,
+                     "unigram_entropy": unigram_entropy(tokens)})
     return {"model": args.model, "reference": args.reference, "sampler": name, "length": length,
             "num_samples": args.num_samples, "rows": rows}
 
 
+@console_command("ddlm-eval")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "ppl" and args.valid_fraction is not None and not 0 < args.valid_fraction < 1:
@@ -198,11 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "genppl" and any(s < 1 for s in args.sampling_steps):
         print(f"ddlm-eval: error: --sampling-steps must all be >= 1, got {args.sampling_steps}", file=sys.stderr)
         return 2
-    try:
-        result = _ppl(args) if args.command == "ppl" else _genppl(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"ddlm-eval: error: {err}", file=sys.stderr)
-        return 2
+    result = _ppl(args) if args.command == "ppl" else _genppl(args)  # errors end as console_command says
     if args.json:
         print(json.dumps(result))
     elif args.command == "ppl":

@@ -27,6 +27,12 @@ from typing import Any
 
 import torch
 
+from diffusion.cli.errors import console_command
+
+from diffusion.weights import load_weights_checked
+
+from .batches import batch_sizes, generate_in_batches
+
 DEFAULT_STEPS = 64
 
 
@@ -53,6 +59,10 @@ def _parser() -> Any:
                    help=f"one of {sorted(SAMPLERS)} (default: the model's sampler_config.json, else ancestral for "
                         "masked models and analytic for score models)")
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="samples per network call: memory grows with it, not with --num-samples; text output is "
+                        "printed batch by batch; the same --seed and --batch-size repeat the samples (default: "
+                        "%(default)s)"),
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature; 0 is greedy (default: the sampler's, 1.0)")
@@ -131,17 +141,30 @@ class _LiveView:
             sys.stdout.flush()
 
 
-def _print_samples(args: argparse.Namespace, texts: list[str], rows: list[list[int]], sampler: str, steps: int,
-                   temperature: float | None, nfe: int, seconds: float) -> None:
-    if args.json:
-        print(json.dumps({"model": args.model, "sampler": sampler, "sampling_steps": steps,
-                          "temperature": temperature, "nfe": nfe, "seconds": round(seconds, 3), "seed": args.seed,
-                          "samples": [{"text": t, "tokens": tok} for t, tok in zip(texts, rows)]}))
-        return
-    for i, text in enumerate(texts):
-        print(f"--- sample {i + 1} ---\n{text}")
-    how = f", temperature {temperature:g}" + (" (greedy)" if temperature == 0 else "") if temperature is not None else ""
-    print(f"({sampler}, {steps} steps{how}, {nfe} network calls, {seconds:.2f} s)")
+class _Printer:
+    """Samples as they come: text batch by batch (numbered across batches), or one JSON object at the end."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.count, self.kept = args, 0, []
+
+    def add(self, texts: list[str], rows: list[list[int]]) -> None:
+        if self.args.json:
+            self.kept.extend({"text": t, "tokens": tok} for t, tok in zip(texts, rows))
+        else:
+            for text in texts:
+                print(f"--- sample {self.count + 1} ---\n{text}", flush=True)
+                self.count += 1
+
+    def close(self, sampler: str, steps: int, temperature: float | None, nfe: int, seconds: float) -> None:
+        args = self.args
+        if args.json:
+            print(json.dumps({"model": args.model, "sampler": sampler, "sampling_steps": steps,
+                              "temperature": temperature, "nfe": nfe, "seconds": round(seconds, 3), "seed": args.seed,
+                              "samples": self.kept}))
+            return
+        how = f", temperature {temperature:g}" + (" (greedy)" if temperature == 0 else "") \
+            if temperature is not None else ""
+        print(f"({sampler}, {steps} steps{how}, {nfe} network calls, {seconds:.2f} s)")
 
 
 def _generate_autoregressive(args: argparse.Namespace) -> int:
@@ -160,7 +183,7 @@ def _generate_autoregressive(args: argparse.Namespace) -> int:
         kind = (AutoConfig.from_pretrained(location, trust_remote_code=args.trust_remote_code).architectures or ["?"])[0]
         raise ValueError(f"--model {args.model!r} is a causal LM ({kind}), sampled left to right: "
                          f"{' '.join(diffusion_only)} are for diffusion models")
-    model = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=args.trust_remote_code).eval()
+    model = load_weights_checked(AutoModelForCausalLM, location, trust_remote_code=args.trust_remote_code).eval()
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=args.trust_remote_code)
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -173,18 +196,20 @@ def _generate_autoregressive(args: argparse.Namespace) -> int:
         raise ValueError(f"prompt ({len(prefix)} tokens) + {new_tokens} new tokens is beyond the model's context of "
                          f"{context}")
     temperature = 1.0 if args.temperature is None else args.temperature
-    start = time.perf_counter()
-    tokens, lengths = sample_autoregressive(
-        model, torch.tensor([prefix] * args.num_samples), new_tokens, seed=args.seed, eos_id=eos,
-        temperature=temperature, top_k=args.top_k, top_p=args.top_p, stop_at_eos=args.max_length is not None)
-    seconds = time.perf_counter() - start
     keep = len(prefix) if args.prompt else 0  # the EOS a prompt-less sample starts from is not part of it
-    rows = [row[len(prefix) - keep : len(prefix) + length] for row, length in zip(tokens.tolist(), lengths.tolist())]
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
-    _print_samples(args, texts, rows, "autoregressive", new_tokens, temperature, int(lengths.max()), seconds)
+    printer, calls, start = _Printer(args), 0, time.perf_counter()
+    for index, size in enumerate(batch_sizes(args.num_samples, args.batch_size)):
+        tokens, lengths = sample_autoregressive(  # one seeded stream across the batches
+            model, torch.tensor([prefix] * size), new_tokens, seed=args.seed if index == 0 else None, eos_id=eos,
+            temperature=temperature, top_k=args.top_k, top_p=args.top_p, stop_at_eos=args.max_length is not None)
+        rows = [row[len(prefix) - keep : len(prefix) + n] for row, n in zip(tokens.tolist(), lengths.tolist())]
+        printer.add([tokenizer.decode(row, skip_special_tokens=True) for row in rows], rows)
+        calls += int(lengths.max())
+    printer.close("autoregressive", new_tokens, temperature, calls, time.perf_counter() - start)
     return 0
 
 
+@console_command("ddlm-generate")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from diffusion import DiffusionSpec
@@ -203,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--chat formats --prompt as a user turn: give --prompt")
     if args.max_length is not None and args.suffix is not None:
         return _fail("--max-length stops at EOS, so it cannot end at a --suffix: use --length with --suffix")
-    for name in ("length", "max_length", "sampling_steps", "num_samples", "block_length"):
+    for name in ("length", "max_length", "sampling_steps", "num_samples", "batch_size", "block_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
@@ -224,42 +249,40 @@ def main(argv: list[str] | None = None) -> int:
                                  f"--block-length), and {name!r} does not") from err
             raise ValueError(f"sampler {name!r} does not take {sorted(options)}") from err
 
-    try:
-        if is_plain_causal_lm(args.model, trust_remote_code=args.trust_remote_code):
-            return _generate_autoregressive(args)
-        if args.sampler is not None:
-            build_sampler(args.sampler)  # its options are checked now; the model comes next
-        model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code,
-                                             mask_token_id=args.mask_token_id)
-        config = model.config
-        sampler_name, steps = _sampling_defaults(args, locate_model(args.model), DiffusionSpec.from_config(config))
-        sampler = build_sampler(sampler_name)
-        prefix = _prompt_ids(tokenizer, args.prompt, args.chat) if args.prompt else []
-        suffix = _suffix_ids(tokenizer, args.suffix) if args.suffix else []
-        row = prefix + [FREE] * (args.max_length or args.length) + suffix
-        canvas = torch.tensor([row] * args.num_samples, dtype=torch.long)
-        live = _LiveView(tokenizer, config.mask_token_id) if sys.stdout.isatty() and not args.json else None
-        start = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", LengthWarning)
-            out = sampler.generate(model, canvas=canvas, num_steps=steps,
-                                   generator=torch.Generator().manual_seed(args.seed), callback=live)
-        seconds = time.perf_counter() - start
-        if live is not None:
-            live.clear()
-    except (ValueError, FileNotFoundError) as err:
-        return _fail(str(err))
+    if is_plain_causal_lm(args.model, trust_remote_code=args.trust_remote_code):
+        return _generate_autoregressive(args)
+    if args.sampler is not None:
+        build_sampler(args.sampler)  # its options are checked now; the model comes next
+    model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code,
+                                         mask_token_id=args.mask_token_id)
+    config = model.config
+    sampler_name, steps = _sampling_defaults(args, locate_model(args.model), DiffusionSpec.from_config(config))
+    sampler = build_sampler(sampler_name)
+    prefix = _prompt_ids(tokenizer, args.prompt, args.chat) if args.prompt else []
+    suffix = _suffix_ids(tokenizer, args.suffix) if args.suffix else []
+    row = prefix + [FREE] * (args.max_length or args.length) + suffix
+    live = _LiveView(tokenizer, config.mask_token_id) if sys.stdout.isatty() and not args.json else None
+    printer, nfe, start = _Printer(args), 0, time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LengthWarning)
+        batches = generate_in_batches(sampler, model, row, args.num_samples, args.batch_size, num_steps=steps,
+                                      generator=torch.Generator().manual_seed(args.seed), callback=live)
+        for out in batches:
+            if live is not None:
+                live.clear()
+                live = None
+            rows = out.tokens.tolist()
+            if out.lengths is not None:  # stopped at EOS: each sample ends at its own length
+                rows = [tokens[:length] for tokens, length in zip(rows, out.lengths.tolist())]
+            printer.add([tokenizer.decode(tokens, skip_special_tokens=True) for tokens in rows], rows)
+            nfe += out.nfe
+    seconds = time.perf_counter() - start
     for warning in caught:
         if issubclass(warning.category, LengthWarning):
             print(f"ddlm-generate: warning: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-
-    rows = out.tokens.tolist()
-    if out.lengths is not None:  # stopped at EOS: each sample ends at its own length
-        rows = [tokens[:length] for tokens, length in zip(rows, out.lengths.tolist())]
-    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in rows]
-    _print_samples(args, texts, rows, sampler_name, steps, getattr(sampler, "temperature", None), out.nfe, seconds)
+    printer.close(sampler_name, steps, getattr(sampler, "temperature", None), nfe, seconds)
     return 0
 
 
