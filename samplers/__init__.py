@@ -8,6 +8,7 @@ from .ancestral import MaskedAncestralSampler
 from .base import FREE, SAMPLERS, SampleOutput, Sampler, get_sampler, register_sampler
 from .block import BlockDiffusionSampler
 from .remasking import ConfidenceRemaskingSampler
+from .remdm import RemaskingAncestralSampler
 from .sedd import AnalyticSampler, EulerSampler
 from .threshold import ThresholdSampler
 
@@ -19,6 +20,7 @@ __all__ = [
     "ConfidenceRemaskingSampler",
     "EulerSampler",
     "MaskedAncestralSampler",
+    "RemaskingAncestralSampler",
     "SampleOutput",
     "Sampler",
     "ThresholdSampler",

@@ -72,7 +72,8 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
                   strategy: str,
                   temperature: float, top_k: int | None, top_p: float | None, threshold: float | None,
                   generator: torch.Generator | None, return_trajectory: bool, callback: Any,
-                  kv_cache: str | None = None, eos_id: int | None = None) -> SampleOutput:
+                  kv_cache: str | None = None, eos_id: int | None = None,
+                  entropy_bound: float | None = None) -> SampleOutput:
     """The shared block / step loop of confidence remasking and threshold decoding.
 
     With ``threshold`` set, a step commits every masked token of the block whose confidence exceeds it,
@@ -80,6 +81,10 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
     (``prefix`` or ``dual``) reuses keys/values outside the current block (see :class:`~samplers.kv_cache.BlockCaller`).
     With ``eos_id`` set, a row that has generated EOS after a block is finished and the loop stops once every
     row is (variable-length generation); ``lengths`` then says where each row ends.
+    With ``entropy_bound`` set (the EB-sampler's rule), a step also commits, in order of increasing entropy
+    H(p) = -sum p log p of the model's prediction, the masked positions of the block whose summed entropy stays within
+    the bound, and always the lowest-entropy one: a bound of 0 commits one token per step (or the scheduled count,
+    if more).
     """
     if kv_cache is not None and not getattr(model, "supports_kv_cache", False):
         raise ValueError(f"kv_cache={kv_cache!r} needs a model whose forward takes past_key_values (a DDiTModel)")
@@ -119,9 +124,15 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
             chosen = x.clone()
             chosen[masked] = picked
             conf = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device)
-            conf[masked] = scores
+            quota = counts[:, step : step + 1]
+            if entropy_bound is not None:  # order by entropy instead; commit the bound's share if above the quota
+                entropy = _entropy(model_probs)
+                conf[masked] = -entropy
+                quota = torch.maximum(quota, _count_within_bound(conf, entropy_bound)[:, None])
+            else:
+                conf[masked] = scores
             rank = conf.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = most confident
-            commit = (rank < counts[:, step : step + 1]) & masked
+            commit = (rank < quota) & masked
             if threshold is not None:
                 commit |= masked & (conf > threshold)
             x = torch.where(commit, chosen, x)
@@ -137,6 +148,19 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
     return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory, lengths=lengths)
 
 
+def _entropy(probs: Tensor) -> Tensor:
+    """H(p) = -sum_v p_v log p_v in float64, ``[..., V] -> [...]``."""
+    p = probs.double()
+    return -(p * p.clamp_min(1e-300).log()).sum(-1)
+
+
+def _count_within_bound(neg_entropy: Tensor, bound: float) -> Tensor:
+    """``[B]``: how many positions of each row, lowest entropy first, fit with summed entropy at most ``bound``
+    (at least 1).  ``neg_entropy [B, L]`` holds -H at candidate positions and -inf elsewhere."""
+    ordered = (-neg_entropy).sort(dim=-1).values  # ascending entropy; inf (not a candidate) last
+    return ((ordered.cumsum(-1) <= bound).sum(-1)).clamp_min(1)
+
+
 @register_sampler
 class ConfidenceRemaskingSampler(Sampler):
     """Confidence remasking with optional semi-autoregressive blocks.
@@ -148,6 +172,8 @@ class ConfidenceRemaskingSampler(Sampler):
             itself on small models; the default 1 samples).
         kv_cache: ``prefix`` or ``dual`` block KV cache (Fast-dLLM; needs ``block_length``), or None.
         stop_at_eos: finish a row once a block holds its EOS and stop when every row has (needs ``block_length``).
+        entropy_bound: also commit the lowest-entropy masked positions while their summed entropy stays within this
+            bound (EB-sampler); None: off.  The scheduled count stays the floor.
     """
 
     name = "remask"
@@ -155,7 +181,11 @@ class ConfidenceRemaskingSampler(Sampler):
 
     def __init__(self, strategy: str = "low_confidence", block_length: int | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None,
-                 stop_at_eos: bool = False) -> None:
+                 stop_at_eos: bool = False, entropy_bound: float | None = None) -> None:
+        if entropy_bound is not None and not (isinstance(entropy_bound, (int, float)) and math.isfinite(entropy_bound)
+                                              and entropy_bound >= 0):
+            raise ValueError(f"entropy_bound must be a finite number >= 0, got entropy_bound={entropy_bound!r}")
+        self.entropy_bound = entropy_bound
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
         if block_length is not None:
@@ -171,4 +201,5 @@ class ConfidenceRemaskingSampler(Sampler):
         return decode_blocks(model, spec, canvas, num_steps, self.block_length, strategy=self.strategy,
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, threshold=None,
                              generator=generator, return_trajectory=return_trajectory, callback=callback,
-                             kv_cache=self.kv_cache, eos_id=eos_id_of(model) if self.stop_at_eos else None)
+                             kv_cache=self.kv_cache, eos_id=eos_id_of(model) if self.stop_at_eos else None,
+                             entropy_bound=self.entropy_bound)

@@ -1,6 +1,8 @@
 """Samplers: shared invariants for every sampler, exact caching, the SEDD steps, the remasking schedule."""
 
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -55,6 +57,11 @@ CASES = [
     ("remask", {"strategy": "entropy", "top_p": 0.9, "temperature": 1.0}, MASKED),
     ("remask", {"strategy": "random", "block_length": 6}, MASKED),
     ("threshold", {"threshold": 0.2, "block_length": 6}, MASKED),
+    ("remask", {"entropy_bound": 0.5}, MASKED),
+    ("remdm", {"schedule": "cap", "eta": 0.3}, MASKED),
+    ("remdm", {"schedule": "rescale", "eta": 0.5, "top_k": 5}, MASKED),
+    ("remdm", {"schedule": "conf"}, MASKED),
+    ("remdm", {"schedule": "loop", "eta": 0.2}, MASKED),
     ("euler", {}, SCORE_ABSORBING),
     ("analytic", {}, SCORE_ABSORBING),
     ("analytic", {}, MASKED),  # a subs model through RADD's identity
@@ -229,6 +236,8 @@ def test_token_filters():
         (lambda: get_sampler("ancestral", top_p=1.5), "top_p=1.5"),
         (lambda: get_sampler("remask", strategy="loudest"), "strategy='loudest'"),
         (lambda: get_sampler("threshold", threshold=0), "threshold=0"),
+        (lambda: get_sampler("remask", entropy_bound=-1.0), "entropy_bound=-1.0"),
+        (lambda: get_sampler("remask", entropy_bound=float("nan")), "entropy_bound=nan"),
         (lambda: get_sampler("ancestral").generate(MASKED, batch_size=1, length=8, num_steps=0), "num_steps=0"),
         (lambda: get_sampler("ancestral").generate(MASKED, batch_size=1, length=65, num_steps=4), "65 tokens, beyond the model's context of 64"),
         (lambda: get_sampler("ancestral").generate(MASKED, prompt_ids=torch.tensor([[1, V]]), length=4, num_steps=4), "not the mask id"),
@@ -259,3 +268,24 @@ def test_remask_and_threshold_sample_by_default_and_are_greedy_only_when_asked(n
     greedy = [get_sampler(name, temperature=0.0, **kwargs).generate(
         MASKED, canvas=canvas, num_steps=12, generator=torch.Generator().manual_seed(seed)).tokens for seed in (0, 1)]
     assert torch.equal(greedy[0], greedy[1])
+
+
+def test_entropy_bounded_acceptance_commits_the_surest_positions_within_the_bound():
+    from samplers.remasking import _count_within_bound, _entropy
+
+    probs = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.99, 0.01]], dtype=torch.float64)
+    reference = [-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)), math.log(2), -(0.99 * math.log(0.99) + 0.01 * math.log(0.01))]
+    torch.testing.assert_close(_entropy(probs), torch.tensor(reference, dtype=torch.float64))
+    neg = torch.tensor([[-reference[0], -math.inf, -reference[1], -reference[2]]], dtype=torch.float64)
+    # ascending: 0.056, 0.325, 0.693 -> cumulative 0.056, 0.381, 1.074
+    assert [int(_count_within_bound(neg, b)) for b in (0.0, 0.06, 0.4, 1.1, 1e9)] == [1, 1, 2, 3, 3]
+
+    canvas = torch.full((2, 10), FREE)
+    one = get_sampler("remask", entropy_bound=0.0).generate(MASKED, canvas=canvas, num_steps=10,
+                                                            generator=torch.Generator().manual_seed(0),
+                                                            return_trajectory=True)
+    counts = [int(((a != b)).sum(-1).max()) for a, b in zip(one.trajectory, one.trajectory[1:])]
+    assert counts == [1] * 10 and one.nfe == 10  # bound 0: one token per step
+    wide = get_sampler("remask", entropy_bound=1e9).generate(MASKED, canvas=canvas, num_steps=10,
+                                                             generator=torch.Generator().manual_seed(0))
+    assert wide.nfe == 1 and bool((wide.tokens < V).all())  # every position fits under the bound at once

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -31,6 +32,7 @@ from diffusion.cli.errors import console_command
 
 from diffusion.weights import load_weights_checked
 
+from ..guidance import GuidedDenoiser
 from .batches import batch_sizes, generate_in_batches
 
 DEFAULT_STEPS = 64
@@ -73,6 +75,10 @@ def _parser() -> Any:
                    help="semi-autoregressive block length, remask and threshold samplers (default: one block)")
     p.add_argument("--threshold", type=float, default=None, help="confidence threshold of the threshold sampler "
                                                                  "(default: the sampler's, 0.9)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance weight w toward --prompt/--suffix, masked models: 0 is the plain "
+                        "conditional model, w > 0 leans further toward the prompt; each step then runs the model on "
+                        "twice the rows (samplers/guidance.py) (default: off)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code to run")
     p.add_argument("--mask-token-id", type=int, default=None,
                    help="mask id of an outside model whose config and tokenizer name none (default: read from them)")
@@ -176,7 +182,7 @@ def _generate_autoregressive(args: argparse.Namespace) -> int:
     from ..autoregressive import sample_autoregressive
 
     diffusion_only = [f"--{name.replace('_', '-')}" for name in ("suffix", "sampler", "sampling_steps", "block_length",
-                                                                  "threshold", "mask_token_id")
+                                                                  "threshold", "mask_token_id", "guidance")
                       if getattr(args, name) is not None]
     location = locate_model(args.model)
     if diffusion_only:
@@ -226,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--suffix is empty (leave it out for no suffix)")
     if args.chat and args.prompt is None:
         return _fail("--chat formats --prompt as a user turn: give --prompt")
+    if args.guidance is not None and args.prompt is None and args.suffix is None:
+        return _fail("--guidance leans toward a prompt: give --prompt (or --suffix)")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        return _fail(f"--guidance must be a finite number, got {args.guidance}")
     if args.max_length is not None and args.suffix is not None:
         return _fail("--max-length stops at EOS, so it cannot end at a --suffix: use --length with --suffix")
     for name in ("length", "max_length", "sampling_steps", "num_samples", "batch_size", "block_length"):
@@ -261,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     prefix = _prompt_ids(tokenizer, args.prompt, args.chat) if args.prompt else []
     suffix = _suffix_ids(tokenizer, args.suffix) if args.suffix else []
     row = prefix + [FREE] * (args.max_length or args.length) + suffix
+    if args.guidance is not None:
+        if not DiffusionSpec.from_config(config).masked:
+            raise ValueError(f"--guidance needs a masked (subs) model; --model {args.model!r} is not one")
+        model = GuidedDenoiser(model, torch.tensor([token != FREE for token in row]), args.guidance)
     live = _LiveView(tokenizer, config.mask_token_id) if sys.stdout.isatty() and not args.json else None
     printer, nfe, start = _Printer(args), 0, time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
