@@ -31,6 +31,7 @@ from .base import (
     check_filters,
     outputs_at,
     register_sampler,
+    remove_remaining_noise,
     sample_categorical,
     token_probs,
     uniforms,
@@ -102,13 +103,7 @@ class MaskedAncestralSampler(Sampler):
                 trajectory.append(x.clone())
             if callback is not None:
                 callback(i, x)
-        still_masked = x == mask_id
-        if bool(still_masked.any()):  # noise removal: the most likely token
-            best = token_probs(outputs(times[-1], still_masked), exclude=mask_id, temperature=0).argmax(-1)
-            x = x.clone()
-            x[still_masked] = best
-            if trajectory is not None:
-                trajectory.append(x.clone())
+        x = remove_remaining_noise(x, mask_id, lambda where: outputs(times[-1], where), trajectory)
         return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)
 
     def _generate_by_events(self, model: Any, spec: DiffusionSpec, x: Tensor, times: Tensor,

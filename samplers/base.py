@@ -46,6 +46,7 @@ __all__ = [
     "make_canvas",
     "outputs_at",
     "register_sampler",
+    "remove_remaining_noise",
     "sample_categorical",
     "token_probs",
 ]
@@ -204,6 +205,20 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None, u: Tens
     cdf = probs.double().cumsum(-1)
     index = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     return index.clamp_max(probs.shape[-1] - 1)
+
+
+def remove_remaining_noise(x: Tensor, mask_id: int, outputs: Any, trajectory: list[Tensor] | None) -> Tensor:
+    """The last step of the masked samplers: every position still masked in ``x [B, L]`` takes its most likely
+    token under ``outputs(where) -> log-probabilities [n, V]`` (one network call, only if any is masked)."""
+    still_masked = x == mask_id
+    if not bool(still_masked.any()):
+        return x
+    best = token_probs(outputs(still_masked), exclude=mask_id, temperature=0).argmax(-1)
+    x = x.clone()
+    x[still_masked] = best
+    if trajectory is not None:
+        trajectory.append(x.clone())
+    return x
 
 
 def outputs_at(model: Any, where: Tensor, input_ids: Tensor, **kwargs: Any) -> Any:

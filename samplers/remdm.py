@@ -38,7 +38,16 @@ from torch import Tensor
 from diffusion.spec import DiffusionSpec
 
 from .ancestral import MaskedAncestralSampler
-from .base import FREE, SampleOutput, outputs_at, register_sampler, sample_categorical, token_probs, uniforms
+from .base import (
+    FREE,
+    SampleOutput,
+    outputs_at,
+    register_sampler,
+    remove_remaining_noise,
+    sample_categorical,
+    token_probs,
+    uniforms,
+)
 
 __all__ = ["REMASK_SCHEDULES", "RemaskingAncestralSampler", "loop_alpha"]
 
@@ -154,13 +163,7 @@ class RemaskingAncestralSampler(MaskedAncestralSampler):
                 trajectory.append(x.clone())
             if callback is not None:
                 callback(i, x)
-        still_masked = x == mask_id
-        if bool(still_masked.any()):  # noise removal: the most likely token
-            last = times[-1]
-            best = token_probs(outputs(self._total_noise(spec, last, self._alphas(spec, last, last)[0]), still_masked),
-                               exclude=mask_id, temperature=0).argmax(-1)
-            x = x.clone()
-            x[still_masked] = best
-            if trajectory is not None:
-                trajectory.append(x.clone())
+        last = times[-1]
+        final_noise = self._total_noise(spec, last, self._alphas(spec, last, last)[0])
+        x = remove_remaining_noise(x, mask_id, lambda where: outputs(final_noise, where), trajectory)
         return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory)

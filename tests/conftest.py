@@ -10,6 +10,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="ddlm-test-hf-home-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small ddit model folder with the built-in tokenizer, as a run's ``final/`` holds one."""
+    from diffusion import DDiTConfig, DDiTModel
+    from diffusion.data import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("model") / "final"
+    tokenizer = load_tokenizer("builtin")
+    torch.manual_seed(0)
+    DDiTModel(DDiTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         cond_dim=16, max_position_embeddings=32, mask_token_id=tokenizer.mask_token_id)
+              ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion import DDiTConfig, DDiTModel
+from diffusion import DDiTModel
 from diffusion.cli.push import main as push_main
 from diffusion.cli.sft import main as sft_main
 from diffusion.cli.convert import main as convert_main
-from diffusion.data import load_tokenizer
 from rl.cli import main as rl_main
 from samplers.cli.evaluate import main as eval_main
 from samplers.cli.generate import main as generate_main
@@ -40,19 +39,6 @@ def one_line_error(capsys, prog: str) -> str:
     last = err.splitlines()[-1]
     assert last.startswith(f"{prog}: error: "), err
     return last
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A small ddit model folder with the built-in tokenizer, as ``final/`` holds one."""
-    folder = tmp_path_factory.mktemp("model") / "final"
-    tokenizer = load_tokenizer("builtin")
-    torch.manual_seed(0)
-    DDiTModel(DDiTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         cond_dim=16, max_position_embeddings=32, mask_token_id=tokenizer.mask_token_id)
-              ).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 # ----- every command: a missing path is a missing file, in one line, and nothing is created --------------------------

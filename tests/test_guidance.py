@@ -95,20 +95,12 @@ def test_bad_guidance_settings_are_refused(kwargs, match):
         GuidedDenoiser(MASKED, **arguments)
 
 
-def test_generate_guidance_needs_a_prompt_and_runs_with_one(tmp_path, capsys):
-    from diffusion.data import load_tokenizer
-    from diffusion import DDiTConfig, DDiTModel
+def test_generate_guidance_needs_a_prompt_and_runs_with_one(model_dir, capsys):
     from samplers.cli.generate import main
 
-    tokenizer = load_tokenizer("builtin")
-    torch.manual_seed(0)
-    DDiTModel(DDiTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         cond_dim=16, max_position_embeddings=32, mask_token_id=tokenizer.mask_token_id)
-              ).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    assert main(["--model", str(tmp_path), "--guidance", "2"]) == 2
+    assert main(["--model", str(model_dir), "--guidance", "2"]) == 2
     assert "--guidance leans toward a prompt" in capsys.readouterr().err
-    args = ["--model", str(tmp_path), "--prompt", "HAMLET:", "--length", "6", "--sampling-steps", "6", "--json"]
+    args = ["--model", str(model_dir), "--prompt", "HAMLET:", "--length", "6", "--sampling-steps", "6", "--json"]
     assert main([*args, "--guidance", "0"]) == 0
     guided_zero = json.loads(capsys.readouterr().out)["samples"]
     assert main(args) == 0
