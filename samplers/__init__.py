@@ -5,6 +5,7 @@
 """
 
 from .ancestral import MaskedAncestralSampler
+from .ardm import ARDMPolicySampler
 from .base import FREE, SAMPLERS, SampleOutput, Sampler, get_sampler, register_sampler
 from .block import BlockDiffusionSampler
 from .remasking import ConfidenceRemaskingSampler
@@ -15,6 +16,7 @@ from .threshold import ThresholdSampler
 __all__ = [
     "FREE",
     "SAMPLERS",
+    "ARDMPolicySampler",
     "AnalyticSampler",
     "BlockDiffusionSampler",
     "ConfidenceRemaskingSampler",

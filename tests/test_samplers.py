@@ -58,6 +58,7 @@ CASES = [
     ("remask", {"strategy": "random", "block_length": 6}, MASKED),
     ("threshold", {"threshold": 0.2, "block_length": 6}, MASKED),
     ("remask", {"entropy_bound": 0.5}, MASKED),
+    ("ardm", {"curve": [3.0 - 0.1 * t for t in range(18)]}, MASKED),
     ("remdm", {"schedule": "cap", "eta": 0.3}, MASKED),
     ("remdm", {"schedule": "rescale", "eta": 0.5, "top_k": 5}, MASKED),
     ("remdm", {"schedule": "conf"}, MASKED),

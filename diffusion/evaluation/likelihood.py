@@ -47,6 +47,7 @@ from ..time_nodes import TIME_RULES, time_nodes
 __all__ = [
     "LikelihoodResult",
     "any_order_nll",
+    "any_order_steps",
     "evaluate_causal_likelihood",
     "evaluate_likelihood",
     "sequence_nelbo",
@@ -219,6 +220,16 @@ def any_order_nll(model: Any, x0: Tensor, *, num_orders: int = 1, generator: tor
     exact conditionals every single order gives the exact NLL (the chain rule).  Costs ``L`` calls per order;
     ``progress`` (a tqdm bar, say) is advanced by one per call.
     """
+    steps, calls = any_order_steps(model, x0, num_orders=num_orders, generator=generator, progress=progress)
+    return steps.sum(-1), calls
+
+
+@torch.no_grad()
+def any_order_steps(model: Any, x0: Tensor, *, num_orders: int = 1, generator: torch.Generator | None = None,
+                    progress: Any = None) -> tuple[Tensor, int]:
+    """The terms of :func:`any_order_nll` by step: ``[B, L]``, entry k the NLL (nats) of the token revealed when
+    k tokens are known, averaged over orders; and the network calls.  Its mean over rows is ARDM's per-step loss
+    curve ``L_k`` (Hoogeboom et al. 2022), which :mod:`samplers.ardm` plans a call budget with."""
     config = model.config
     if not DiffusionSpec.from_config(config).time_free_masked:
         raise ValueError("any_order_nll needs a time-free absorbing subs model, got process="
@@ -229,7 +240,7 @@ def any_order_nll(model: Any, x0: Tensor, *, num_orders: int = 1, generator: tor
     device = next(model.parameters()).device
     x0 = x0.to(device)
     rows, length = x0.shape
-    total = torch.zeros(rows, dtype=torch.float64, device=device)
+    total = torch.zeros((rows, length), dtype=torch.float64, device=device)
     arange = torch.arange(rows, device=device)
     calls = 0
     for _ in range(num_orders):
@@ -241,6 +252,6 @@ def any_order_nll(model: Any, x0: Tensor, *, num_orders: int = 1, generator: tor
             calls += 1
             if progress is not None:
                 progress.update(1)
-            total -= log_probs[arange, position, x0[arange, position]]
+            total[:, k] -= log_probs[arange, position, x0[arange, position]]
             x[arange, position] = x0[arange, position]
     return total / num_orders, calls

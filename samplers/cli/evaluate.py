@@ -64,6 +64,9 @@ def _parser() -> Any:
     ppl.add_argument("--any-order", type=int, default=0,
                      help="also the any-order autoregressive NLL with this many orders, time-free masked models; "
                           "it costs seq_len network calls per order; 0 is off (default: %(default)s)")
+    ppl.add_argument("--store-curve", action="store_true",
+                     help="with --any-order: write the per-step loss curve to the model folder's ardm_curve.json, "
+                          "which the ardm sampler plans its call budget with")
     ppl.add_argument("--batch-size", type=int, default=16, help="blocks per forward pass (default: %(default)s)")
     gen = sub.add_parser("genppl", help="generative perplexity and unigram entropy of samples", description=__doc__)
     gen.add_argument("--model", required=True, help="the diffusion model to sample from")
@@ -99,6 +102,20 @@ def _default_length(name: str, model: Any) -> int:
     return int(model.config.max_position_embeddings)
 
 
+def _store_curve(name: str, steps: Any, orders: int) -> None:
+    """Write ARDM's per-step loss curve next to the model (atomically), for the ardm sampler."""
+    from samplers.ardm import CURVE_FILE
+
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"--store-curve writes into a local model folder; --model {name!r} is not one")
+    record = {"nats_per_step": steps.mean(0).tolist(), "blocks": int(steps.shape[0]), "orders": orders,
+              "seq_len": int(steps.shape[1])}
+    tmp = folder / (CURVE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(folder / CURVE_FILE)
+
+
 def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -107,7 +124,7 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     from diffusion.cli.loading import load_model_for
     from diffusion.evaluation.held_out import bits_per_byte, evaluation_data, scored_bytes
     from diffusion.evaluation.likelihood import (
-        any_order_nll,
+        any_order_steps,
         evaluate_causal_likelihood,
         evaluate_likelihood,
         summarize,
@@ -132,19 +149,23 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
                                      batch_size=args.batch_size, seed=args.seed,
                                      progress=None if args.progress else False).to_dict()
         if args.any_order:
-            values, calls = [], 0
+            steps, calls = [], 0
             generator = torch.Generator().manual_seed(args.seed)
             batches = -(-len(blocks) // args.batch_size)
             bar = tqdm(total=batches * args.any_order * seq_len, desc=f"any-order ({args.any_order} orders)",
                        unit="call", disable=None if args.progress else True)
             for i in range(0, len(blocks), args.batch_size):
-                v, c = any_order_nll(model, blocks[i : i + args.batch_size], num_orders=args.any_order,
-                                     generator=generator, progress=bar)
-                values.append(v)
+                v, c = any_order_steps(model, blocks[i : i + args.batch_size], num_orders=args.any_order,
+                                       generator=generator, progress=bar)
+                steps.append(v)
                 calls += c
             bar.close()
-            result["any_order"] = summarize(torch.cat(values), seq_len, calls=calls, method="any_order",
+            steps = torch.cat(steps)
+            result["any_order"] = summarize(steps.sum(-1), seq_len, calls=calls, method="any_order",
                                             num_points=args.any_order, form="any-order AR").to_dict()
+            result["any_order"]["nats_per_step"] = steps.mean(0).tolist()
+            if args.store_curve:
+                _store_curve(args.model, steps, args.any_order)
     tokens, num_bytes = scored_bytes(blocks, tokenizer, skip_first=causal)
     result.update(model=args.model, dataset=args.dataset, data=data.description, document_ids=data.document_ids,
                   num_documents=data.num_documents, documents_scored=data.documents_scored,
@@ -194,6 +215,10 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
 @console_command("ddlm-eval")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "ppl" and args.store_curve and not args.any_order:
+        print("ddlm-eval: error: --store-curve stores the curve --any-order N measures: give --any-order",
+              file=sys.stderr)
+        return 2
     if args.command == "ppl" and args.valid_fraction is not None and not 0 < args.valid_fraction < 1:
         print(f"ddlm-eval: error: --valid-fraction must be in (0, 1), got {args.valid_fraction}", file=sys.stderr)
         return 2

@@ -251,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         options["stop_at_eos"] = True
 
     def build_sampler(name: str) -> Any:
+        from ..ardm import read_curve
+
+        planned = {"curve": read_curve(args.model)} if name == "ardm" and os.path.isdir(args.model) else {}
         try:
-            return get_sampler(name, **options)
+            return get_sampler(name, **options, **planned)
         except TypeError as err:
             if args.max_length is not None:
                 raise ValueError(f"--max-length needs a sampler that stops at EOS (block; remask or threshold with "
