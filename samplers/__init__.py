@@ -8,6 +8,7 @@ from .ancestral import MaskedAncestralSampler
 from .ardm import ARDMPolicySampler
 from .base import FREE, SAMPLERS, SampleOutput, Sampler, get_sampler, register_sampler
 from .block import BlockDiffusionSampler
+from .posterior import SplitGibbsPosteriorSampler
 from .remasking import ConfidenceRemaskingSampler
 from .remdm import RemaskingAncestralSampler
 from .sedd import AnalyticSampler, EulerSampler
@@ -24,6 +25,7 @@ __all__ = [
     "MaskedAncestralSampler",
     "RemaskingAncestralSampler",
     "SampleOutput",
+    "SplitGibbsPosteriorSampler",
     "Sampler",
     "ThresholdSampler",
     "get_sampler",

@@ -58,12 +58,22 @@ class _SEDDSampler(Sampler):
 
     def _generate(self, model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int,
                   generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
+        free = canvas == FREE
+        start = draw_rows(canvas.shape, generator, lambda sub, g: spec.process.sample_limit(sub, generator=g))
+        x = torch.where(free, start.to(canvas.device), canvas)
+        return self.reverse_from(model, spec, x, free, 1.0, num_steps, generator, return_trajectory, callback)
+
+    def reverse_from(self, model: Any, spec: DiffusionSpec, x: Tensor, free: Tensor, t_start: float, num_steps: int,
+                     generator: torch.Generator | None, return_trajectory: bool = False,
+                     callback: Any = None) -> SampleOutput:
+        """Run the reverse process from the noisy canvas ``x [B, L]`` at time ``t_start`` down to ``t_final`` in
+        ``num_steps`` steps (then the final denoising step), moving only the positions ``free [B, L]``: a draw of
+        x_0 given x_t (what split-Gibbs posterior sampling needs, :mod:`samplers.posterior`)."""
         process, schedule = spec.process, spec.schedule
         absorbing = isinstance(process, AbsorbingProcess)
-        free = canvas == FREE
-        start = draw_rows(canvas.shape, generator, lambda sub, g: process.sample_limit(sub, generator=g))
-        x = torch.where(free, start.to(canvas.device), canvas)
-        times = torch.linspace(1.0, self.t_final, num_steps + 1, dtype=torch.float64)
+        if not self.t_final < t_start <= 1.0:
+            raise ValueError(f"t_start must be in (t_final, 1], got t_start={t_start!r}")
+        times = torch.linspace(t_start, self.t_final, num_steps + 1, dtype=torch.float64)
         trajectory = [x.clone()] if return_trajectory else None
         nfe = 0
 
