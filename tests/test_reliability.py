@@ -153,7 +153,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_and_leaves_only_complete_chec
 def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_previous_one_is_intact(tmp_path, monkeypatch):
     import errno
 
-    import diffusion.training.loop as training
+    import diffusion.training.run_output as training
 
     real = training.save_weights
 

@@ -7,19 +7,15 @@ follow one process with batch 2B, and a resumed run follows an uninterrupted one
 weights, optimizer, LR schedule, EMA and the global torch RNG (dropout) travel through the checkpoint.
 
 :func:`train` reads as its steps: build, resume, then per step :func:`_optimizer_step`, logging,
-:func:`_evaluate`, :meth:`_Run.save`; at the end :func:`_export_final`.
+:func:`_evaluate`, :meth:`RunOutput.save`; at the end :func:`export_final`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,7 +26,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..adapters import DiffusionLMAdapter
 from ..block_diffusion import BlockDiffusionObjective
 from ..data import load_tokenizer
 from ..data.split_record import check_unchanged, write_record
@@ -41,27 +36,20 @@ from ..objectives import DiffusionObjective
 from ..spec import DiffusionSpec
 from .checkpoint import (
     CheckpointError,
-    atomic_directory,
     check_resumable,
-    checkpoint_name,
     checkpoint_run_id,
     find_latest_checkpoint,
-    new_run_id,
     is_complete,
     load_tensors,
     load_train_state,
-    prune_checkpoints,
     read_json,
-    refuse_nonfinite_weights,
-    save_train_state,
-    save_weights,
-    write_json,
 )
 from .config import RESUMABLE_CHANGES, TrainConfig
-from .distributed import clip_gradients, full_state, resolve_distributed, shard_model
+from .distributed import clip_gradients, resolve_distributed, shard_model
 from .init_model import load_init_model
 from .run_data import RunData, load_run_data
 from .run_folder import claim_run_folder
+from .run_output import Preemption, RunOutput, export_final, log_eval, shared_run_id, stop_diverged
 from .ema import EMA
 from .seeding import derive_generator
 
@@ -296,138 +284,6 @@ def _resume(path: Path, state: _State, config: TrainConfig, acc: Any) -> None:
                       "stream_positions": saved.get("stream_positions")}
 
 
-def _consolidated(state: _State) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-    """Whole weights and EMA weights (every rank must call it: FSDP gathers the shards)."""
-    model_state = full_state(state.model.state_dict()) if state.mode == "fsdp" else None
-    ema_state = (full_state(state.ema.shadow) if state.mode == "fsdp" else state.ema.state_dict()) \
-        if state.ema is not None else None
-    return model_state, ema_state
-
-
-def _save_model_folder(folder: Path, state: _State, weights: dict[str, Tensor] | None) -> None:
-    """A ``from_pretrained`` folder of ``weights`` (None: the model's own, unsharded weights).
-
-    A converted causal LM writes its own architecture's folder plus its conversion record."""
-    model = state.model
-    if isinstance(model, DiffusionLMAdapter) or (weights is None and state.mode != "fsdp"):
-        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
-        return
-    from torch.distributed.fsdp import FSDPModule
-    from transformers import PreTrainedModel
-
-    cls = next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
-    with torch.random.fork_rng(devices=[]):  # building a model draws initial weights: keep the run's RNG stream
-        whole = cls(model.config)
-    whole.load_state_dict(weights, strict=False)  # tied targets follow their source
-    whole.save_pretrained(folder, safe_serialization=True)
-
-
-# ----- the run's folder ----------------------------------------------------------------------------------
-
-class _Preemption:
-    """Turns SIGTERM (a scheduler's pre-emption notice) and a first Ctrl-C (SIGINT) into a flag the loop checks
-    once per step: the step finishes, a checkpoint is written, the run says how to resume.
-
-    A second Ctrl-C stops the process at once (exit 130) with one line naming the last complete checkpoint.  It
-    may land inside a checkpoint write, whose folder is then never marked complete (checkpoints are atomic), and
-    the run folder's lock is left to be found stale.  Only the main thread can install handlers; elsewhere this
-    does nothing.  With several ranks the flag is combined across them, so every rank stops after the same step.
-    """
-
-    def __init__(self, ckpt_root: Path) -> None:
-        self.flag, self.signal_name, self.previous, self.ckpt_root = False, "SIGTERM", {}, ckpt_root
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self.previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        main = os.environ.get("RANK", "0") == "0"
-        if signum == signal.SIGINT and self.flag:  # the second Ctrl-C
-            if main:
-                latest = find_latest_checkpoint(self.ckpt_root)
-                print(f"\nddlm-train: stopped by Ctrl-C; the last complete checkpoint is {latest} "
-                      f"({'continue with --resume auto' if latest else 'none was written: start again'})",
-                      file=sys.stderr, flush=True)
-            os._exit(130)
-        if signum == signal.SIGINT and main:
-            print("\nddlm-train: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at "
-                  "once)", file=sys.stderr, flush=True)
-        self.flag, self.signal_name = True, signal.Signals(signum).name
-
-    def requested(self, acc: Any) -> bool:
-        if acc.num_processes == 1:
-            return self.flag
-        flag = torch.tensor(float(self.flag), device=acc.device)
-        return acc.reduce(flag, reduction="sum").item() > 0
-
-    def restore(self) -> None:
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
-        self.previous = {}
-
-
-class _Run:
-    """The run's folder: ``metrics.jsonl``, ``train_config.json``, ``checkpoints/`` and ``final/``."""
-
-    def __init__(self, config: TrainConfig, accelerator: Any, run_id: str) -> None:
-        self.config, self.acc, self.run_id = config, accelerator, run_id
-        self.root = Path(config.output_dir)
-        self.ckpt_root = self.root / "checkpoints"
-        self.metrics_path = self.root / "metrics.jsonl"
-
-    def write_config(self) -> None:
-        if self.acc.is_main_process:
-            write_json(self.root / "train_config.json", self.config.to_dict())
-
-    def log(self, record: dict[str, Any]) -> None:
-        if self.acc.is_main_process:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.config.report_to != "none":
-                self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def save(self, state: _State, tokenizer: Any, data: RunData) -> Path:
-        """Write ``checkpoints/step-N`` atomically; a failed write leaves the previous checkpoint intact."""
-        acc = self.acc
-        refuse_nonfinite_weights(state.model, state.step, self.ckpt_root, acc)
-        final = self.ckpt_root / checkpoint_name(state.step)
-        try:
-            with atomic_directory(final, complete=True, barrier=acc.wait_for_everyone,
-                                  is_main=acc.is_main_process, run_id=self.run_id) as tmp:
-                self._write(tmp, state, tokenizer, data)
-        except OSError as err:  # disk full, read-only file system
-            previous = find_latest_checkpoint(self.ckpt_root)
-            raise OSError(err.errno, f"could not write checkpoint {final.name} in {self.ckpt_root} "
-                          f"({err.strerror or err}); the previous checkpoint {previous} is intact") from err
-        if acc.is_main_process:
-            prune_checkpoints(self.ckpt_root, self.config.keep_last)
-        return final
-
-    def _write(self, tmp: Path, state: _State, tokenizer: Any, data: RunData) -> None:
-        """Every rank: its RNG state, its shards of the train state; the main process: the whole weights."""
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-        save_weights(rng, tmp / f"rng-{self.acc.process_index}.safetensors", metadata={"run_id": self.run_id})
-        save_train_state(tmp, state.model, state.optimizer, state.ema, is_main=self.acc.is_main_process,
-                         run_id=self.run_id)
-        model_state, ema_state = _consolidated(state)
-        positions = data.stream_positions(self.acc)
-        if not self.acc.is_main_process:
-            return
-        _save_model_folder(tmp / "model", state, model_state)
-        if ema_state is not None:
-            _save_model_folder(tmp / "ema", state, ema_state)
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        counters = {**state.counters, "stream_positions": positions}
-        write_json(tmp / "trainer_state.json", {
-            "step": state.step, "run_id": self.run_id, "scheduler": state.scheduler.state_dict(),
-            "config": self.config.to_dict(),
-            "num_processes": self.acc.num_processes, "distributed": state.mode,
-            "ema_updates": state.ema.num_updates if state.ema else 0, **counters,
-        })
-
-
 # ----- one step, evaluation, export ----------------------------------------------------------------------
 
 def _optimizer_step(state: _State, x0_global: Tensor, xt_global: Tensor, t_global: Tensor, config: TrainConfig,
@@ -509,38 +365,6 @@ def _evaluate(state: _State, blocks: Tensor, config: TrainConfig, acc: Any) -> f
         return evaluate_loss(model, state.eval_objective, blocks, config.eval_batch_size, config.seed, acc)
 
 
-def _export_final(run: _Run, state: _State, data: RunData) -> Path:
-    """``output_dir/final``: the EMA weights (or raw weights), the tokenizer and the data record
-    (``data_split.json``), loadable with from_pretrained."""
-    final = run.root / "final"
-    acc = run.acc
-    refuse_nonfinite_weights(state.model, state.step, run.ckpt_root, acc)
-    model_state, ema_state = _consolidated(state)
-    with atomic_directory(final, complete=True, barrier=acc.wait_for_everyone, is_main=acc.is_main_process) as tmp:
-        if acc.is_main_process:
-            _save_model_folder(tmp, state, ema_state if ema_state is not None else model_state)
-            data.tokenizer.save_pretrained(tmp)
-            if data.split_record is not None:
-                write_record(tmp, data.split_record)
-    return final
-
-
-def _stop_diverged(run: _Run, consecutive: int, done: int) -> FloatingPointError:
-    latest = find_latest_checkpoint(run.ckpt_root)
-    return FloatingPointError(
-        f"{consecutive} consecutive steps had a non-finite loss or gradient norm (the last at step {done}); "
-        f"nothing was updated by them. Look at the loss and grad_norm before step {done - consecutive + 1} in "
-        f"{run.metrics_path}; the last good checkpoint is {latest}. Lower --lr, raise --warmup-steps or use "
-        "--precision no, then --resume from it."
-    )
-
-
-def _log_eval(run: _Run, step: int, loss: float, config: TrainConfig) -> None:
-    run.log({"step": step, "eval_loss": loss, "eval_ppl_bound": math.exp(min(loss, 50.0))})
-    label = "perplexity" if config.objective == "autoregressive" else "perplexity bound"
-    run.acc.print(f"\nstep {step}: held-out loss {loss:.4f} nats/token ({label} {math.exp(min(loss, 50)):.1f})")
-
-
 # ----- the run -------------------------------------------------------------------------------------------
 
 def train(config: TrainConfig) -> TrainResult:
@@ -552,7 +376,7 @@ def train(config: TrainConfig) -> TrainResult:
     # A resumed run keeps its id; a checkpoint whose files name different runs is refused here.
     run_id = checkpoint_run_id(resume_path) if resume_path is not None else None
     acc, mode = _accelerator(config)
-    run_id = run_id or _shared_run_id(acc)
+    run_id = run_id or shared_run_id(acc)
     lock = claim_run_folder(Path(config.output_dir), fresh=not config.resume, overwrite=config.overwrite,
                             accelerator=acc)
     try:
@@ -561,17 +385,8 @@ def train(config: TrainConfig) -> TrainResult:
         lock.release()
 
 
-def _shared_run_id(acc: Any) -> str:
-    """A fresh run id, the main process's on every rank."""
-    value = torch.tensor(int(new_run_id(), 16) >> 1 if acc.is_main_process else 0, dtype=torch.int64,
-                         device=acc.device)  # 63 bits: a positive int64
-    if acc.num_processes > 1:
-        value = acc.reduce(value, reduction="sum")
-    return f"{int(value.item()):016x}"
-
-
 def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, run_id: str) -> TrainResult:
-    run = _Run(config, acc, run_id)
+    run = RunOutput(config, acc, run_id)
     init_model, init_tokenizer = load_init_model(config) if config.init_from else (None, None)
     positions = read_json(resume_path / "trainer_state.json").get("stream_positions") if resume_path else None
     if resume_path is not None and parse_trained_vocab(config.resolved_tokenizer) is not None:
@@ -603,13 +418,13 @@ def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, r
     eval_loss = None
     if state.step == 0 and config.eval_every:
         eval_loss = _evaluate(state, data.valid_blocks, config, acc)
-        _log_eval(run, 0, eval_loss, config)
+        log_eval(run, 0, eval_loss, config)
     bar = tqdm(total=config.max_steps, initial=state.step, disable=not (acc.is_main_process and config.progress),
                desc="train", dynamic_ncols=True)
     window_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
     window_steps, window_start, consecutive_skips = 0, time.perf_counter(), 0
     state.wrapped.train()
-    preemption = _Preemption(run.ckpt_root)  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit cleanly
+    preemption = Preemption(run.ckpt_root)  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit cleanly
     try:
         while state.step < stop:
             x0_global = data.global_batch(state.counters["blocks_consumed"], global_batch, acc)
@@ -627,7 +442,7 @@ def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, r
                 run.log({"step": done, "skipped": True, "skipped_steps": state.counters["skipped_steps"],
                          "loss": float(step_loss), "grad_norm": float(grad_norm)})
                 if consecutive_skips >= config.max_consecutive_skips:
-                    raise _stop_diverged(run, consecutive_skips, done)
+                    raise stop_diverged(run, consecutive_skips, done)
             else:
                 consecutive_skips = 0
                 window_loss += step_loss
@@ -648,7 +463,7 @@ def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, r
 
             if (config.eval_every and done % config.eval_every == 0) or done == stop:
                 eval_loss = _evaluate(state, data.valid_blocks, config, acc)
-                _log_eval(run, done, eval_loss, config)
+                log_eval(run, done, eval_loss, config)
             saved = (config.save_every and done % config.save_every == 0) or done == stop
             if saved:
                 run.save(state, data.tokenizer, data)
@@ -664,7 +479,7 @@ def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, r
         bar.close()
         preemption.restore()
 
-    final_dir = _export_final(run, state, data) if stop == config.max_steps else None
+    final_dir = export_final(run, state, data) if stop == config.max_steps else None
     acc.end_training()
     return TrainResult(step=stop, final_dir=final_dir, eval_loss=eval_loss, metrics_path=run.metrics_path)
 
