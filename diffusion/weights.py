@@ -16,12 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .cli.errors import first_line
+
 __all__ = ["load_weights_checked", "nonfinite_tensors"]
-
-
-def _first(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 def nonfinite_tensors(named: Iterable[tuple[str, Tensor]]) -> list[str]:
@@ -51,9 +48,9 @@ def load_weights_checked(auto_class: Any, name_or_path: str, **from_pretrained: 
         model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True,
                                                  ignore_mismatched_sizes=True, **from_pretrained)
     except SafetensorError as err:
-        raise ValueError(f"{name_or_path!r}: its weights file is corrupt or truncated ({_first(err)})") from err
+        raise ValueError(f"{name_or_path!r}: its weights file is corrupt or truncated ({first_line(err)})") from err
     except ValueError as err:  # DDiTModel's own strict loading says it already
-        raise ValueError(f"{name_or_path!r}: {_first(err)}") from err
+        raise ValueError(f"{name_or_path!r}: {first_line(err)}") from err
     finally:
         hf_logging.set_verbosity(level)
     missing = list(info.get("missing_keys") or [])

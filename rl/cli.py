@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffusion.cli.errors import console_command, one_line
+from diffusion.cli.errors import console_command
 
 
 DEFAULTS = {"max_steps": 150, "lr": 1e-3}  # this command's own settings for the sorting task; --help shows them
@@ -101,56 +101,51 @@ def main(argv: list[str] | None = None) -> int:
     from .tasks import SortTask, char_tokenizer
     from .trainer import GRPOTrainer
 
-    try:  # everything that needs no model is checked before one is built or loaded
-        task = SortTask(args.num_digits)
-        if args.output_dir is None and args.resume is not None:
-            raise ValueError("--resume needs --output-dir: the run folder to continue")
-        if args.output_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("several processes need --output-dir: they must agree on the run folder")
-        completion_length = args.completion_length or task.completion_length
-        derived = {"completion_length": completion_length,
-                   "sampling_steps": args.sampling_steps or completion_length,
-                   "output_dir": args.output_dir or _new_run_folder()}
-        fields = {name for name in GRPOConfig.__dataclass_fields__}
-        config = GRPOConfig(**{**{k: v for k, v in vars(args).items() if k in fields}, **derived})
-        _check_output_dir(config.output_dir, args.model)
-        extra = [_import_reward(spec) for spec in args.reward]
-        if len(args.reward_weight) > len(extra):
-            raise ValueError(f"{len(args.reward_weight)} --reward-weight values for {len(extra)} --reward functions")
-        weights = list(args.reward_weight) + [1.0] * (len(extra) - len(args.reward_weight))
-        check_weights(extra, weights)  # before any model is built
-        resuming = config.resume is not None and (
-            config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"ddlm-rl: writing to {config.output_dir}", file=sys.stderr)
-        if args.model:
-            model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code)
-        else:
-            tokenizer = char_tokenizer()
-            torch.manual_seed(config.seed)
-            model = DDiTModel(DDiTConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
-                                         num_hidden_layers=args.num_layers, num_attention_heads=4, cond_dim=16,
-                                         max_position_embeddings=task.prompt_length + config.completion_length,
-                                         mask_token_id=tokenizer.mask_token_id))
-            if not resuming:  # a resumed run loads its weights from the checkpoint
-                losses = supervised_warmup(model, lambda g: task.sft_batch(tokenizer, 64, g), steps=args.sft_steps,
-                                           seed=config.seed, progress=config.progress)
-                print(f"supervised warm-up: {args.sft_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-                      if losses else "supervised warm-up: 0 steps")
-        records = task.records(20_000, torch.Generator().manual_seed(config.seed + 1))
-        seen = {r["prompt"] for r in records}  # held-out prompts never appear in training
-        held_out = [r for r in task.records(4 * args.eval_prompts + 100, torch.Generator().manual_seed(config.seed + 2))
-                    if r["prompt"] not in seen][: args.eval_prompts]
-        trainer = GRPOTrainer(model, tokenizer, config, task.reward_functions + extra, records,
-                              task.reward_weights + weights)
-        before = None if resuming else trainer.evaluate(held_out)  # a resumed model loads inside train()
-        history = trainer.train()
-        after = trainer.evaluate(held_out)
-    except (ValueError, FileNotFoundError) as err:  # CheckpointError and RewardError are ValueErrors
-        if args.debug:
-            raise
-        print(f"ddlm-rl: error: {one_line(err)}", file=sys.stderr)
-        return 2
+    # Everything that needs no model is checked before one is built or loaded; errors end as console_command says.
+    task = SortTask(args.num_digits)
+    if args.output_dir is None and args.resume is not None:
+        raise ValueError("--resume needs --output-dir: the run folder to continue")
+    if args.output_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("several processes need --output-dir: they must agree on the run folder")
+    completion_length = args.completion_length or task.completion_length
+    derived = {"completion_length": completion_length,
+               "sampling_steps": args.sampling_steps or completion_length,
+               "output_dir": args.output_dir or _new_run_folder()}
+    fields = {name for name in GRPOConfig.__dataclass_fields__}
+    config = GRPOConfig(**{**{k: v for k, v in vars(args).items() if k in fields}, **derived})
+    _check_output_dir(config.output_dir, args.model)
+    extra = [_import_reward(spec) for spec in args.reward]
+    if len(args.reward_weight) > len(extra):
+        raise ValueError(f"{len(args.reward_weight)} --reward-weight values for {len(extra)} --reward functions")
+    weights = list(args.reward_weight) + [1.0] * (len(extra) - len(args.reward_weight))
+    check_weights(extra, weights)  # before any model is built
+    resuming = config.resume is not None and (
+        config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"ddlm-rl: writing to {config.output_dir}", file=sys.stderr)
+    if args.model:
+        model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code)
+    else:
+        tokenizer = char_tokenizer()
+        torch.manual_seed(config.seed)
+        model = DDiTModel(DDiTConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
+                                     num_hidden_layers=args.num_layers, num_attention_heads=4, cond_dim=16,
+                                     max_position_embeddings=task.prompt_length + config.completion_length,
+                                     mask_token_id=tokenizer.mask_token_id))
+        if not resuming:  # a resumed run loads its weights from the checkpoint
+            losses = supervised_warmup(model, lambda g: task.sft_batch(tokenizer, 64, g), steps=args.sft_steps,
+                                       seed=config.seed, progress=config.progress)
+            print(f"supervised warm-up: {args.sft_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+                  if losses else "supervised warm-up: 0 steps")
+    records = task.records(20_000, torch.Generator().manual_seed(config.seed + 1))
+    seen = {r["prompt"] for r in records}  # held-out prompts never appear in training
+    held_out = [r for r in task.records(4 * args.eval_prompts + 100, torch.Generator().manual_seed(config.seed + 2))
+                if r["prompt"] not in seen][: args.eval_prompts]
+    trainer = GRPOTrainer(model, tokenizer, config, task.reward_functions + extra, records,
+                          task.reward_weights + weights)
+    before = None if resuming else trainer.evaluate(held_out)  # a resumed model loads inside train()
+    history = trainer.train()
+    after = trainer.evaluate(held_out)
     summary = {"steps_run": len(history), "held_out_before": before, "held_out_after": after,
                "final_model": str(trainer.output_dir / "final")}
     if trainer.accelerator.is_main_process:

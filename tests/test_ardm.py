@@ -96,6 +96,8 @@ def test_eval_stores_the_curve_and_generate_plans_with_it(model_dir, capsys):
     assert eval_main(["ppl", "--model", str(model_dir), "--dataset", "builtin:shakespeare", "--seq-len", "16",
                       "--max-blocks", "2", "--num-points", "2", "--store-curve"]) == 2
     assert "--store-curve stores the curve --any-order N measures" in capsys.readouterr().err
+    assert eval_main(["ppl", "--model", "someone/model", "--any-order", "1", "--store-curve"]) == 2  # before any work
+    assert "--store-curve writes into a local model folder" in capsys.readouterr().err
     assert eval_main(["ppl", "--model", str(model_dir), "--dataset", "builtin:shakespeare", "--seq-len", "16",
                       "--max-blocks", "2", "--num-points", "2", "--any-order", "1", "--store-curve", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

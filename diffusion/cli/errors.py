@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "console_command", "one_line"]
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "console_command", "first_line", "one_line"]
 
 EXIT_USAGE = 2  # the input was wrong: fix it and run again
 EXIT_FAILED = 1  # the input was fine; the run could not finish
@@ -26,6 +26,12 @@ _INPUT_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
     UnicodeError,
 )
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of ``err``'s message (a library's long report begins with its point), or its type's
+    name when it has none."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def one_line(err: BaseException) -> str:

@@ -6,13 +6,9 @@ from typing import Any
 
 from ..locate import locate_model
 from ..weights import load_weights_checked
+from .errors import first_line
 
 __all__ = ["is_causal_lm", "is_plain_causal_lm", "load_denoiser_for", "load_model_for"]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _config_for(name: str, flag: str, trust_remote_code: bool) -> tuple[str, Any]:
@@ -28,11 +24,11 @@ def _config_for(name: str, flag: str, trust_remote_code: bool) -> tuple[str, Any
         return location, AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise FileNotFoundError(f"could not load {flag} {name!r} (no such folder, or the Hub is unreachable): "
-                                f"{_first_line(err)}") from err
+                                f"{first_line(err)}") from err
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise ValueError(f"{flag} {name!r} needs its own code to run; read it, then pass --trust-remote-code") from err
-        raise ValueError(f"{flag} {name!r}: {_first_line(err)}") from err
+        raise ValueError(f"{flag} {name!r}: {first_line(err)}") from err
 
 
 def is_causal_lm(config: Any) -> bool:
@@ -57,9 +53,9 @@ def load_denoiser_for(name: str, *, flag: str = "--model", trust_remote_code: bo
     try:
         return load_denoiser(location, trust_remote_code=trust_remote_code, mask_token_id=mask_token_id)
     except OSError as err:
-        raise FileNotFoundError(f"could not load {flag} {name!r}: {_first_line(err)}") from err
+        raise FileNotFoundError(f"could not load {flag} {name!r}: {first_line(err)}") from err
     except ValueError as err:
-        raise ValueError(f"{flag} {_first_line(err)}") from err
+        raise ValueError(f"{flag} {first_line(err)}") from err
 
 
 def load_model_for(name: str, *, flag: str = "--model", trust_remote_code: bool = False) -> tuple[Any, Any, bool]:

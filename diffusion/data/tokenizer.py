@@ -70,9 +70,10 @@ def load_tokenizer(name_or_path: str = "builtin", *, trust_remote_code: bool = F
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except OSError as err:
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        from ..cli.errors import first_line
+
         raise FileNotFoundError(f"could not load tokenizer {name_or_path!r} (no such folder, or the Hub is "
-                                f"unreachable): {first}") from err
+                                f"unreachable): {first_line(err)}") from err
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise

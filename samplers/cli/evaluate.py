@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         print("ddlm-eval: error: --store-curve stores the curve --any-order N measures: give --any-order",
               file=sys.stderr)
         return 2
+    if args.command == "ppl" and args.store_curve and not Path(args.model).expanduser().is_dir():
+        print(f"ddlm-eval: error: --store-curve writes into a local model folder; --model {args.model!r} is not one",
+              file=sys.stderr)
+        return 2
     if args.command == "ppl" and args.valid_fraction is not None and not 0 < args.valid_fraction < 1:
         print(f"ddlm-eval: error: --valid-fraction must be in (0, 1), got {args.valid_fraction}", file=sys.stderr)
         return 2
