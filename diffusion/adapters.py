@@ -86,6 +86,9 @@ class DiffusionLMAdapter(nn.Module):
     """
 
     supports_score_mask = True
+    # forward(carry_unmasked=False) gives the wrapped head's prediction at unmasked positions (token editing reads
+    # it); whether that prediction was trained to revise tokens depends on the model (LLaDA 2.1 was, BERT in part).
+    predicts_unmasked = True
 
     def __init__(self, model: nn.Module, mask_token_id: int, *, shift_logits: bool = False,
                  max_length: int | None = None, attention: str | None = None, block_size: int | None = None,
@@ -165,12 +168,14 @@ class DiffusionLMAdapter(nn.Module):
 
     def forward(self, input_ids: Tensor, total_noise: Tensor | None = None, attention_mask: Tensor | None = None,
                 *, positions: Tensor | None = None, attention_pattern: Tensor | None = None,
-                score_mask: Tensor | None = None, **kwargs: object) -> MaskedLMOutput:
+                score_mask: Tensor | None = None, carry_unmasked: bool = True, **kwargs: object) -> MaskedLMOutput:
         """``input_ids [B, L] -> logits [B, L, V]`` = log p(x0 | x_t) (``total_noise`` is ignored: the model is time-free).
 
         ``positions [L]`` (converted models; the block-diffusion objective repeats ``0..L-1``), ``attention_pattern
         [L, L]`` (an extra restriction, True = may attend) and ``score_mask [B, L]`` (return ``[n, V]`` at its True
-        positions, row-major) follow :meth:`diffusion.DDiTModel.forward`.
+        positions, row-major) follow :meth:`diffusion.DDiTModel.forward`.  ``carry_unmasked=False`` keeps the wrapped
+        model's own prediction at unmasked positions too (log-softmax over the tokens, MASK excluded) instead of a
+        point mass on the token there: what token editing reads.
         """
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": self._attention_mask(
             input_ids, attention_mask, attention_pattern, positions)}
@@ -180,8 +185,9 @@ class DiffusionLMAdapter(nn.Module):
         if self.shift_logits:
             raw = torch.cat([raw[:, :1], raw[:, :-1]], dim=1)
         if score_mask is not None:
-            return MaskedLMOutput(logits=subs_log_probs(raw[score_mask], input_ids[score_mask],
-                                                        self.config.mask_token_id))
+            raw, input_ids = raw[score_mask], input_ids[score_mask]
+        if not carry_unmasked:  # every position read as if masked: the model's prediction, MASK excluded
+            input_ids = torch.full_like(input_ids, self.config.mask_token_id)
         return MaskedLMOutput(logits=subs_log_probs(raw, input_ids, self.config.mask_token_id))
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, Tensor] | None = None, **kwargs: Any) -> None:

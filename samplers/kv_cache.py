@@ -37,12 +37,13 @@ class BlockCaller:
         self.model, self.mode, self.start, self.end = model, mode, start, end
         self.context = None
 
-    def __call__(self, x: Tensor, total_noise: Tensor, where: Tensor) -> Tensor:
-        """Outputs ``[n, V]`` at the positions ``where [B, L]`` selects (all inside the block)."""
+    def __call__(self, x: Tensor, total_noise: Tensor, where: Tensor, **kwargs: Any) -> Tensor:
+        """Outputs ``[n, V]`` at the positions ``where [B, L]`` selects (all inside the block); ``kwargs`` go to the
+        model's forward."""
         if self.mode is None:
-            return outputs_at(self.model, where, x, total_noise=total_noise).logits
+            return outputs_at(self.model, where, x, total_noise=total_noise, **kwargs).logits
         if self.context is None:
-            out = outputs_at(self.model, where, x, total_noise=total_noise, use_cache=True)
+            out = outputs_at(self.model, where, x, total_noise=total_noise, use_cache=True, **kwargs)
             positions = out.key_values.positions
             keep = positions < self.start
             if self.mode == "dual":
@@ -55,4 +56,4 @@ class BlockCaller:
         positions = torch.arange(self.start, stop, device=x.device)
         # ``where`` lies inside [start, stop), so the slice keeps its row-major order.
         return outputs_at(self.model, where[:, self.start:stop], x[:, self.start:stop], total_noise=total_noise,
-                          positions=positions, past_key_values=self.context).logits
+                          positions=positions, past_key_values=self.context, **kwargs).logits

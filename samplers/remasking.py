@@ -73,7 +73,7 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
                   temperature: float, top_k: int | None, top_p: float | None, threshold: float | None,
                   generator: torch.Generator | None, return_trajectory: bool, callback: Any,
                   kv_cache: str | None = None, eos_id: int | None = None,
-                  entropy_bound: float | None = None) -> SampleOutput:
+                  entropy_bound: float | None = None, edit_threshold: float | None = None) -> SampleOutput:
     """The shared block / step loop of confidence remasking and threshold decoding.
 
     With ``threshold`` set, a step commits every masked token of the block whose confidence exceeds it,
@@ -85,9 +85,14 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
     H(p) = -sum p log p of the model's prediction, the masked positions of the block whose summed entropy stays within
     the bound, and always the lowest-entropy one: a bound of 0 commits one token per step (or the scheduled count,
     if more).
+    With ``edit_threshold`` set (LLaDA 2.1's token editing), the same call also reads the model's prediction at the
+    block's generated positions already committed, and replaces such a token by the model's most likely token y* when
+    y* differs from it and p(y*) > ``edit_threshold`` (so 1 never edits).  Edits happen only in the block's steps
+    (no extra calls); the prompt is never edited.
     """
     if kv_cache is not None and not getattr(model, "supports_kv_cache", False):
         raise ValueError(f"kv_cache={kv_cache!r} needs a model whose forward takes past_key_values (a DDiTModel)")
+    check_edits(model, edit_threshold)
     mask_id, schedule = spec.mask_id, spec.schedule
     x = torch.where(canvas == FREE, torch.full_like(canvas, mask_id), canvas)
     batch, length = x.shape
@@ -106,7 +111,13 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
                 break
             fraction = masked.sum().item() / max(1, ((canvas == FREE) & in_block).sum().item())
             sigma_bar = schedule.total_noise(torch.tensor(min(max(fraction, 1e-3), 1.0), dtype=torch.float64))
-            log_probs = call(x, sigma_bar.float().expand(batch).to(x.device), masked)  # (n, V) at masked positions
+            sigma_bar = sigma_bar.float().expand(batch).to(x.device)
+            if edit_threshold is None:
+                log_probs = call(x, sigma_bar, masked)  # (n, V) at masked positions
+            else:
+                editable = in_block & (canvas == FREE) & ~masked
+                read = call(x, sigma_bar, masked | editable, carry_unmasked=False)  # row-major over masked | editable
+                log_probs, edit_log_probs = read[masked[masked | editable]], read[editable[masked | editable]]
             nfe += 1
             # Uniforms for every position (cache or not); distributions only for the block's masked positions.
             u = uniforms(x.shape, generator, x.device)
@@ -136,6 +147,8 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
             if threshold is not None:
                 commit |= masked & (conf > threshold)
             x = torch.where(commit, chosen, x)
+            if edit_threshold is not None:
+                x = _edit(x, editable, edit_log_probs, edit_threshold, mask_id)
             if trajectory is not None:
                 trajectory.append(x.clone())
             if callback is not None:
@@ -146,6 +159,32 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
                 break
     lengths = sequence_lengths(x, canvas, eos_id) if eos_id is not None else None
     return SampleOutput(tokens=x, nfe=nfe, trajectory=trajectory, lengths=lengths)
+
+
+def check_edit_threshold(edit_threshold: float | None) -> None:
+    if edit_threshold is not None and not (isinstance(edit_threshold, (int, float))
+                                           and not isinstance(edit_threshold, bool) and 0 <= edit_threshold <= 1):
+        raise ValueError(f"edit_threshold must be a probability in [0, 1] or None, got edit_threshold={edit_threshold!r}")
+
+
+def check_edits(model: Any, edit_threshold: float | None) -> None:
+    """Refuse token editing (before any call) with a bad threshold or a model whose outputs carry unmasked tokens."""
+    check_edit_threshold(edit_threshold)
+    if edit_threshold is not None and not getattr(model, "predicts_unmasked", False):
+        raise ValueError(f"edit_threshold={edit_threshold!r} needs a model that predicts tokens at unmasked positions "
+                         f"(an outside model through diffusion.adapters); a {type(model).__name__}'s subs outputs carry "
+                         f"every unmasked token over, so it could never edit")
+
+
+def _edit(x: Tensor, editable: Tensor, log_probs: Tensor, threshold: float, mask_id: int) -> Tensor:
+    """Replace ``x`` at ``editable [B, L]`` positions by the model's argmax y* where y* != x and p(y*) > threshold;
+    ``log_probs [n, V]`` are the model's predictions there (row-major)."""
+    probs = token_probs(log_probs, exclude=mask_id)
+    best, best_id = probs.max(-1)
+    replace = (best_id != x[editable]) & (best > threshold)
+    edited = x.clone()
+    edited[editable] = torch.where(replace, best_id, x[editable])
+    return edited
 
 
 def _entropy(probs: Tensor) -> Tensor:
@@ -174,6 +213,9 @@ class ConfidenceRemaskingSampler(Sampler):
         stop_at_eos: finish a row once a block holds its EOS and stop when every row has (needs ``block_length``).
         entropy_bound: also commit the lowest-entropy masked positions while their summed entropy stays within this
             bound (EB-sampler); None: off.  The scheduled count stays the floor.
+        edit_threshold: token editing (LLaDA 2.1): a committed generated token of the current block becomes the model's
+            most likely token when that differs and its probability exceeds this; 1 never edits; None: off.  Needs a
+            model that predicts at unmasked positions (``predicts_unmasked``: the adapters of :mod:`diffusion.adapters`).
     """
 
     name = "remask"
@@ -181,11 +223,14 @@ class ConfidenceRemaskingSampler(Sampler):
 
     def __init__(self, strategy: str = "low_confidence", block_length: int | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None,
-                 stop_at_eos: bool = False, entropy_bound: float | None = None) -> None:
+                 stop_at_eos: bool = False, entropy_bound: float | None = None,
+                 edit_threshold: float | None = None) -> None:
         if entropy_bound is not None and not (isinstance(entropy_bound, (int, float)) and math.isfinite(entropy_bound)
                                               and entropy_bound >= 0):
             raise ValueError(f"entropy_bound must be a finite number >= 0, got entropy_bound={entropy_bound!r}")
         self.entropy_bound = entropy_bound
+        check_edit_threshold(edit_threshold)
+        self.edit_threshold = edit_threshold
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
         if block_length is not None:
@@ -202,4 +247,4 @@ class ConfidenceRemaskingSampler(Sampler):
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, threshold=None,
                              generator=generator, return_trajectory=return_trajectory, callback=callback,
                              kv_cache=self.kv_cache, eos_id=eos_id_of(model) if self.stop_at_eos else None,
-                             entropy_bound=self.entropy_bound)
+                             entropy_bound=self.entropy_bound, edit_threshold=self.edit_threshold)
