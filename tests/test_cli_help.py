@@ -20,11 +20,12 @@ def _parsers():
     return {"ddlm-train": (build_parser(), []), "ddlm-generate": (generate_parser(), ["--model", "m"]),
             "ddlm-eval ppl": (subcommands["ppl"], ["--model", "m"]),
             "ddlm-eval genppl": (subcommands["genppl"], ["--model", "m", "--reference", "r"]),
+            "ddlm-eval calls": (subcommands["calls"], ["--model", "m", "--reference", "r"]),
             "ddlm-rl": (rl_parser(), []), "ddlm-sft": (sft_parser(), ["--model", "m"]),
             "ddlm-convert": (convert_parser(), ["--model", "m", "--output-dir", "o"])}
 
 
-@pytest.mark.parametrize("name", ["ddlm-train", "ddlm-generate", "ddlm-eval ppl", "ddlm-eval genppl", "ddlm-rl",
+@pytest.mark.parametrize("name", ["ddlm-train", "ddlm-generate", "ddlm-eval ppl", "ddlm-eval genppl", "ddlm-eval calls", "ddlm-rl",
                                   "ddlm-sft", "ddlm-convert"])
 def test_help_shows_the_default_that_parsing_gives(name):
     parser, required = _parsers()[name]

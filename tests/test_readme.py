@@ -36,6 +36,8 @@ SUBSTITUTIONS = [
     (r"^(ddlm-sft .*)$", r"\1 --max-steps 2 --save-every 1 --progress false", "SFT runs 2 steps"),
     (r"^(ddlm-eval ppl .*)$", r"\1 --max-blocks 4 --num-points 2", "4 held-out blocks, 2 time points"),
     (r"^(ddlm-eval genppl .*)$", r"\1 --num-samples 2 --sampling-steps 4", "2 samples of 4 steps"),
+    (r"^(ddlm-eval calls .*)$", r"\1 --num-samples 2 --calls 2 4", "ddlm-eval calls: 2 samples at budgets 2 and 4"),
+    (r"--any-order 16", "--any-order 1", "one order for the any-order curve"),
     (r"^(python scripts/\S+\.py.*)$", r"\1 --smoke", "benchmarks at toy sizes (--smoke)"),
     (r"max_steps=\d+", "max_steps=2", "Python snippets: 2 RL steps"),
 ]

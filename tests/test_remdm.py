@@ -84,3 +84,23 @@ def test_the_loop_revises_a_canvas_at_fixed_noise_and_conf_remasks_the_least_con
 def test_bad_remdm_settings_are_refused_naming_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         get_sampler("remdm", **kwargs)
+
+
+def test_generate_reaches_every_sampler_option_through_option_flags(model_dir, capsys):
+    import json
+
+    from samplers.cli.generate import main, sampler_options
+
+    assert sampler_options(["schedule=loop", "eta=0.02", "cap=null", "flag=true", "name=\"3\""], set()) == {
+        "schedule": "loop", "eta": 0.02, "cap": None, "flag": True, "name": "3"}
+    args = ["--model", str(model_dir), "--length", "8", "--sampling-steps", "8", "--num-samples", "2", "--json"]
+    assert main([*args, "--sampler", "ancestral", "--option", "cache=false"]) == 0
+    ancestral = json.loads(capsys.readouterr().out)["samples"]
+    assert main([*args, "--sampler", "remdm", "--option", "schedule=\"cap\"", "--option", "eta=0"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == ancestral  # strength 0: ancestral, token for token
+    for bad, message in [(["--option", "eta"], "--option takes KEY=VALUE"),
+                         (["--temperature", "1", "--option", "temperature=0.5"], "'temperature', which is already set"),
+                         (["--option", "loudness=3"], "does not take"),
+                         (["--option", "eta=2"], "eta must be in [0, 1], got eta=2")]:
+        assert main([*args, "--sampler", "remdm", *bad]) == 2
+        assert message in capsys.readouterr().err

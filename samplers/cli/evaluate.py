@@ -3,12 +3,15 @@
     ddlm-eval ppl --model runs/shakespeare/final --method quadrature --num-points 8
     ddlm-eval ppl --model runs/ar/final                                  # an AR baseline: exact perplexity
     ddlm-eval genppl --model runs/shakespeare/final --reference runs/ar/final --sampling-steps 32 128 --num-samples 16
+    ddlm-eval calls --model runs/shakespeare/final --reference runs/ar/final --out quality_vs_calls
 
 ``ppl`` scores packed blocks: by default the documents the model's training run held out (its
 ``data_split.json``), else the ``--dataset`` named (whole, or its ``--split``); diffusion models by their negative
 ELBO (an upper bound on the NLL), causal LMs exactly; in nats per token and bits per byte.  ``genppl`` samples with any sampler and scores the
 samples with a reference causal LM (generative perplexity), beside their unigram entropy and the
-network calls.  ``--json`` prints one object.
+network calls.  ``calls`` does that for every sampler of the model's family at several call budgets and draws
+generative perplexity and unigram entropy against network calls (``--out`` STEM: STEM.json and STEM.png, the
+picture needs matplotlib).  ``--json`` prints one object.
 """
 
 from __future__ import annotations
@@ -81,7 +84,23 @@ def _parser() -> Any:
                           "%(default)s)")
     gen.add_argument("--length", type=int, default=None,
                      help="tokens per sample (default: the length the model was trained on, else its context)")
-    for q in (ppl, gen):
+    calls = sub.add_parser("calls", help="quality against network calls for every sampler, as JSON and a PNG",
+                           description=__doc__)
+    calls.add_argument("--model", required=True, help="the diffusion model to sample from")
+    calls.add_argument("--reference", required=True, help="causal LM folder or Hub id that scores the samples")
+    calls.add_argument("--calls", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256],
+                       help="call budgets, each a sampler's num_steps (default: %(default)s)")
+    calls.add_argument("--samplers", nargs="+", default=None,
+                       help="only these samplers of the default set, by name (default: all for the model's family)")
+    calls.add_argument("--num-samples", type=int, default=32, help="samples per point (default: %(default)s)")
+    calls.add_argument("--batch-size", type=int, default=64, help="samples per sampler call (default: %(default)s)")
+    calls.add_argument("--length", type=int, default=None,
+                       help="tokens per sample (default: the length the model was trained on, else its context)")
+    calls.add_argument("--real-text", action="store_true",
+                       help="also score --num-samples blocks of the run's held-out text alike, drawn as a dashed line")
+    calls.add_argument("--out", default="quality_vs_calls",
+                       help="writes OUT.json (the rows) and OUT.png (the picture) (default: %(default)s)")
+    for q in (ppl, gen, calls):
         q.add_argument("--seed", type=int, default=0, help="seed of the noise and samples (default: %(default)s)")
         q.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code to run")
         q.add_argument("--json", action="store_true", help="print one JSON object")
@@ -111,9 +130,7 @@ def _store_curve(name: str, steps: Any, orders: int) -> None:
         raise ValueError(f"--store-curve writes into a local model folder; --model {name!r} is not one")
     record = {"nats_per_step": steps.mean(0).tolist(), "blocks": int(steps.shape[0]), "orders": orders,
               "seq_len": int(steps.shape[1])}
-    tmp = folder / (CURVE_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(folder / CURVE_FILE)
+    _write_json_atomically(folder / CURVE_FILE, record)
 
 
 def _ppl(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,18 +192,10 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _genppl(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from diffusion import DiffusionSpec
+def _model_and_reference(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """``(model, tokenizer, reference, reference_tokenizer)``: a diffusion model and the causal LM scoring it."""
     from diffusion.cli.loading import load_model_for
-    from diffusion.evaluation.sample_quality import generative_perplexity, unigram_entropy
 
-    from .. import FREE, SAMPLERS, get_sampler
-    from .batches import generate_in_batches
-
-    if args.sampler is not None and args.sampler not in SAMPLERS:
-        raise ValueError(f"unknown --sampler {args.sampler!r}; valid: {sorted(SAMPLERS)}")
     model, tokenizer, causal = load_model_for(args.model, trust_remote_code=args.trust_remote_code)
     if causal:
         raise ValueError(f"--model {args.model!r} is a causal LM ({type(model).__name__}): genppl samples diffusion "
@@ -195,6 +204,21 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
                                                                 trust_remote_code=args.trust_remote_code)
     if not ref_causal:
         raise ValueError(f"--reference {args.reference!r} is not a causal LM: it must score samples left to right")
+    return model, tokenizer, reference, reference_tokenizer
+
+
+def _genppl(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from diffusion import DiffusionSpec
+    from diffusion.evaluation.sample_quality import generative_perplexity, unigram_entropy
+
+    from .. import FREE, SAMPLERS, get_sampler
+    from .batches import generate_in_batches
+
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown --sampler {args.sampler!r}; valid: {sorted(SAMPLERS)}")
+    model, tokenizer, reference, reference_tokenizer = _model_and_reference(args)
     name = args.sampler or DiffusionSpec.from_config(model.config).default_sampler
     length = args.length or _default_length(args.model, model)
     rows = []
@@ -210,6 +234,65 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
                      "unigram_entropy": unigram_entropy(tokens)})
     return {"model": args.model, "reference": args.reference, "sampler": name, "length": length,
             "num_samples": args.num_samples, "rows": rows}
+
+
+def _calls(args: argparse.Namespace) -> dict[str, Any]:
+    from diffusion import DiffusionSpec
+    from diffusion.evaluation.plots import _pyplot, plot_quality_vs_calls
+
+    from ..ardm import read_curve
+    from ..sweep import default_entries, sweep
+
+    _pyplot()  # no matplotlib: say so before any sampling
+    out = Path(args.out).expanduser()
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {args.out!r}: the folder {str(out.parent)!r} does not exist")
+    model, tokenizer, reference, reference_tokenizer = _model_and_reference(args)
+    spec = DiffusionSpec.from_config(model.config)
+    local = Path(args.model).expanduser().is_dir()
+    entries = default_entries(spec, curve=read_curve(args.model) if local else None)
+    if args.samplers is not None:
+        unknown = sorted(set(args.samplers) - {entry.sampler for entry in entries})
+        if unknown:
+            raise ValueError(f"--samplers {unknown} are not in this model's set {[e.sampler for e in entries]}")
+        entries = [entry for entry in entries if entry.sampler in args.samplers]
+    length = args.length or _default_length(args.model, model)
+    real_text = None
+    if args.real_text:  # before any sampling: a model without a record of its data fails here
+        from diffusion.evaluation.held_out import evaluation_data
+        from diffusion.evaluation.sample_quality import generative_perplexity, unigram_entropy
+
+        data = evaluation_data(args.model, tokenizer, length, args.num_samples)
+        scored = generative_perplexity(data.blocks, reference, sample_tokenizer=tokenizer,
+                                       reference_tokenizer=reference_tokenizer)
+        real_text = {"data": data.description, "blocks": len(data.blocks), "gen_ppl": scored["gen_ppl"],
+                     "unigram_entropy": unigram_entropy(data.blocks)}
+        if not args.json:
+            print(f"{'held-out text':<26} {len(data.blocks)} blocks: gen-ppl {real_text['gen_ppl']:9.1f}, unigram "
+                  f"entropy {real_text['unigram_entropy']:.3f}", flush=True)
+
+    def show(row: dict[str, Any]) -> None:
+        if not args.json:
+            print(f"{row['label']:<26} budget {row['budget']:>4}: {row['calls']:7.1f} calls, gen-ppl "
+                  f"{row['gen_ppl']:9.1f}, unigram entropy {row['unigram_entropy']:.3f}, {row['seconds']:.1f} s",
+                  flush=True)
+
+    rows = sweep(model, reference, entries=entries, budgets=args.calls, length=length, num_samples=args.num_samples,
+                 batch_size=args.batch_size, seed=args.seed, sample_tokenizer=tokenizer,
+                 reference_tokenizer=reference_tokenizer, on_row=show)
+    result = {"model": args.model, "reference": args.reference, "length": length, "num_samples": args.num_samples,
+              "seed": args.seed, "rows": rows, "real_text": real_text}
+    _write_json_atomically(out.with_name(out.name + ".json"), result)
+    references = {} if real_text is None else {"held-out text": (real_text["gen_ppl"], real_text["unigram_entropy"])}
+    plot_quality_vs_calls(rows, out.with_name(out.name + ".png"), references=references,
+                          title=f"{args.model}: {args.num_samples} samples of {length} tokens per point")
+    return result
+
+
+def _write_json_atomically(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
 
 
 @console_command("ddlm-eval")
@@ -234,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "genppl" and any(s < 1 for s in args.sampling_steps):
         print(f"ddlm-eval: error: --sampling-steps must all be >= 1, got {args.sampling_steps}", file=sys.stderr)
         return 2
-    result = _ppl(args) if args.command == "ppl" else _genppl(args)  # errors end as console_command says
+    if args.command == "calls" and any(k < 1 for k in args.calls):
+        print(f"ddlm-eval: error: --calls must all be >= 1, got {args.calls}", file=sys.stderr)
+        return 2
+    run = {"ppl": _ppl, "genppl": _genppl, "calls": _calls}[args.command]
+    result = run(args)  # errors end as console_command says
     if args.json:
         print(json.dumps(result))
     elif args.command == "ppl":
@@ -246,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  data: {result['data']}")
         if "any_order" in result:
             print(f"  any-order AR: {result['any_order']['nats_per_token']:.4f} nats/token")
+    elif args.command == "calls":
+        print(f"wrote {args.out}.json and {args.out}.png")
     else:
         for row in result["rows"]:
             print(f"{result['sampler']} {row['steps']} steps: gen-ppl {row['gen_ppl']:.1f}, unigram entropy "

@@ -79,6 +79,10 @@ def _parser() -> Any:
                    help="classifier-free guidance weight w toward --prompt/--suffix, masked models: 0 is the plain "
                         "conditional model, w > 0 leans further toward the prompt; each step then runs the model on "
                         "twice the rows (samplers/guidance.py) (default: off)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                   help="any other hyper-parameter of the sampler by its Python name, repeatable; VALUE is read as "
+                        "JSON (numbers, true/false/null, \"text\") or else kept as text, e.g. --option schedule=loop "
+                        "--option eta=0.02 (default: none)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code to run")
     p.add_argument("--mask-token-id", type=int, default=None,
                    help="mask id of an outside model whose config and tokenizer name none (default: read from them)")
@@ -103,6 +107,23 @@ def _sampling_defaults(args: argparse.Namespace, location: str, spec: Any) -> tu
     sampler = args.sampler or shipped.get("sampler") or spec.default_sampler
     steps = args.sampling_steps or shipped.get("num_steps") or DEFAULT_STEPS
     return sampler, steps
+
+
+def sampler_options(pairs: list[str], taken: set[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs as keyword arguments: VALUE as JSON if it parses, else the text itself."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--option takes KEY=VALUE with KEY a Python name, got --option {pair!r}")
+        if key in taken or key in options:
+            raise ValueError(f"--option {pair!r} sets {key!r}, which is already set (by its own flag or an earlier "
+                             "--option)")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
 
 
 def _fail(message: str) -> int:
@@ -249,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                                  ("block_length", args.block_length), ("threshold", args.threshold)) if v is not None}
     if args.max_length is not None:
         options["stop_at_eos"] = True
+    options.update(sampler_options(args.options, set(options)))
 
     def build_sampler(name: str) -> Any:
         from ..ardm import read_curve
