@@ -40,6 +40,10 @@ class GRPOConfig:
     level: str = _help("importance ratio per 'token' or per 'sequence' (length-normalised, GDPO/GSPO); 'auto': "
                        "sequence for the ELBO estimators (quadrature, monte_carlo, stratified), token otherwise",
                    choices=["auto", "token", "sequence"], default="auto")
+    objective: str = _help("policy loss: 'grpo' (the clipped ratio surrogate) or 'wd1' (ratio-free: each group's "
+                           "likelihoods weighted by softmax(A / wd1_temperature) up and softmax(-A / wd1_temperature) "
+                           "down)", choices=["grpo", "wd1"], default="grpo")
+    wd1_temperature: float = _help("wd1: temperature tau of its softmax weights", default=1.0)
     clip_eps_low: float = _help("clip range below 1: rho >= 1 - clip_eps_low", default=0.2)
     clip_eps_high: float = _help("clip range above 1: rho <= 1 + clip_eps_high", default=0.2)
     beta: float = _help("weight of the k3 KL to the frozen reference model (0: no reference model)", default=0.0)
@@ -88,11 +92,12 @@ class GRPOConfig:
             raise ValueError("variance_draws must be 0 or >= 2 (a variance needs two draws), got variance_draws=1")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator={self.estimator!r}; valid: {sorted(ESTIMATORS)}")
-        choices = {"level": ("auto", "token", "sequence"), "advantage_scale": ("group", "none")}
+        choices = {"level": ("auto", "token", "sequence"), "advantage_scale": ("group", "none"),
+                   "objective": ("grpo", "wd1")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {name}={getattr(self, name)!r}")
-        positive = {"lr": self.lr, "lora_alpha": self.lora_alpha}
+        positive = {"lr": self.lr, "lora_alpha": self.lora_alpha, "wd1_temperature": self.wd1_temperature}
         non_negative = {"weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm, "beta": self.beta,
                         "clip_eps_low": self.clip_eps_low, "clip_eps_high": self.clip_eps_high, "temperature": self.temperature}
         for name, value in positive.items():
@@ -101,6 +106,8 @@ class GRPOConfig:
         for name, value in non_negative.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
+        if self.objective == "wd1" and self.beta > 0:
+            raise ValueError(f"objective='wd1' has no KL term to a reference model: beta must be 0, got beta={self.beta}")
         if self.clip_eps_low >= 1:
             raise ValueError(f"clip_eps_low must be < 1 (the ratio is positive), got clip_eps_low={self.clip_eps_low}")
         if not 0 <= self.p_mask_prompt < 1:

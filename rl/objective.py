@@ -11,16 +11,22 @@ Notation: G completions per prompt with rewards r_i; log-likelihood estimates
 - sequence level (GSPO / GDPO): ``rho = exp(sum_k m_k (l_theta,k - l_old,k) / sum_k m_k)``, one ``ell`` per
   completion, mean over completions; KL3 on the length-normalised sequence difference.
 - ``KL3(ref, theta) = exp(ref - theta) - (ref - theta) - 1 >= 0`` (Schulman's k3; 0 when equal).
+- wd1 (Tang et al., "wd1: Weighted Policy Optimization for Reasoning in Diffusion Language Models", 2025): no
+  ratio and no clip; with ``l_i`` completion i's sequence log-likelihood estimate and, within its group,
+  ``w+_i = softmax_g(A / tau)_i`` and ``w-_i = softmax_g(-A / tau)_i``, the loss is
+  ``sum_i (w-_i - w+_i) l_i`` averaged over groups: likelihood is pushed up in proportion to w+ and down in
+  proportion to w-, and a group whose advantages are all equal contributes nothing.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["group_advantages", "k3_kl", "grpo_loss", "LossStats"]
+__all__ = ["group_advantages", "k3_kl", "grpo_loss", "LossStats", "wd1_loss", "wd1_weights"]
 
 
 def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", std_eps: float = 1e-4) -> Tensor:
@@ -106,3 +112,43 @@ def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tens
         stats = LossStats(ratio_mean=float((ratio * weight).sum() / total), clip_low=float((low * weight).sum() / total),
                           clip_high=float((high * weight).sum() / total), kl=float((kl * weight).sum() / total))
     return loss, stats
+
+
+def wd1_weights(advantages: Tensor, group_size: int, *, temperature: float = 1.0,
+                valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(w+, w-)``, each ``[B]`` float64: ``softmax(A / tau)`` and ``softmax(-A / tau)`` within each group of
+    ``group_size`` consecutive completions, over the ``valid [B]`` ones only (the others, and groups with none, get 0).
+
+    >>> [round(w, 4) for w in wd1_weights(torch.tensor([1.0, -1.0]), 2)[0].tolist()]
+    [0.8808, 0.1192]
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got temperature={temperature!r}")
+    if advantages.dim() != 1 or advantages.numel() % group_size:
+        raise ValueError(f"advantages must be [B] with B a multiple of group_size={group_size}, "
+                         f"got {tuple(advantages.shape)}")
+    scaled = advantages.double().view(-1, group_size) / temperature
+    ok = torch.ones_like(scaled, dtype=torch.bool) if valid is None else valid.view(-1, group_size)
+    plus = torch.softmax(scaled.masked_fill(~ok, -math.inf), dim=-1).nan_to_num(0.0)  # all-invalid group: NaN -> 0
+    minus = torch.softmax((-scaled).masked_fill(~ok, -math.inf), dim=-1).nan_to_num(0.0)
+    return plus.view(-1), minus.view(-1)
+
+
+def wd1_loss(log_likelihood: Tensor, advantages: Tensor, group_size: int, *, temperature: float = 1.0,
+             valid: Tensor | None = None, normalizer: Tensor | float | None = None) -> Tensor:
+    """wd1's weighted-likelihood loss (to minimise): ``sum_i (w-_i - w+_i) l_i / number of groups``.
+
+    Args:
+        log_likelihood: ``[B]`` sequence log-likelihood estimates ``l_i`` (differentiable).
+        advantages: ``[B]``, groups of ``group_size`` consecutive completions.
+        temperature: tau of the softmax weights.
+        valid: ``[B]`` bool, completions that count (default: all).
+        normalizer: the number of groups the loss is averaged over (default: this batch's groups with a valid
+            completion); with the batch split over processes, pass the global count, as for :func:`grpo_loss`.
+    """
+    plus, minus = wd1_weights(advantages, group_size, temperature=temperature, valid=valid)
+    weights = (minus - plus).to(log_likelihood.dtype)
+    if normalizer is None:
+        groups = (plus.view(-1, group_size).sum(-1) > 0).sum().clamp_min(1)
+        normalizer = groups.to(log_likelihood.dtype)
+    return (weights * log_likelihood).sum() / torch.as_tensor(normalizer, dtype=log_likelihood.dtype)

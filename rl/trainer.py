@@ -6,7 +6,8 @@ One rollout step (GRPO, Shao et al. 2024; with d1's, DiffuCoder's and GDPO's lik
 2. score them with the reward functions (weighted sum; see :mod:`rl.rewards` for failures) and turn the
    rewards into group advantages;
 3. draw one set of masks per inner step and compute ``l_old`` (and ``l_ref``) under them, no gradient;
-4. ``inner_steps`` times: recompute ``l_theta`` under the same masks, minimise :func:`rl.objective.grpo_loss`.
+4. ``inner_steps`` times: recompute ``l_theta`` under the same masks, minimise :func:`rl.objective.grpo_loss`
+   (or, with ``objective="wd1"``, :func:`rl.objective.wd1_loss`, which needs neither ``l_old`` nor ``l_ref``).
 
 Every random choice is drawn from a generator seeded by ``(seed, step, purpose)``
 (:func:`diffusion.training.seeding.derive_generator`, shared with the training loop), so a resumed run
@@ -53,7 +54,7 @@ from samplers.base import RowStreams
 
 from .config import GRPOConfig
 from .estimators import LikelihoodEstimator, concat_draws, get_estimator
-from .objective import group_advantages, grpo_loss
+from .objective import LossStats, group_advantages, grpo_loss, wd1_loss
 from .rewards import RewardFunction, check_weights, compute_rewards
 
 __all__ = ["GRPOTrainer", "completion_mask"]
@@ -255,22 +256,32 @@ class GRPOTrainer:
         batch = self.rollout(step)
         rollout_seconds = time.perf_counter() - start
         draws = [self._draw(batch, step, "masks", j) for j in range(cfg.inner_steps)]
-        with torch.no_grad():  # pi_old is the policy that drew the rollouts
-            old = [self._score(self.model, d) for d in draws] if cfg.inner_steps > 1 else [None]
+        with torch.no_grad():  # pi_old is the policy that drew the rollouts (wd1 has no ratio: it needs none)
+            old = [self._score(self.model, d) for d in draws] if cfg.inner_steps > 1 and cfg.objective == "grpo" \
+                else [None] * cfg.inner_steps
             ref = [self._reference_scores(d) for d in draws]
         losses, stats = [], []
         device = next(self.model.parameters()).device
         advantages, mask = batch["advantages"].to(device), batch["mask"].to(device)
         level = cfg.resolved_level
-        units = mask.sum() if level == "token" else (mask.sum(-1) > 0).sum()
+        if cfg.objective == "wd1":  # averaged over the groups that have a completion with a reward
+            units = (mask.any(-1).view(-1, cfg.group_size).any(-1)).sum()
+        else:
+            units = mask.sum() if level == "token" else (mask.sum(-1) > 0).sum()
         normalizer = self._sum(units).clamp_min(1).float()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         for j, draw in enumerate(draws):
             current = self._score(self.model, draw)
             previous = old[j] if old[j] is not None else current.detach()
-            loss, info = grpo_loss(current, previous, advantages, mask, clip_eps_low=cfg.clip_eps_low,
-                                   clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, log_ref=ref[j], level=level,
-                                   normalizer=normalizer)
+            if cfg.objective == "wd1":
+                loss = wd1_loss(torch.where(mask, current, 0.0).sum(-1), advantages, cfg.group_size,
+                                temperature=cfg.wd1_temperature, valid=mask.any(-1), normalizer=normalizer)
+                share = float(units) / float(normalizer)  # no ratio, clip or KL: ratio 1, summed over ranks
+                info = LossStats(ratio_mean=share, clip_low=0.0, clip_high=0.0, kl=0.0)
+            else:
+                loss, info = grpo_loss(current, previous, advantages, mask, clip_eps_low=cfg.clip_eps_low,
+                                       clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, log_ref=ref[j], level=level,
+                                       normalizer=normalizer)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.world > 1:  # each rank's loss is its share of the global mean: the gradients add up

@@ -1,8 +1,9 @@
-"""Benchmark the likelihood estimators on the sorting task: reward before/after a fixed GRPO budget.
+"""Benchmark the likelihood estimators and policy losses on the sorting task: reward before/after a fixed budget.
 
     python scripts/bench_rl.py --steps 300 --json bench_rl.json
 
-Every estimator starts from the same supervised warm-up and spends the same number of rollout steps, once per
+Every setting (an estimator with GRPO's clipped surrogate, or with wd1's weighted likelihood) starts from the same
+supervised warm-up and spends the same number of rollout steps, once per
 GRPO seed (``--seeds``: the rollouts, masks and prompt order change; the warm-up does not); the table shows the
 held-out reward (sampled, 512 prompts) and exact-match rate after training (mean over seeds, then min and max),
 the variance of the estimator's sequence log-likelihood over 4 mask draws on the current batch (averaged over the
@@ -33,6 +34,8 @@ SETTINGS = {
     "quadrature, token ratio": {"estimator": "quadrature", "num_points": 2, "level": "token"},
     "quadrature, sequence ratio": {"estimator": "quadrature", "num_points": 2, "level": "sequence"},
     "monte_carlo, token ratio": {"estimator": "monte_carlo", "num_points": 2, "level": "token"},
+    "wd1, coupled": {"objective": "wd1", "estimator": "coupled"},
+    "wd1, quadrature": {"objective": "wd1", "estimator": "quadrature", "num_points": 2},
 }
 
 
