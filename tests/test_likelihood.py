@@ -224,3 +224,17 @@ def test_eval_cli_on_saved_models(tmp_path, capsys):
     assert "is not a causal LM" in capsys.readouterr().err
     assert main(["ppl", "--model", str(tmp_path / "missing")]) == 2
     assert "--model folder does not exist" in capsys.readouterr().err
+
+
+def test_any_order_reads_the_head_at_the_scored_positions_only_and_gets_the_full_heads_numbers(monkeypatch):
+    import diffusion.evaluation.likelihood as likelihood
+
+    torch.manual_seed(0)
+    model = DDiTModel(DDiTConfig(vocab_size=21, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=16)).eval()
+    x0 = torch.randint(0, 20, (3, 8))
+    narrow, calls = likelihood.any_order_steps(model, x0, num_orders=2, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(likelihood, "accepts_score_mask", lambda m: False)  # every position's head, then indexed
+    full, _ = likelihood.any_order_steps(model, x0, num_orders=2, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(narrow, full, rtol=1e-6, atol=1e-6)
+    assert calls == 2 * 8 and bool((narrow > 0).all())

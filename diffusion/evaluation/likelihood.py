@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..block_diffusion import BlockDiffusionObjective
 from ..losses import masked_elbo
+from ..modeling_ddit import accepts_score_mask
 from ..objectives import DiffusionObjective
 from ..processes import UniformProcess, mask_tokens
 from ..schedules import LINEAR_MASKING
@@ -242,16 +243,22 @@ def any_order_steps(model: Any, x0: Tensor, *, num_orders: int = 1, generator: t
     rows, length = x0.shape
     total = torch.zeros((rows, length), dtype=torch.float64, device=device)
     arange = torch.arange(rows, device=device)
+    narrow = accepts_score_mask(model)
     calls = 0
     for _ in range(num_orders):
         order = torch.argsort(torch.rand((rows, length), generator=generator), dim=-1).to(device)
         x = torch.full_like(x0, config.mask_token_id)
         for k in range(length):
             position = order[:, k]
-            log_probs = model(input_ids=x).logits.double()
+            if narrow:  # the output head at the one position of each row that is scored: [B, V], row b's first
+                scored = torch.zeros_like(x0, dtype=torch.bool)
+                scored[arange, position] = True
+                log_probs = model(input_ids=x, score_mask=scored).logits
+            else:
+                log_probs = model(input_ids=x).logits[arange, position]
             calls += 1
             if progress is not None:
                 progress.update(1)
-            total[:, k] -= log_probs[arange, position, x0[arange, position]]
+            total[:, k] -= log_probs[arange, x0[arange, position]].double()
             x[arange, position] = x0[arange, position]
     return total / num_orders, calls
