@@ -69,9 +69,9 @@ def sweep(model: Any, reference: Any, *, entries: Sequence[SweepEntry], budgets:
             raise ValueError(f"budgets must be positive ints, got {list(budgets)!r}")
     if not entries:
         raise ValueError("sweep needs at least one entry")
+    samplers = [get_sampler(entry.sampler, **entry.options) for entry in entries]  # bad options fail before sampling
     rows = []
-    for entry in entries:
-        sampler = get_sampler(entry.sampler, **entry.options)  # bad options fail here, before any sampling
+    for entry, sampler in zip(entries, samplers):
         for k in budgets:
             if entry.at_most_length and k > length:
                 continue

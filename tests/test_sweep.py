@@ -62,8 +62,13 @@ def test_each_row_spends_the_calls_its_sampler_reports_and_scores_its_own_sample
     assert row["unigram_entropy"] == pytest.approx(unigram_entropy(tokens), rel=1e-12)
 
 
-def test_sweep_refuses_bad_budgets_before_sampling(model_dir, reference_dir):
+def test_sweep_refuses_bad_budgets_and_options_before_sampling(model_dir, reference_dir):
     model, reference = _load(model_dir, reference_dir)
+    seen = []
+    with pytest.raises(ValueError, match="eta must be in"):  # the second entry's options fail before the first samples
+        sweep(model, reference, entries=[SweepEntry("a", "ancestral"), SweepEntry("r", "remdm", {"eta": 2.0})],
+              budgets=[2], length=4, num_samples=1, batch_size=1, on_row=seen.append)
+    assert seen == []
     for budgets in ([0], [2, -1], [True]):
         with pytest.raises(ValueError, match="budgets must be positive ints"):
             sweep(model, reference, entries=[SweepEntry("a", "ancestral")], budgets=budgets, length=4, num_samples=1,

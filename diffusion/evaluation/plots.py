@@ -11,10 +11,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_quality_vs_calls"]
+__all__ = ["plot_quality_vs_calls", "require_matplotlib"]
 
 
-def _pyplot() -> Any:
+def require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or an ImportError that says how to install it."""
     try:
         import matplotlib
     except ImportError as error:
@@ -41,7 +42,7 @@ def plot_quality_vs_calls(rows: Sequence[Mapping[str, Any]], path: str | os.Path
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"the picture is a PNG: path must end in .png, got path={str(path)!r}")
-    plt = _pyplot()
+    plt = require_matplotlib()
     figure, (ppl_axis, entropy_axis) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     labels = list(dict.fromkeys(row["label"] for row in rows))
     for label in labels:

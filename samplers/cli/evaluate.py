@@ -238,12 +238,12 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
 
 def _calls(args: argparse.Namespace) -> dict[str, Any]:
     from diffusion import DiffusionSpec
-    from diffusion.evaluation.plots import _pyplot, plot_quality_vs_calls
+    from diffusion.evaluation.plots import plot_quality_vs_calls, require_matplotlib
 
     from ..ardm import read_curve
     from ..sweep import default_entries, sweep
 
-    _pyplot()  # no matplotlib: say so before any sampling
+    require_matplotlib()  # no matplotlib: say so before any sampling
     out = Path(args.out).expanduser()
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {args.out!r}: the folder {str(out.parent)!r} does not exist")
