@@ -5,8 +5,8 @@
 Without ``--model`` a randomly initialised time-free masked model (256 wide, 4 blocks, vocabulary
 4096 + MASK) is timed: speed does not depend on the weights.  Quality is the unigram entropy of the
 samples in nats (the mean over samples of each one's own token entropy, as in
-``diffusion.sample_quality``; it falls when a sampler repeats itself); generative perplexity needs the reference AR
-model of the likelihood issue and is not reported yet.  Rows:
+``diffusion.sample_quality``; it falls when a sampler repeats itself); generative perplexity against network calls, on a
+trained model, is ``ddlm-eval calls`` (samplers/sweep.py).  Rows:
 
 * every sampler at length 128 with 128 steps;
 * the exact cache at 1024 steps for one sequence: ancestral with and without it (same tokens is asserted);
