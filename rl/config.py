@@ -42,8 +42,13 @@ class GRPOConfig:
                    choices=["auto", "token", "sequence"], default="auto")
     objective: str = _help("policy loss: 'grpo' (the clipped ratio surrogate) or 'wd1' (ratio-free: each group's "
                            "likelihoods weighted by softmax(A / wd1_temperature) up and softmax(-A / wd1_temperature) "
-                           "down)", choices=["grpo", "wd1"], default="grpo")
+                           "down) or 'spg' (ratio-free: the ELBO raised for A >= 0, a mixture of EUBO and ELBO "
+                           "lowered for A < 0; estimator 'coupled' or 'one_step')",
+                           choices=["grpo", "wd1", "spg"], default="grpo")
     wd1_temperature: float = _help("wd1: temperature tau of its softmax weights", default=1.0)
+    spg_beta: float = _help("spg: exponent beta >= 1 of the upper bound (1/beta) log E[w(t) p^beta]", default=1.0)
+    spg_mixture: float = _help("spg: weight omega of the upper bound in omega * EUBO + (1 - omega) * ELBO for "
+                               "negative advantages", default=0.5)
     clip_eps_low: float = _help("clip range below 1: rho >= 1 - clip_eps_low", default=0.2)
     clip_eps_high: float = _help("clip range above 1: rho <= 1 + clip_eps_high", default=0.2)
     beta: float = _help("weight of the k3 KL to the frozen reference model (0: no reference model)", default=0.0)
@@ -93,7 +98,7 @@ class GRPOConfig:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator={self.estimator!r}; valid: {sorted(ESTIMATORS)}")
         choices = {"level": ("auto", "token", "sequence"), "advantage_scale": ("group", "none"),
-                   "objective": ("grpo", "wd1")}
+                   "objective": ("grpo", "wd1", "spg")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {name}={getattr(self, name)!r}")
@@ -106,8 +111,17 @@ class GRPOConfig:
         for name, value in non_negative.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
-        if self.objective == "wd1" and self.beta > 0:
-            raise ValueError(f"objective='wd1' has no KL term to a reference model: beta must be 0, got beta={self.beta}")
+        if self.objective != "grpo" and self.beta > 0:
+            raise ValueError(f"objective={self.objective!r} has no KL term to a reference model: beta must be 0, "
+                             f"got beta={self.beta}")
+        if self.objective == "spg" and self.estimator not in ("coupled", "one_step"):
+            raise ValueError(f"objective='spg' needs every completion token masked in some view (its upper bound is "
+                             f"log 0 otherwise): estimator must be 'coupled' or 'one_step', got "
+                             f"estimator={self.estimator!r}")
+        if not 1 <= self.spg_beta:
+            raise ValueError(f"spg_beta must be >= 1 (the bound needs it), got spg_beta={self.spg_beta}")
+        if not 0 <= self.spg_mixture <= 1:
+            raise ValueError(f"spg_mixture must be in [0, 1], got spg_mixture={self.spg_mixture}")
         if self.clip_eps_low >= 1:
             raise ValueError(f"clip_eps_low must be < 1 (the ratio is positive), got clip_eps_low={self.clip_eps_low}")
         if not 0 <= self.p_mask_prompt < 1:

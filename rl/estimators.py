@@ -14,7 +14,12 @@ bool (True on completion positions; every row has the same number Lc of them).
   probability ``p_mask_prompt``; ``l_k = log p(y_k | q', all-MASK completion)`` (mean field, 1 call).
 - ``coupled`` (DiffuCoder): ``t ~ U(t_min, t_max)`` per row, mask set M1 = {U < t} of the completion and its
   complement M2; ``l_k = log p(y_k | view_1) / t`` for k in M1, ``log p(y_k | view_2) / (1 - t)`` otherwise.
-  Every completion token is scored exactly once per pair (2 calls).
+  Every completion token is scored exactly once per pair (2 calls).  **Scale**: view 2 is itself a
+  masking at level 1 - t, so ``E[sum_k l_k | t] = f(t) + f(1 - t)`` with ``f(t) = E[(1/t) sum_{masked} log p]``
+  the ELBO's integrand; the estimate is *twice* the ELBO restricted to ``t in [t_min, t_max]`` (for a model
+  whose tokens are independent, f is constant and the mean is exactly ``2 log p(y)``).  DiffuCoder's code
+  (``selective_log_softmax`` in ``coupled_grpo.py``) uses these weights unnormalised, so this estimator keeps
+  its scale; with ``with_full_mask`` the mean is ``(l_one_step + f(t) + f(1 - t)) / 2``.
 - ``quadrature`` (GDPO, semi-deterministic MC): Gauss-Legendre nodes ``t_n`` on [0, 1] with weights ``w_n``
   (sum 1), one Bernoulli(t_n) mask per node; ``l_k = sum_n w_n (1/t_n) 1[k masked at t_n] log p(y_k | view_n)``
   (N calls), an estimate of the ELBO ``int_0^1 E[(1/t) sum_{masked} log p] dt``.
@@ -44,7 +49,8 @@ from diffusion.processes import draw_moves, mask_tokens
 from diffusion.schedules import LINEAR_MASKING
 from diffusion.time_nodes import time_nodes
 
-__all__ = ["ESTIMATORS", "Draw", "LikelihoodEstimator", "concat_draws", "get_estimator", "model_log_probs"]
+__all__ = ["ESTIMATORS", "Draw", "LikelihoodEstimator", "concat_draws", "get_estimator", "model_log_probs",
+           "weighted_sum"]
 
 
 @dataclass
@@ -84,24 +90,40 @@ class LikelihoodEstimator(ABC):
         """Masks and weights for one estimate of every row's log-likelihood."""
 
     def estimate(self, model: Any, draw: Draw) -> Tensor:
-        """``[B, Lc]`` per-completion-token contributions (differentiable through ``model``)."""
+        """``[B, Lc]`` per-completion-token contributions ``sum_v weights[v] * log p(y_k | view_v)``
+        (differentiable through ``model``)."""
+        return weighted_sum(*self.view_log_probs(model, draw))
+
+    def view_log_probs(self, model: Any, draw: Draw) -> tuple[Tensor, Tensor]:
+        """``(log_probs, weights)``, each ``[V, B, Lc]`` on the completion: ``log p(y_k | view_v)`` where
+        ``weights[v]`` scores token k, 0 elsewhere (a view that scores nothing costs no call)."""
         device = next(model.parameters()).device
         views, weights, targets = draw.views.to(device), draw.weights.to(device), draw.targets.to(device)
-        total = torch.zeros(weights.shape[1:], dtype=torch.float32, device=device)
+        completion, rows = draw.completion.to(device), draw.completion.shape[0]
+        per_view = []
         for v in range(views.shape[0]):
             scored = weights[v] != 0
             if not bool(scored.any()):
+                per_view.append(torch.zeros(weights.shape[1:], dtype=torch.float32, device=device))
                 continue  # nothing masked in this view: no call needed
             log_probs = model_log_probs(model, views[v], draw.t[v])
-            total = total - weights[v].float() * masked_nll(log_probs, targets, scored)
-        rows = draw.completion.shape[0]
-        return total[draw.completion.to(device)].view(rows, -1)
+            per_view.append(-masked_nll(log_probs, targets, scored))
+        return (torch.stack([x[completion].view(rows, -1) for x in per_view]),
+                torch.stack([w[completion].view(rows, -1) for w in weights]))
 
     def _draw(self, sequences: Tensor, completion: Tensor, masks: list[Tensor], weights: list[Tensor],
               t: list[Tensor]) -> Draw:
         views = torch.stack([torch.where(m, torch.full_like(sequences, self.mask_id), sequences) for m in masks])
         return Draw(targets=sequences, views=views, weights=torch.stack(weights), t=torch.stack(t),
                     completion=completion)
+
+
+def weighted_sum(log_probs: Tensor, weights: Tensor) -> Tensor:
+    """``[B, Lc]`` ``sum_v weights[v] * log_probs[v]`` of ``[V, B, Lc]`` inputs (float32): the estimate."""
+    total = torch.zeros(weights.shape[1:], dtype=torch.float32, device=log_probs.device)
+    for v in range(weights.shape[0]):
+        total = total + weights[v].to(log_probs.device).float() * log_probs[v]
+    return total
 
 
 def _check(sequences: Tensor, completion: Tensor) -> None:

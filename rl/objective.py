@@ -16,6 +16,15 @@ Notation: G completions per prompt with rewards r_i; log-likelihood estimates
   ``w+_i = softmax_g(A / tau)_i`` and ``w-_i = softmax_g(-A / tau)_i``, the loss is
   ``sum_i (w-_i - w+_i) l_i`` averaged over groups: likelihood is pushed up in proportion to w+ and down in
   proportion to w-, and a group whose advantages are all equal contributes nothing.
+- SPG (Wang et al., "SPG: Sandwiched Policy Gradient for Masked Diffusion Language Models", 2025): no ratio; a
+  completion with ``A_i >= 0`` has its likelihood raised through the ELBO (a lower bound), one with ``A_i < 0``
+  has it lowered through ``omega * EUBO + (1 - omega) * ELBO`` (the EUBO an upper bound, the mixture trades its
+  bias for the ELBO's lower variance), so each direction pushes on a bound of the right side.  Per token k, with
+  ``w(t) = 1/t`` the ELBO weight and ``beta >= 1``:
+  ``ELBO_k = E_t,x_t[w(t) 1(k masked) log p(y_k | x_t)]`` and
+  ``EUBO_k = (1/beta) log E_t,x_t[w(t) 1(k masked) p(y_k | x_t)^beta]``; Jensen's and the power-mean inequality
+  give ``sum_k ELBO_k <= log p(y) <= sum_k EUBO_k`` when the conditionals are exact.  The loss is
+  ``-sum_i A_i sum_k m_ik J_ik / sum_ik m_ik`` with J the bound chosen by the sign of A_i.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["group_advantages", "k3_kl", "grpo_loss", "LossStats", "wd1_loss", "wd1_weights"]
+__all__ = ["group_advantages", "k3_kl", "grpo_loss", "LossStats", "spg_loss", "spg_upper_bound", "wd1_loss",
+           "wd1_weights"]
 
 
 def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", std_eps: float = 1e-4) -> Tensor:
@@ -152,3 +162,49 @@ def wd1_loss(log_likelihood: Tensor, advantages: Tensor, group_size: int, *, tem
         groups = (plus.view(-1, group_size).sum(-1) > 0).sum().clamp_min(1)
         normalizer = groups.to(log_likelihood.dtype)
     return (weights * log_likelihood).sum() / torch.as_tensor(normalizer, dtype=log_likelihood.dtype)
+
+
+def spg_upper_bound(log_probs: Tensor, weights: Tensor, *, beta: float = 1.0) -> Tensor:
+    """``[B, Lc]`` per-token EUBO estimates ``(1/beta) log sum_v weights[v] exp(beta * log_probs[v])``.
+
+    Args:
+        log_probs: ``[V, B, Lc]`` ``log p(y_k | view_v)`` (any value where ``weights`` is 0).
+        weights: ``[V, B, Lc]`` ``>= 0``, an unbiased quadrature of ``E_t,x_t[w(t) 1(k masked) .]`` (the
+            estimators' draw weights, restricted to the completion).
+        beta: the bound's exponent, ``>= 1`` (1: the log of the ELBO's own expectation of p).
+
+    Every token must carry weight in some view (its bound is otherwise log 0); the estimate of the log is biased
+    (Jensen again), which the mixture with the ELBO tempers.
+    """
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 1):
+        raise ValueError(f"beta must be a finite number >= 1 (the upper bound needs it), got beta={beta!r}")
+    if log_probs.shape != weights.shape:
+        raise ValueError(f"log_probs {tuple(log_probs.shape)} and weights {tuple(weights.shape)} differ in shape")
+    covered = (weights > 0).any(0)
+    if not bool(covered.all()):
+        raise ValueError(f"{int((~covered).sum())} completion tokens are masked in no view: their upper bound is "
+                         "log 0 (use an estimator that masks every token at least once, e.g. 'coupled')")
+    log_weights = torch.where(weights > 0, weights.to(log_probs.dtype).clamp_min(1e-300).log(),
+                              torch.full_like(log_probs, -math.inf))
+    return torch.logsumexp(beta * torch.where(weights > 0, log_probs, 0.0) + log_weights, dim=0) / beta
+
+
+def spg_loss(elbo: Tensor, eubo: Tensor, advantages: Tensor, mask: Tensor, *, mixture: float = 0.5,
+             normalizer: Tensor | float | None = None) -> Tensor:
+    """SPG's sandwiched policy-gradient loss (to minimise): ``-sum_i A_i sum_k m_ik J_ik / normalizer``.
+
+    Args:
+        elbo, eubo: ``[B, Lc]`` per-token lower and upper bound estimates (differentiable).
+        advantages: ``[B]``; ``J = elbo`` where ``A >= 0``, ``mixture * eubo + (1 - mixture) * elbo`` where ``A < 0``.
+        mask: ``[B, Lc]`` bool, the tokens that count.
+        mixture: omega in [0, 1] (0: the ELBO for both signs, which is then plain REINFORCE on the ELBO).
+        normalizer: the number of scored tokens (default: this batch's); pass the global count with several
+            processes, as for :func:`grpo_loss`.
+    """
+    if not (isinstance(mixture, (int, float)) and 0 <= mixture <= 1):
+        raise ValueError(f"mixture must be in [0, 1], got mixture={mixture!r}")
+    negative = (advantages < 0)[:, None]
+    bound = torch.where(negative, mixture * eubo + (1 - mixture) * elbo, elbo)
+    per_row = torch.where(mask, bound, torch.zeros_like(bound)).sum(-1)
+    total = mask.sum().clamp_min(1) if normalizer is None else normalizer
+    return -(advantages.to(per_row.dtype) * per_row).sum() / torch.as_tensor(total, dtype=per_row.dtype)

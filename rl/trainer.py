@@ -7,7 +7,8 @@ One rollout step (GRPO, Shao et al. 2024; with d1's, DiffuCoder's and GDPO's lik
    rewards into group advantages;
 3. draw one set of masks per inner step and compute ``l_old`` (and ``l_ref``) under them, no gradient;
 4. ``inner_steps`` times: recompute ``l_theta`` under the same masks, minimise :func:`rl.objective.grpo_loss`
-   (or, with ``objective="wd1"``, :func:`rl.objective.wd1_loss`, which needs neither ``l_old`` nor ``l_ref``).
+   (or, with ``objective="wd1"`` or ``"spg"``, :func:`rl.objective.wd1_loss` or :func:`rl.objective.spg_loss`,
+   which need neither ``l_old`` nor ``l_ref``).
 
 Every random choice is drawn from a generator seeded by ``(seed, step, purpose)``
 (:func:`diffusion.training.seeding.derive_generator`, shared with the training loop), so a resumed run
@@ -53,8 +54,8 @@ from samplers import FREE, get_sampler
 from samplers.base import RowStreams
 
 from .config import GRPOConfig
-from .estimators import LikelihoodEstimator, concat_draws, get_estimator
-from .objective import LossStats, group_advantages, grpo_loss, wd1_loss
+from .estimators import LikelihoodEstimator, concat_draws, get_estimator, weighted_sum
+from .objective import LossStats, group_advantages, grpo_loss, spg_loss, spg_upper_bound, wd1_loss
 from .rewards import RewardFunction, check_weights, compute_rewards
 
 __all__ = ["GRPOTrainer", "completion_mask"]
@@ -244,6 +245,26 @@ class GRPOTrainer:
         variances = torch.stack(draws).var(dim=0)
         return float(self._sum(variances.sum()) / self._sum(variances.numel()))
 
+    def _policy_loss(self, draw: Any, old: Tensor | None, ref: Tensor | None, advantages: Tensor, mask: Tensor,
+                     units: float, normalizer: Tensor) -> tuple[Tensor, LossStats]:
+        """The configured objective's loss on one draw, and its diagnostics (this rank's shares)."""
+        cfg = self.config
+        ratio_free = LossStats(ratio_mean=units / float(normalizer), clip_low=0.0, clip_high=0.0, kl=0.0)
+        if cfg.objective == "spg":
+            log_probs, weights = self.estimator.view_log_probs(self.model, draw)
+            elbo = weighted_sum(log_probs, weights)
+            eubo = spg_upper_bound(log_probs, weights.to(log_probs.device), beta=cfg.spg_beta)
+            return spg_loss(elbo, eubo, advantages, mask, mixture=cfg.spg_mixture, normalizer=normalizer), ratio_free
+        current = self._score(self.model, draw)
+        if cfg.objective == "wd1":
+            loss = wd1_loss(torch.where(mask, current, 0.0).sum(-1), advantages, cfg.group_size,
+                            temperature=cfg.wd1_temperature, valid=mask.any(-1), normalizer=normalizer)
+            return loss, ratio_free
+        previous = old if old is not None else current.detach()
+        return grpo_loss(current, previous, advantages, mask, clip_eps_low=cfg.clip_eps_low,
+                         clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, log_ref=ref, level=cfg.resolved_level,
+                         normalizer=normalizer)
+
     def train_step(self, step: int) -> dict[str, float]:
         """One rollout step and its ``inner_steps`` optimizer steps.
 
@@ -256,7 +277,7 @@ class GRPOTrainer:
         batch = self.rollout(step)
         rollout_seconds = time.perf_counter() - start
         draws = [self._draw(batch, step, "masks", j) for j in range(cfg.inner_steps)]
-        with torch.no_grad():  # pi_old is the policy that drew the rollouts (wd1 has no ratio: it needs none)
+        with torch.no_grad():  # pi_old is the policy that drew the rollouts (wd1 and SPG have no ratio)
             old = [self._score(self.model, d) for d in draws] if cfg.inner_steps > 1 and cfg.objective == "grpo" \
                 else [None] * cfg.inner_steps
             ref = [self._reference_scores(d) for d in draws]
@@ -266,22 +287,12 @@ class GRPOTrainer:
         level = cfg.resolved_level
         if cfg.objective == "wd1":  # averaged over the groups that have a completion with a reward
             units = (mask.any(-1).view(-1, cfg.group_size).any(-1)).sum()
-        else:
-            units = mask.sum() if level == "token" else (mask.sum(-1) > 0).sum()
+        else:  # SPG, like token-level GRPO, averages over the scored tokens
+            units = mask.sum() if level == "token" or cfg.objective == "spg" else (mask.sum(-1) > 0).sum()
         normalizer = self._sum(units).clamp_min(1).float()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         for j, draw in enumerate(draws):
-            current = self._score(self.model, draw)
-            previous = old[j] if old[j] is not None else current.detach()
-            if cfg.objective == "wd1":
-                loss = wd1_loss(torch.where(mask, current, 0.0).sum(-1), advantages, cfg.group_size,
-                                temperature=cfg.wd1_temperature, valid=mask.any(-1), normalizer=normalizer)
-                share = float(units) / float(normalizer)  # no ratio, clip or KL: ratio 1, summed over ranks
-                info = LossStats(ratio_mean=share, clip_low=0.0, clip_high=0.0, kl=0.0)
-            else:
-                loss, info = grpo_loss(current, previous, advantages, mask, clip_eps_low=cfg.clip_eps_low,
-                                       clip_eps_high=cfg.clip_eps_high, beta=cfg.beta, log_ref=ref[j], level=level,
-                                       normalizer=normalizer)
+            loss, info = self._policy_loss(draw, old[j], ref[j], advantages, mask, float(units), normalizer)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.world > 1:  # each rank's loss is its share of the global mean: the gradients add up
