@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .estimators import ESTIMATORS
+from .run_settings import RunSettings, _help
 
 __all__ = ["GRPOConfig"]
 
 
-def _help(text: str, choices: Any = None, **kw: Any) -> Any:
-    return field(metadata={"help": text, "choices": choices}, **kw)
-
-
 @dataclass(frozen=True)
-class GRPOConfig:
+class GRPOConfig(RunSettings):
     """A GRPO fine-tuning run of a masked diffusion LM (d1 / DiffuCoder / GDPO family)."""
 
     output_dir: str = _help("where checkpoints, metrics.jsonl and the final model go", default="runs/rl")
@@ -27,9 +24,6 @@ class GRPOConfig:
     group_size: int = _help("completions per prompt (G)", default=8)
     inner_steps: int = _help("optimizer steps per rollout batch (mu); masks are re-drawn for each", default=1)
     completion_length: int = _help("tokens per completion", default=32)
-    lr: float = _help("AdamW learning rate", default=1e-4)
-    weight_decay: float = _help("AdamW weight decay", default=0.0)
-    max_grad_norm: float = _help("gradient clipping norm (0 disables)", default=1.0)
     estimator: str = _help("likelihood estimator", choices=sorted(ESTIMATORS), default="coupled")
     p_mask_prompt: float = _help("one_step: probability of masking each prompt token", default=0.15)
     coupled_t_min: float = _help("coupled: lower end of t ~ U(t_min, t_max)", default=0.2)
@@ -63,30 +57,13 @@ class GRPOConfig:
                                          default=60.0)
     variance_draws: int = _help("extra likelihood draws per logged step to measure the estimator's variance "
                                 "(0 disables)", default=4)
-    lora_rank: int = _help("LoRA rank through peft (0: train every weight)", default=0)
-    lora_alpha: float = _help("LoRA alpha", default=16.0)
-    lora_targets: str = _help("comma-separated names of the Linear layers LoRA adapts",
-                              default="qkv,attn_out,mlp_in,mlp_out")
-    seed: int = _help("seed of prompts order, rollouts and masks (every step reseeds from (seed, step))",
-                      default=0)
-    save_every: int = _help("checkpoint every N steps (0: only at the end)", default=50)
-    keep_last: int = _help("checkpoints to keep", default=2)
-    log_every: int = _help("log metrics every N steps", default=1)
-    resume: str | None = _help("'auto' (latest complete checkpoint in output_dir) or a checkpoint path (None: a "
-                               "fresh run)", default=None)
-    progress: bool = _help("show a progress bar", default=True)
-
     def __post_init__(self) -> None:
-        for f in fields(self):  # inf and NaN slip through comparisons: refuse them by name first
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be a finite number, got {f.name}={value!r}")
-        for name in ("max_steps", "prompts_per_step", "inner_steps", "completion_length", "sampling_steps",
-                     "num_points", "log_every", "keep_last"):
+        super().__post_init__()
+        for name in ("prompts_per_step", "inner_steps", "completion_length", "sampling_steps", "num_points"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-        for name in ("save_every", "lora_rank", "variance_draws"):
+        for name in ("variance_draws",):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {name}={value!r}")
@@ -102,9 +79,8 @@ class GRPOConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {name}={getattr(self, name)!r}")
-        positive = {"lr": self.lr, "lora_alpha": self.lora_alpha, "wd1_temperature": self.wd1_temperature}
-        non_negative = {"weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm, "beta": self.beta,
-                        "clip_eps_low": self.clip_eps_low, "clip_eps_high": self.clip_eps_high, "temperature": self.temperature}
+        positive = {"wd1_temperature": self.wd1_temperature}
+        non_negative = {"beta": self.beta, "clip_eps_low": self.clip_eps_low, "clip_eps_high": self.clip_eps_high, "temperature": self.temperature}
         for name, value in positive.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {name}={value!r}")
@@ -133,8 +109,6 @@ class GRPOConfig:
             raise ValueError(f"reward_timeout must be > 0 or None, got reward_timeout={self.reward_timeout!r}")
         if self.sampler_options is not None and not isinstance(self.sampler_options, dict):
             raise ValueError(f"sampler_options must be a dict, got sampler_options={self.sampler_options!r}")
-        if self.lora_rank and not [t for t in self.lora_targets.split(",") if t.strip()]:
-            raise ValueError(f"lora_targets names no layer, got lora_targets={self.lora_targets!r}")
 
     @property
     def resolved_level(self) -> str:
