@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .estimators import ESTIMATORS
+from .estimators import ELBO_ESTIMATORS, ESTIMATORS
 from .run_settings import RunSettings, _help
 
 __all__ = ["GRPOConfig"]
@@ -32,7 +32,7 @@ class GRPOConfig(RunSettings):
                                     "(3 calls instead of 2)", default=False)
     num_points: int = _help("quadrature / monte_carlo: time points (network calls) per estimate", default=2)
     level: str = _help("importance ratio per 'token' or per 'sequence' (length-normalised, GDPO/GSPO); 'auto': "
-                       "sequence for the ELBO estimators (quadrature, monte_carlo, stratified), token otherwise",
+                       "sequence for the ELBO estimators (quadrature, monte_carlo, stratified, one_time), token otherwise",
                    choices=["auto", "token", "sequence"], default="auto")
     objective: str = _help("policy loss: 'grpo' (the clipped ratio surrogate) or 'wd1' (ratio-free: each group's "
                            "likelihoods weighted by softmax(A / wd1_temperature) up and softmax(-A / wd1_temperature) "
@@ -116,7 +116,7 @@ class GRPOConfig(RunSettings):
         weighted, masked contributions, not per-token likelihoods)."""
         if self.level != "auto":
             return self.level
-        return "sequence" if self.estimator in ("quadrature", "monte_carlo", "stratified") else "token"
+        return "sequence" if self.estimator in ELBO_ESTIMATORS else "token"
 
     def estimator_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`rl.estimators.get_estimator` for the chosen estimator."""
@@ -125,7 +125,8 @@ class GRPOConfig(RunSettings):
                             "with_full_mask": self.coupled_full_mask},
                 "quadrature": {"num_points": self.num_points},
                 "monte_carlo": {"num_points": self.num_points},
-                "stratified": {"num_points": self.num_points}}[self.estimator]
+                "stratified": {"num_points": self.num_points},
+                "one_time": {"num_points": self.num_points}}[self.estimator]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

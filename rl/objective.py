@@ -25,6 +25,9 @@ Notation: G completions per prompt with rewards r_i; log-likelihood estimates
   ``EUBO_k = (1/beta) log E_t,x_t[w(t) 1(k masked) p(y_k | x_t)^beta]``; Jensen's and the power-mean inequality
   give ``sum_k ELBO_k <= log p(y) <= sum_k EUBO_k`` when the conditionals are exact.  The loss is
   ``-sum_i A_i sum_k m_ik J_ik / sum_ik m_ik`` with J the bound chosen by the sign of A_i.
+- DPO (Rafailov et al. 2023) with ELBOs in place of log-likelihoods (LLaDA 1.5's VRPO, Zhu et al. 2025): for a pair
+  (chosen c, rejected r) ``loss = -log sigmoid(beta [(l_theta(c) - l_ref(c)) - (l_theta(r) - l_ref(r))])``;
+  with theta = ref and shared masks the margin is 0 and the loss is log 2.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["group_advantages", "k3_kl", "grpo_loss", "LossStats", "spg_loss", "spg_upper_bound", "wd1_loss",
+__all__ = ["dpo_loss", "group_advantages", "k3_kl", "grpo_loss", "LossStats", "spg_loss", "spg_upper_bound", "wd1_loss",
            "wd1_weights"]
 
 
@@ -208,3 +211,28 @@ def spg_loss(elbo: Tensor, eubo: Tensor, advantages: Tensor, mask: Tensor, *, mi
     per_row = torch.where(mask, bound, torch.zeros_like(bound)).sum(-1)
     total = mask.sum().clamp_min(1) if normalizer is None else normalizer
     return -(advantages.to(per_row.dtype) * per_row).sum() / torch.as_tensor(total, dtype=per_row.dtype)
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+             beta: float = 0.1, normalizer: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """DPO's loss (to minimise) and the margins ``beta [(l_theta(c) - l_ref(c)) - (l_theta(r) - l_ref(r))]``.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: ``[B]`` sequence log-likelihood (ELBO) estimates.
+        beta: the inverse temperature of the implicit reward ``beta log(pi_theta / pi_ref)``.
+        normalizer: the number of pairs the loss is averaged over (default: B; the global count with several
+            processes).
+
+    Returns:
+        ``(loss, margins [B])``, the margins detached.
+
+    >>> loss, _ = dpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2))
+    >>> round(float(loss), 6) == round(math.log(2), 6)
+    True
+    """
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got beta={beta!r}")
+    margins = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    total = margins.numel() if normalizer is None else normalizer
+    loss = -torch.nn.functional.logsigmoid(margins).sum() / torch.as_tensor(total, dtype=margins.dtype)
+    return loss, margins.detach()

@@ -70,6 +70,20 @@ class SortTask:
             out.append({"prompt": f"{text}>", "answer": "".join(map(str, sorted(row)))})
         return out
 
+    def preference_records(self, n: int, generator: torch.Generator | None = None) -> list[dict[str, str]]:
+        """``[{"prompt", "chosen", "rejected", "answer"}]``: chosen is the sorted answer, rejected the same with one
+        position changed to another digit (reward ``sorted_exact`` 0 against 1, ``sorted_partial`` (n-1)/n against 1).
+        """
+        records = self.records(n, generator)
+        where = torch.randint(0, self.num_digits, (n,), generator=generator).tolist()
+        shift = torch.randint(1, 10, (n,), generator=generator).tolist()
+        out = []
+        for r, k, d in zip(records, where, shift):
+            wrong = list(r["answer"])
+            wrong[k] = str((int(wrong[k]) + d) % 10)
+            out.append({"prompt": r["prompt"], "chosen": r["answer"], "rejected": "".join(wrong), "answer": r["answer"]})
+        return out
+
     def sft_batch(self, tokenizer: Any, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sequences [n, P + C], completion [n, P + C] bool)``: solved examples for supervised warm-up."""
         records = self.records(n, generator)

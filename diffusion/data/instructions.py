@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BUILTIN_DIALOGUE", "FORMATS", "InstructionBatch", "InstructionExample", "collate", "encode_example",
-           "encode_examples", "load_instruction_rows"]
+           "encode_examples", "load_instruction_rows", "read_rows"]
 
 BUILTIN_DIALOGUE = "builtin:shakespeare-dialogue"
 FORMATS = ("auto", "chat", "plain")
@@ -65,6 +65,26 @@ def _dialogue(split: str) -> list[dict[str, Any]]:
     return rows
 
 
+def read_rows(source: str, *, split: str = "train", dataset_config: str | None = None) -> list[dict]:
+    """The rows of a local ``.json``/``.jsonl``/``.parquet`` file or folder, or of a ``datasets`` Hub name (its
+    ``split``); at least one row."""
+    from datasets import load_dataset
+
+    path = Path(source).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.suffix in _FILE_FORMATS) if path.is_dir() else [path]
+        kinds = {_FILE_FORMATS.get(p.suffix) for p in files}
+        if not files or None in kinds or len(kinds) != 1:
+            raise ValueError(f"data={source!r}: give .json, .jsonl or .parquet files (one format), got "
+                             f"{sorted({p.suffix for p in files}) or 'no files'}")
+        rows = list(load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train"))
+    else:
+        rows = list(load_dataset(source, dataset_config, split=split))
+    if not rows:
+        raise ValueError(f"data={source!r} (split {split!r}) has no rows")
+    return rows
+
+
 def load_instruction_rows(source: str, *, split: str = "train", dataset_config: str | None = None) -> list[dict]:
     """The rows of ``source`` (see the module docstring), checked for ``messages`` or ``prompt``/``completion``."""
     if source == BUILTIN_DIALOGUE:
@@ -72,20 +92,7 @@ def load_instruction_rows(source: str, *, split: str = "train", dataset_config: 
     elif source.startswith("builtin:"):
         raise ValueError(f"unknown built-in instruction data {source!r}; valid: [{BUILTIN_DIALOGUE!r}]")
     else:
-        from datasets import load_dataset
-
-        path = Path(source).expanduser()
-        if path.exists():
-            files = sorted(p for p in path.rglob("*") if p.suffix in _FILE_FORMATS) if path.is_dir() else [path]
-            kinds = {_FILE_FORMATS.get(p.suffix) for p in files}
-            if not files or None in kinds or len(kinds) != 1:
-                raise ValueError(f"data={source!r}: give .json, .jsonl or .parquet files (one format), got "
-                                 f"{sorted({p.suffix for p in files}) or 'no files'}")
-            rows = list(load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train"))
-        else:
-            rows = list(load_dataset(source, dataset_config, split=split))
-    if not rows:
-        raise ValueError(f"data={source!r} (split {split!r}) has no rows")
+        rows = read_rows(source, split=split, dataset_config=dataset_config)
     columns = set(rows[0])
     if "messages" not in columns and not {"prompt", "completion"} <= columns:
         raise ValueError(f"data={source!r} has the columns {sorted(columns)}: instruction data needs a 'messages' "
