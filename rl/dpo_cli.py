@@ -37,8 +37,8 @@ def _parser() -> Any:
     data.add_argument("--eval-pairs", type=int, default=64, help="pairs held out for the before/after check "
                                                                   "(default: %(default)s)")
     data.add_argument("--num-digits", type=int, default=5, help="builtin:sort: digits to sort (default: %(default)s)")
-    data.add_argument("--model", default=None, help="start from this model folder or Hub id (default, with "
-                                                    "builtin:sort only: a new small model with a supervised warm-up)")
+    data.add_argument("--model", default=None, help="start from this model folder or Hub id (default: a new small "
+                                                    "model with a supervised warm-up; builtin:sort only)")
     data.add_argument("--trust-remote-code", action="store_true", help="allow --model's own code to run")
     data.add_argument("--sft-steps", type=int, default=150,
                       help="supervised warm-up steps for a new model (default: %(default)s)")

@@ -12,6 +12,7 @@ def _parsers():
     from diffusion.cli.sft import _parser as sft_parser
     from diffusion.cli.train import build_parser
     from rl.cli import _parser as rl_parser
+    from rl.dpo_cli import _parser as dpo_parser
     from samplers.cli.evaluate import _parser as eval_parser
     from samplers.cli.generate import _parser as generate_parser
 
@@ -21,12 +22,12 @@ def _parsers():
             "ddlm-eval ppl": (subcommands["ppl"], ["--model", "m"]),
             "ddlm-eval genppl": (subcommands["genppl"], ["--model", "m", "--reference", "r"]),
             "ddlm-eval calls": (subcommands["calls"], ["--model", "m", "--reference", "r"]),
-            "ddlm-rl": (rl_parser(), []), "ddlm-sft": (sft_parser(), ["--model", "m"]),
+            "ddlm-rl": (rl_parser(), []), "ddlm-dpo": (dpo_parser(), []), "ddlm-sft": (sft_parser(), ["--model", "m"]),
             "ddlm-convert": (convert_parser(), ["--model", "m", "--output-dir", "o"])}
 
 
 @pytest.mark.parametrize("name", ["ddlm-train", "ddlm-generate", "ddlm-eval ppl", "ddlm-eval genppl", "ddlm-eval calls", "ddlm-rl",
-                                  "ddlm-sft", "ddlm-convert"])
+                                  "ddlm-dpo", "ddlm-sft", "ddlm-convert"])
 def test_help_shows_the_default_that_parsing_gives(name):
     parser, required = _parsers()[name]
     parsed = vars(parser.parse_args(required))
