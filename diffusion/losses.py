@@ -21,7 +21,7 @@ from torch import Tensor
 from .processes import Process
 from .schedules import Schedule
 
-__all__ = ["masked_diffusion_loss", "masked_elbo", "masked_nll", "score_entropy_loss", "weighted_row_sum"]
+__all__ = ["categorical_entropy", "masked_diffusion_loss", "masked_elbo", "masked_nll", "score_entropy_loss", "weighted_row_sum"]
 
 
 def weighted_row_sum(terms: Tensor, weight: Tensor | None = None, rows: Tensor | None = None, *,
@@ -44,6 +44,16 @@ def weighted_row_sum(terms: Tensor, weight: Tensor | None = None, rows: Tensor |
             raise ValueError("packed terms with position weights need batch (the number of rows)")
         sums = torch.zeros(rows_total, dtype=terms.dtype, device=terms.device).index_add(0, rows, terms)
     return sums if weight is None else weight.to(terms.dtype) * sums
+
+
+def categorical_entropy(probs: Tensor) -> Tensor:
+    """``H(p) = -sum_v p_v log p_v`` in float64, ``[..., V] -> [...]`` (0 log 0 = 0).
+
+    >>> round(float(categorical_entropy(torch.tensor([0.5, 0.5]))), 6)
+    0.693147
+    """
+    p = probs.double()
+    return -(p * p.clamp_min(1e-300).log()).sum(-1)
 
 
 def masked_nll(log_probs: Tensor, targets: Tensor, masked: Tensor | None = None) -> Tensor:

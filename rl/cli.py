@@ -3,6 +3,7 @@
     ddlm-rl --output-dir runs/rl-sort                      # SFT warm-up of a small model, then GRPO
     ddlm-rl --model runs/rl-sort/final --estimator quadrature --output-dir runs/rl-q
     ddlm-rl --reward mypkg.rewards:brevity --reward-weight 0.5   # your own reward, from ./mypkg/rewards.py
+    ddlm-rl --reward rl.rewards:entropy_reward --task-rewards false   # RENT: the model's confidence alone
 
 Every GRPOConfig field is a flag (see --help).  Rewards are ``(prompts, completions, **fields) -> list``.
 """
@@ -23,7 +24,7 @@ DEFAULTS = {"max_steps": 150, "lr": 1e-3}  # this command's own settings for the
 
 
 def _parser() -> Any:
-    from diffusion.cli.args import ArgumentParser, Derived, add_dataclass_arguments
+    from diffusion.cli.args import ArgumentParser, Derived, _bool, add_dataclass_arguments
 
     from .config import GRPOConfig
 
@@ -41,6 +42,9 @@ def _parser() -> Any:
                       help="an extra reward callable, imported from the working directory first; repeatable (default: none)")
     task.add_argument("--reward-weight", action="append", type=float, default=[],
                       help="weight of each --reward, in order; repeatable (default: none, so 1.0 for each)")
+    task.add_argument("--task-rewards", type=_bool, default=True,
+                      help="score with the task's rewards (false: only the --reward functions; the held-out check "
+                           "still reports the task's) (default: %(default)s)")
     task.add_argument("--eval-prompts", type=int, default=256,
                       help="held-out prompts for the before/after check (default: %(default)s)")
     defaults = {**DEFAULTS, "completion_length": Derived("the task's, num_digits + 1 (digits and EOS)"),
@@ -118,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.reward_weight) > len(extra):
         raise ValueError(f"{len(args.reward_weight)} --reward-weight values for {len(extra)} --reward functions")
     weights = list(args.reward_weight) + [1.0] * (len(extra) - len(args.reward_weight))
+    if not args.task_rewards and not extra:
+        raise ValueError("--task-rewards false needs at least one --reward: nothing would score the completions")
     check_weights(extra, weights)  # before any model is built
     resuming = config.resume is not None and (
         config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
@@ -141,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     seen = {r["prompt"] for r in records}  # held-out prompts never appear in training
     held_out = [r for r in task.records(4 * args.eval_prompts + 100, torch.Generator().manual_seed(config.seed + 2))
                 if r["prompt"] not in seen][: args.eval_prompts]
-    trainer = GRPOTrainer(model, tokenizer, config, task.reward_functions + extra, records,
-                          task.reward_weights + weights)
+    task_weights = task.reward_weights if args.task_rewards else [0.0] * len(task.reward_functions)
+    trainer = GRPOTrainer(model, tokenizer, config, task.reward_functions + extra, records, task_weights + weights)
     before = None if resuming else trainer.evaluate(held_out)  # a resumed model loads inside train()
     history = trainer.train()
     after = trainer.evaluate(held_out)

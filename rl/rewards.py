@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_REWARD", "RewardError", "RewardFunction", "check_weights", "compute_rewards", "exact_match", "format_reward", "length_penalty",
-           "final_answer"]
+__all__ = ["MAX_REWARD", "RewardError", "RewardFunction", "check_weights", "compute_rewards", "entropy_reward",
+           "exact_match", "format_reward", "length_penalty", "final_answer", "model_fields"]
 
 RewardFunction = Callable[..., Sequence[Any]]
 MAX_REWARD = 1e100  # |weight * reward| at most this: squared deviations of a group stay finite in float64
@@ -113,6 +113,35 @@ def compute_rewards(functions: Sequence[RewardFunction], weights: Sequence[float
         warnings.warn(f"{int(torch.isnan(total).sum())} completions have no reward at all and are excluded",
                       stacklevel=2)
     return total, table
+
+
+def model_fields(functions: Sequence[RewardFunction]) -> set[str]:
+    """The fields the trainer must compute from the policy for these functions (their ``model_fields`` attribute:
+    ``"completion_entropy"``, :func:`rl.confidence.completion_entropy`)."""
+    wanted = set()
+    for fn in functions:
+        wanted |= set(getattr(fn, "model_fields", ()))
+    unknown = wanted - {"completion_entropy"}
+    if unknown:
+        raise RewardError(f"reward functions ask for unknown model fields {sorted(unknown)}; known: "
+                          "['completion_entropy']")
+    return wanted
+
+
+def entropy_reward(prompts: list[str], completions: list[str], completion_entropy: list[float],
+                   **kwargs: Any) -> list[float]:
+    """RENT (Prabhudesai et al. 2025): ``-H(y)``, the negative mean entropy of the policy's own predictions over the
+    completion, which the trainer computes because this function lists ``completion_entropy`` in its
+    ``model_fields`` (:func:`rl.confidence.completion_entropy`).  Unsupervised: alone it rewards confidence, mixed
+    with a task reward it sharpens the policy where the task says little.
+
+    >>> entropy_reward(["q"], ["a"], completion_entropy=[0.25])
+    [-0.25]
+    """
+    return [-float(h) for h in completion_entropy]
+
+
+entropy_reward.model_fields = ("completion_entropy",)  # type: ignore[attr-defined]
 
 
 def final_answer(text: str) -> str | None:

@@ -17,7 +17,7 @@ The loop, checkpoints, resume and export are :class:`rl.policy_run.PolicyRun`'s;
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,8 @@ from .config import GRPOConfig
 from .estimators import LikelihoodEstimator, concat_draws, get_estimator, weighted_sum
 from .objective import LossStats, group_advantages, grpo_loss, spg_loss, spg_upper_bound, wd1_loss
 from .policy_run import PolicyRun, left_pad
-from .rewards import RewardFunction, check_weights, compute_rewards
+from .confidence import completion_entropy
+from .rewards import RewardFunction, check_weights, compute_rewards, model_fields
 
 __all__ = ["GRPOTrainer", "completion_mask"]
 
@@ -82,6 +83,7 @@ class GRPOTrainer(PolicyRun):
         self.records = list(records)
         self.reward_functions = list(reward_functions)
         self.reward_weights = weights
+        self.model_fields = model_fields(self.reward_functions)
         self.mask_id = spec.mask_id
         self.eos_id = tokenizer.eos_token_id
         self.estimator: LikelihoodEstimator = get_estimator(config.estimator, self.mask_id, **config.estimator_options())
@@ -109,7 +111,10 @@ class GRPOTrainer(PolicyRun):
         groups = self._groups()
         records = [self.records[picks[g]] for g in groups for _ in range(cfg.group_size)]
         streams = RowStreams([derive_generator(cfg.seed, step, "rollout", g) for g in groups], cfg.group_size)
-        batch = self._complete(records, streams)
+        size = cfg.group_size
+        batch = self._complete(records, streams, lambda n: [
+            (slice(k * size, (k + 1) * size), derive_generator(cfg.seed, step, "confidence", g))
+            for k, g in enumerate(groups)])
         advantages = group_advantages(batch["rewards"], cfg.group_size, scale=cfg.advantage_scale).float()
         batch["advantages"] = torch.nan_to_num(advantages, nan=0.0)
         batch["mask"] = batch["mask"] & ~torch.isnan(batch["rewards"])[:, None]  # excluded: no loss
@@ -125,8 +130,11 @@ class GRPOTrainer(PolicyRun):
         return concat_draws(draws)
 
     @torch.no_grad()
-    def _complete(self, records: list[dict[str, Any]], generator: Any) -> dict[str, Any]:
-        """Sample one completion per record, decode it up to its first EOS, and reward it."""
+    def _complete(self, records: list[dict[str, Any]], generator: Any,
+                  confidence_streams: Callable[[int], list[tuple[slice, torch.Generator]]]) -> dict[str, Any]:
+        """Sample one completion per record, decode it up to its first EOS, and reward it.  ``confidence_streams(n)``
+        splits the n rows into chunks, each with the generator of the masks its ``completion_entropy`` uses (drawn
+        only when a reward asks for that field)."""
         prompt_ids = self._prompt_ids(records)
         canvas = torch.cat([prompt_ids, torch.full((len(records), self.config.completion_length), FREE)], dim=1)
         self.model.eval()
@@ -134,13 +142,17 @@ class GRPOTrainer(PolicyRun):
         sequences = out.tokens.cpu()
         completions = sequences[:, prompt_ids.shape[1]:]
         mask = completion_mask(completions, self.eos_id)
+        layout = torch.zeros_like(sequences, dtype=torch.bool)
+        layout[:, prompt_ids.shape[1]:] = True
         texts = [self.tokenizer.decode(c[m].tolist(), skip_special_tokens=True) for c, m in zip(completions, mask)]
         fields = {k: [r.get(k) for r in records] for k in records[0] if k != "prompt"}
+        if "completion_entropy" in self.model_fields:
+            chunks = [completion_entropy(self.model, sequences[rows], layout[rows], mask[rows], self.mask_id, g)
+                      for rows, g in confidence_streams(len(records))]
+            fields["completion_entropy"] = torch.cat(chunks).tolist()
         rewards, per_function = compute_rewards(self.reward_functions, self.reward_weights,
                                                 [r["prompt"] for r in records], texts,
                                                 timeout=self.config.reward_timeout, **fields)
-        layout = torch.zeros_like(sequences, dtype=torch.bool)
-        layout[:, prompt_ids.shape[1]:] = True
         return {"sequences": sequences, "layout": layout, "mask": mask, "rewards": rewards,
                 "per_function": per_function, "texts": texts, "nfe": out.nfe}
 
@@ -148,7 +160,8 @@ class GRPOTrainer(PolicyRun):
         """Mean total and per-function reward of one sampled completion per record (a held-out check); with several
         processes each scores its share of the records."""
         share = list(records)[self.rank::self.world]
-        batch = self._complete(share, torch.Generator().manual_seed(seed + self.rank))
+        batch = self._complete(share, torch.Generator().manual_seed(seed + self.rank),
+                               lambda n: [(slice(0, n), derive_generator(seed, 0, "confidence", self.rank))])
         columns = {"reward": batch["rewards"]}
         for j, fn in enumerate(self.reward_functions):
             columns[f"reward/{getattr(fn, '__name__', j)}"] = batch["per_function"][:, j]

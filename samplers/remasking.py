@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion.losses import categorical_entropy
 from diffusion.spec import DiffusionSpec
 
 from .base import (
@@ -137,7 +138,7 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
             conf = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device)
             quota = counts[:, step : step + 1]
             if entropy_bound is not None:  # order by entropy instead; commit the bound's share if above the quota
-                entropy = _entropy(model_probs)
+                entropy = categorical_entropy(model_probs)
                 conf[masked] = -entropy
                 quota = torch.maximum(quota, _count_within_bound(conf, entropy_bound)[:, None])
             else:
@@ -185,12 +186,6 @@ def _edit(x: Tensor, editable: Tensor, log_probs: Tensor, threshold: float, mask
     edited = x.clone()
     edited[editable] = torch.where(replace, best_id, x[editable])
     return edited
-
-
-def _entropy(probs: Tensor) -> Tensor:
-    """H(p) = -sum_v p_v log p_v in float64, ``[..., V] -> [...]``."""
-    p = probs.double()
-    return -(p * p.clamp_min(1e-300).log()).sum(-1)
 
 
 def _count_within_bound(neg_entropy: Tensor, bound: float) -> Tensor:

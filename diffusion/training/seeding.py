@@ -15,7 +15,7 @@ __all__ = ["PURPOSES", "derive_generator"]
 
 # Every stream a trainer draws from; a new purpose gets a new number, never a reused one.
 PURPOSES = {"batch": 0, "eval": 1, "prompts": 2, "rollout": 3, "masks": 4, "variance": 5, "sft-order": 6, "sft": 7,
-            "pairs": 8, "reference": 9}
+            "pairs": 8, "reference": 9, "confidence": 10}
 
 
 def derive_generator(seed: int, step: int, purpose: str, index: int = 0) -> torch.Generator:
