@@ -1,9 +1,10 @@
-"""RL fine-tuning with GRPO (``ddlm-rl``) on the built-in sorting task, from scratch or from a model.
+"""RL fine-tuning with GRPO (``ddlm-rl``) on a built-in task (sorting, 4x4 Sudoku), from scratch or from a model.
 
     ddlm-rl --output-dir runs/rl-sort                      # SFT warm-up of a small model, then GRPO
     ddlm-rl --model runs/rl-sort/final --estimator quadrature --output-dir runs/rl-q
     ddlm-rl --reward mypkg.rewards:brevity --reward-weight 0.5   # your own reward, from ./mypkg/rewards.py
     ddlm-rl --reward rl.rewards:entropy_reward --task-rewards false   # RENT: the model's confidence alone
+    ddlm-rl --task sudoku --output-dir runs/rl-sudoku      # complete 4x4 Sudoku grids (--blanks empty cells)
 
 Every GRPOConfig field is a flag (see --help).  Rewards are ``(prompts, completions, **fields) -> list``.
 """
@@ -30,7 +31,10 @@ def _parser() -> Any:
 
     p = ArgumentParser(prog="ddlm-rl", description=__doc__)
     task = p.add_argument_group("task and starting model")
-    task.add_argument("--num-digits", type=int, default=5, help="digits to sort (default: %(default)s)")
+    task.add_argument("--task", default="sort", choices=["sort", "sudoku"], help="the built-in task (default: "
+                                                                                "%(default)s)")
+    task.add_argument("--num-digits", type=int, default=5, help="sort: digits to sort (default: %(default)s)")
+    task.add_argument("--blanks", type=int, default=6, help="sudoku: empty cells per puzzle (default: %(default)s)")
     task.add_argument("--model", default=None, help="start from this model folder or Hub id (default: a new small "
                                                     "model with a supervised warm-up)")
     task.add_argument("--trust-remote-code", action="store_true", help="allow --model's own code to run")
@@ -47,7 +51,8 @@ def _parser() -> Any:
                            "still reports the task's) (default: %(default)s)")
     task.add_argument("--eval-prompts", type=int, default=256,
                       help="held-out prompts for the before/after check (default: %(default)s)")
-    defaults = {**DEFAULTS, "completion_length": Derived("the task's, num_digits + 1 (digits and EOS)"),
+    defaults = {**DEFAULTS, "completion_length": Derived("the task's: sort num_digits + 1, sudoku 17 (the "
+                                                                   "answer and EOS)"),
                 "sampling_steps": Derived("completion_length: one token per step"),
                 "output_dir": Derived("a new folder runs/rl, runs/rl-2, ...; never the input model's")}
     add_dataclass_arguments(p.add_argument_group("GRPO"), GRPOConfig, defaults=defaults)
@@ -102,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     from .config import GRPOConfig
     from .rewards import check_weights
     from .sft import supervised_warmup
-    from .tasks import SortTask, char_tokenizer
+    from .tasks import SortTask, SudokuTask, char_tokenizer
     from .trainer import GRPOTrainer
 
     # Everything that needs no model is checked before one is built or loaded; errors end as console_command says.
-    task = SortTask(args.num_digits)
+    task = SortTask(args.num_digits) if args.task == "sort" else SudokuTask(args.blanks)
     if args.output_dir is None and args.resume is not None:
         raise ValueError("--resume needs --output-dir: the run folder to continue")
     if args.output_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -1,20 +1,30 @@
-"""A synthetic verifiable task that runs on a CPU in minutes: sort a short list of digits.
+"""Synthetic verifiable tasks that run on a CPU in minutes, with their supervised warm-up batches.
 
-Prompt ``"31415>"`` (the digits, then ``>``), completion ``"11345"`` then EOS.  Every prompt and every
-completion has the same number of tokens under the task's character tokenizer, so rollouts batch without
-padding.  Rewards: :func:`sorted_exact` (1 if the completion is the sorted list), :func:`sorted_partial`
-(the fraction of positions right, a dense signal) and the format check ``format_reward(r"\\d{n}")``.
+- :class:`SortTask`: sort a short list of digits.  Prompt ``"31415>"`` (the digits, then ``>``), completion
+  ``"11345"`` then EOS.  Rewards: :func:`sorted_exact` (1 if the completion is the sorted list),
+  :func:`sorted_partial` (the fraction of positions right, a dense signal) and the format check
+  ``format_reward(r"\\d{n}")``.
+- :class:`SudokuTask`: complete a 4x4 Sudoku.  Prompt: the 16 cells row by row, ``0`` for a blank, then ``>``;
+  completion: the 16 digits of a solved grid, then EOS.  Every cell depends on its row, column and 2x2 box, so
+  unlike sorting no position can be filled on its own.  Rewards: :func:`sudoku_solved` (1 if the grid is a valid
+  Sudoku that keeps every clue; any solution counts), :func:`sudoku_partial` (the fraction of the 12 units and the
+  clues that hold) and the format check ``format_reward(r"[1-4]{16}")``.
+
+Every prompt and every completion of a task has the same number of tokens under the character tokenizer, so
+rollouts batch without padding.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 
 from .rewards import format_reward
 
-__all__ = ["SortTask", "char_tokenizer", "sorted_exact", "sorted_partial"]
+__all__ = ["TASKS", "SortTask", "SudokuTask", "char_tokenizer", "sorted_exact", "sorted_partial", "sudoku_partial",
+           "sudoku_solved"]
 
 _ALPHABET = list("0123456789>")
 
@@ -92,3 +102,102 @@ class SortTask:
         completion = torch.zeros_like(sequences, dtype=torch.bool)
         completion[:, self.prompt_length:] = True
         return sequences, completion
+
+
+# ----- 4x4 Sudoku -------------------------------------------------------------------------------------------------
+_UNITS = ([[4 * r + c for c in range(4)] for r in range(4)] + [[4 * r + c for r in range(4)] for c in range(4)]
+          + [[4 * (2 * br + r) + 2 * bc + c for r in range(2) for c in range(2)] for br in range(2) for bc in range(2)])
+
+
+def _solved_grids() -> list[str]:
+    """All 288 solved 4x4 grids, as 16-character strings row by row (rows added one at a time, each kept only if
+    no column or box repeats a digit so far)."""
+    rows = ["".join(p) for p in itertools.permutations("1234")]
+    grids = [""]
+    for _ in range(4):
+        grids = [g + r for g in grids for r in rows if _consistent(g + r)]
+    return grids
+
+
+def _consistent(cells: str) -> bool:
+    """No unit repeats a digit among the first ``len(cells)`` cells."""
+    for unit in _UNITS:
+        seen = [cells[i] for i in unit if i < len(cells)]
+        if len(seen) != len(set(seen)):
+            return False
+    return True
+
+
+def _units_valid(grid: str) -> int:
+    return sum(sorted(grid[i] for i in unit) == list("1234") for unit in _UNITS)
+
+
+def sudoku_solved(prompts: list[str], completions: list[str], puzzle: list[str], **kwargs: Any) -> list[float]:
+    """1.0 when the completion is a solved grid that keeps every clue of the puzzle (``0`` = blank).
+
+    >>> sudoku_solved([""], ["1234341221434321"], puzzle=["1034001200000000"])
+    [1.0]
+    """
+    out = []
+    for c, p in zip(completions, puzzle):
+        c = c.strip()
+        ok = len(c) == 16 and _units_valid(c) == 12 and all(q == "0" or q == x for q, x in zip(p, c))
+        out.append(float(ok))
+    return out
+
+
+def sudoku_partial(prompts: list[str], completions: list[str], puzzle: list[str], **kwargs: Any) -> list[float]:
+    """The fraction of the 12 units (rows, columns, boxes) holding 1-4 once each and of the clues kept (0 for a
+    completion that is not 16 characters).
+
+    >>> sudoku_partial([""], ["1234123412341234"], puzzle=["1000000000000000"])
+    [0.38461538461538464]
+    """
+    out = []
+    for c, p in zip(completions, puzzle):
+        c = c.strip()
+        clues = [i for i, q in enumerate(p) if q != "0"]
+        if len(c) != 16:
+            out.append(0.0)
+            continue
+        kept = sum(c[i] == p[i] for i in clues)
+        out.append((_units_valid(c) + kept) / (12 + len(clues)))
+    return out
+
+
+class SudokuTask:
+    """Complete a 4x4 Sudoku with ``blanks`` empty cells.  ``records(n, generator)`` ->
+    ``[{"prompt", "puzzle", "answer"}]`` (``answer``: the grid the puzzle was cut from, one solution of possibly
+    several)."""
+
+    def __init__(self, blanks: int = 8) -> None:
+        if isinstance(blanks, bool) or not isinstance(blanks, int) or not 1 <= blanks <= 12:
+            raise ValueError(f"blanks must be an int in [1, 12], got blanks={blanks!r}")
+        self.blanks = blanks
+        self.grids = _solved_grids()
+        self.prompt_length = 17  # 16 cells and ">"
+        self.completion_length = 17  # 16 digits and EOS
+        self.reward_functions = [sudoku_solved, sudoku_partial, format_reward(r"[1-4]{16}")]
+        self.reward_weights = [1.0, 1.0, 0.2]
+
+    def records(self, n: int, generator: torch.Generator | None = None) -> list[dict[str, str]]:
+        picks = torch.randint(0, len(self.grids), (n,), generator=generator).tolist()
+        holes = torch.rand(n, 16, generator=generator).argsort(-1)[:, : self.blanks].tolist()
+        out = []
+        for g, blank in zip(picks, holes):
+            grid = self.grids[g]
+            puzzle = "".join("0" if i in blank else x for i, x in enumerate(grid))
+            out.append({"prompt": f"{puzzle}>", "puzzle": puzzle, "answer": grid})
+        return out
+
+    def sft_batch(self, tokenizer: Any, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sequences [n, 34], completion [n, 34] bool)``: puzzles with the grid they were cut from."""
+        records = self.records(n, generator)
+        ids = [tokenizer(r["prompt"] + r["answer"])["input_ids"] + [tokenizer.eos_token_id] for r in records]
+        sequences = torch.tensor(ids)
+        completion = torch.zeros_like(sequences, dtype=torch.bool)
+        completion[:, self.prompt_length:] = True
+        return sequences, completion
+
+
+TASKS = {"sort": SortTask, "sudoku": SudokuTask}
