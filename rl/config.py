@@ -9,6 +9,7 @@ from typing import Any
 
 from .estimators import ELBO_ESTIMATORS, ESTIMATORS
 from .run_settings import RunSettings, _help
+from .tree import TREE_SAMPLERS
 
 __all__ = ["GRPOConfig"]
 
@@ -49,6 +50,15 @@ class GRPOConfig(RunSettings):
     advantage_scale: str = _help("'group' (divide by the group std, GRPO) or 'none' (Dr. GRPO, d1, GDPO)",
                                  choices=["group", "none"], default="group")
     sampler: str = _help("rollout sampler (any name from samplers.SAMPLERS)", default="remask")
+    rollout: str = _help("'flat' (group_size independent completions per prompt) or 'tree' (tree_branches ** "
+                         "tree_depth leaves sharing their beginnings: the steps cut into tree_depth segments, every "
+                         "canvas copied tree_branches times after each; the same batched calls)",
+                         choices=["flat", "tree"], default="flat")
+    tree_branches: int = _help("tree: children of every node (K)", default=2)
+    tree_depth: int = _help("tree: segments, i.e. branching levels (D); group_size must be K ** D", default=3)
+    tree_advantages: str = _help("tree: 'sibling' (a token committed in segment d is judged against the siblings of "
+                                 "its depth-d node, per token) or 'group' (the leaf's flat group advantage)",
+                                 choices=["sibling", "group"], default="sibling")
     sampling_steps: int = _help("rollout sampling steps", default=32)
     sampler_options: dict | None = _help("JSON object of extra sampler options, e.g. {\"block_length\": 8} (None: "
                                          "the sampler's defaults)", default=None)
@@ -87,6 +97,11 @@ class GRPOConfig(RunSettings):
         for name, value in non_negative.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
+        if self.rollout not in ("flat", "tree") or self.tree_advantages not in ("sibling", "group"):
+            raise ValueError(f"rollout must be 'flat' or 'tree' and tree_advantages 'sibling' or 'group', got "
+                             f"rollout={self.rollout!r}, tree_advantages={self.tree_advantages!r}")
+        if self.rollout == "tree":
+            self._check_tree()
         if self.objective != "grpo" and self.beta > 0:
             raise ValueError(f"objective={self.objective!r} has no KL term to a reference model: beta must be 0, "
                              f"got beta={self.beta}")
@@ -109,6 +124,25 @@ class GRPOConfig(RunSettings):
             raise ValueError(f"reward_timeout must be > 0 or None, got reward_timeout={self.reward_timeout!r}")
         if self.sampler_options is not None and not isinstance(self.sampler_options, dict):
             raise ValueError(f"sampler_options must be a dict, got sampler_options={self.sampler_options!r}")
+
+    def _check_tree(self) -> None:
+        for name in ("tree_branches", "tree_depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "tree_branches" else 1):
+                raise ValueError(f"{name} must be an int >= {2 if name == 'tree_branches' else 1}, got {name}={value!r}")
+        if self.group_size != self.tree_branches ** self.tree_depth:
+            raise ValueError(f"a tree has tree_branches ** tree_depth = {self.tree_branches ** self.tree_depth} leaves "
+                             f"per prompt: group_size must equal it, got group_size={self.group_size}")
+        if self.tree_depth > self.sampling_steps:
+            raise ValueError(f"tree_depth={self.tree_depth} exceeds sampling_steps={self.sampling_steps}: every "
+                             "segment needs a step")
+        if self.sampler not in TREE_SAMPLERS:
+            raise ValueError(f"rollout='tree' stops the sampler between segments, which {list(TREE_SAMPLERS)} "
+                             f"support; got sampler={self.sampler!r}")
+        if self.tree_advantages == "sibling" and (self.objective != "grpo" or self.resolved_level != "token"):
+            raise ValueError(f"sibling advantages are per token: they need objective='grpo' and level 'token', got "
+                             f"objective={self.objective!r}, level resolved to {self.resolved_level!r} (pass "
+                             "level='token' or tree_advantages='group')")
 
     @property
     def resolved_level(self) -> str:

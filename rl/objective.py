@@ -88,7 +88,7 @@ def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tens
 
     Args:
         log_theta, log_old: ``[B, Lc]`` per-token log-likelihood estimates (same masks).
-        advantages: ``[B]``.
+        advantages: ``[B]``, or ``[B, Lc]`` per token (token level only: tree rollouts' sibling advantages).
         mask: ``[B, Lc]`` bool, completion tokens that count (up to and including the first EOS).
         log_ref: ``[B, Lc]`` for the KL term (needed when ``beta > 0``).
         level: ``"token"`` or ``"sequence"``.
@@ -100,11 +100,14 @@ def grpo_loss(log_theta: Tensor, log_old: Tensor, advantages: Tensor, mask: Tens
         raise ValueError(f"level must be 'token' or 'sequence', got level={level!r}")
     if beta > 0 and log_ref is None:
         raise ValueError(f"beta={beta} > 0 needs log_ref")
+    if advantages.dim() == 2 and level != "token":
+        raise ValueError(f"per-token advantages need level='token', got level={level!r}")
     m = mask.to(log_theta.dtype)
     if level == "token":
         # Positions outside the mask are zeroed before exp(): an overflow there would make 0 * inf = NaN.
         diff = torch.where(mask, log_theta - log_old, torch.zeros_like(log_theta))
-        adv, weight = advantages[:, None].to(log_theta.dtype), m
+        adv = (advantages[:, None] if advantages.dim() == 1 else advantages).to(log_theta.dtype)
+        weight = m
         kl = (k3_kl(torch.where(mask, log_ref, log_theta), log_theta) if log_ref is not None
               else torch.zeros_like(log_theta))
     else:

@@ -17,7 +17,7 @@ The loop, checkpoints, resume and export are :class:`rl.policy_run.PolicyRun`'s;
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from .objective import LossStats, group_advantages, grpo_loss, spg_loss, spg_upp
 from .policy_run import PolicyRun, left_pad
 from .confidence import completion_entropy
 from .rewards import RewardFunction, check_weights, compute_rewards, model_fields
+from .tree import sibling_advantages, token_advantages, tree_rollout
 
 __all__ = ["GRPOTrainer", "completion_mask"]
 
@@ -110,12 +111,24 @@ class GRPOTrainer(PolicyRun):
                               generator=derive_generator(cfg.seed, step, "prompts")).tolist()
         groups = self._groups()
         records = [self.records[picks[g]] for g in groups for _ in range(cfg.group_size)]
-        streams = RowStreams([derive_generator(cfg.seed, step, "rollout", g) for g in groups], cfg.group_size)
         size = cfg.group_size
-        batch = self._complete(records, streams, lambda n: [
-            (slice(k * size, (k + 1) * size), derive_generator(cfg.seed, step, "confidence", g))
-            for k, g in enumerate(groups)])
-        advantages = group_advantages(batch["rewards"], cfg.group_size, scale=cfg.advantage_scale).float()
+        confidence = [(slice(k * size, (k + 1) * size), derive_generator(cfg.seed, step, "confidence", g))
+                      for k, g in enumerate(groups)]
+        if cfg.rollout == "tree":
+            branches, depth = cfg.tree_branches, cfg.tree_depth
+            tree = tree_rollout(self.sampler, self.model.eval(), self._prompt_ids([self.records[picks[g]] for g in groups]),
+                                cfg.completion_length, cfg.sampling_steps, branches, depth,
+                                lambda p, level, node: derive_generator(cfg.seed, step, "rollout",
+                                                                        (groups[p] * (depth + 1) + level) * size + node))
+            batch = self._reward(records, tree["tokens"], tree["nfe"], tree["row_calls"], confidence)
+        else:
+            batch = self._complete(records, RowStreams([derive_generator(cfg.seed, step, "rollout", g) for g in groups],
+                                                       size), confidence)
+        if cfg.rollout == "tree" and cfg.tree_advantages == "sibling":  # per token: its segment's sibling set
+            nodes = sibling_advantages(batch["rewards"], cfg.tree_branches, cfg.tree_depth, scale=cfg.advantage_scale)
+            advantages = token_advantages(nodes, tree["depth"]).float()
+        else:
+            advantages = group_advantages(batch["rewards"], cfg.group_size, scale=cfg.advantage_scale).float()
         batch["advantages"] = torch.nan_to_num(advantages, nan=0.0)
         batch["mask"] = batch["mask"] & ~torch.isnan(batch["rewards"])[:, None]  # excluded: no loss
         return batch
@@ -131,37 +144,43 @@ class GRPOTrainer(PolicyRun):
 
     @torch.no_grad()
     def _complete(self, records: list[dict[str, Any]], generator: Any,
-                  confidence_streams: Callable[[int], list[tuple[slice, torch.Generator]]]) -> dict[str, Any]:
-        """Sample one completion per record, decode it up to its first EOS, and reward it.  ``confidence_streams(n)``
-        splits the n rows into chunks, each with the generator of the masks its ``completion_entropy`` uses (drawn
-        only when a reward asks for that field)."""
+                  confidence: list[tuple[slice, torch.Generator]]) -> dict[str, Any]:
+        """Sample one completion per record and reward it (:meth:`_reward`)."""
         prompt_ids = self._prompt_ids(records)
         canvas = torch.cat([prompt_ids, torch.full((len(records), self.config.completion_length), FREE)], dim=1)
         self.model.eval()
         out = self.sampler.generate(self.model, canvas=canvas, num_steps=self.config.sampling_steps, generator=generator)
-        sequences = out.tokens.cpu()
-        completions = sequences[:, prompt_ids.shape[1]:]
+        return self._reward(records, out.tokens.cpu(), out.nfe, out.nfe * len(records), confidence)
+
+    @torch.no_grad()
+    def _reward(self, records: list[dict[str, Any]], sequences: Tensor, nfe: int, row_calls: int,
+                confidence: list[tuple[slice, torch.Generator]]) -> dict[str, Any]:
+        """Decode each completion up to its first EOS and reward it.  ``confidence`` splits the rows into chunks,
+        each with the generator of the masks its ``completion_entropy`` uses (drawn only when a reward asks for
+        that field)."""
+        width = sequences.shape[1] - self.config.completion_length
+        completions = sequences[:, width:]
         mask = completion_mask(completions, self.eos_id)
         layout = torch.zeros_like(sequences, dtype=torch.bool)
-        layout[:, prompt_ids.shape[1]:] = True
+        layout[:, width:] = True
         texts = [self.tokenizer.decode(c[m].tolist(), skip_special_tokens=True) for c, m in zip(completions, mask)]
         fields = {k: [r.get(k) for r in records] for k in records[0] if k != "prompt"}
         if "completion_entropy" in self.model_fields:
             chunks = [completion_entropy(self.model, sequences[rows], layout[rows], mask[rows], self.mask_id, g)
-                      for rows, g in confidence_streams(len(records))]
+                      for rows, g in confidence]
             fields["completion_entropy"] = torch.cat(chunks).tolist()
         rewards, per_function = compute_rewards(self.reward_functions, self.reward_weights,
                                                 [r["prompt"] for r in records], texts,
                                                 timeout=self.config.reward_timeout, **fields)
         return {"sequences": sequences, "layout": layout, "mask": mask, "rewards": rewards,
-                "per_function": per_function, "texts": texts, "nfe": out.nfe}
+                "per_function": per_function, "texts": texts, "nfe": nfe, "row_calls": row_calls}
 
     def evaluate(self, records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, float]:
         """Mean total and per-function reward of one sampled completion per record (a held-out check); with several
         processes each scores its share of the records."""
         share = list(records)[self.rank::self.world]
         batch = self._complete(share, torch.Generator().manual_seed(seed + self.rank),
-                               lambda n: [(slice(0, n), derive_generator(seed, 0, "confidence", self.rank))])
+                               [(slice(0, len(share)), derive_generator(seed, 0, "confidence", self.rank))])
         columns = {"reward": batch["rewards"]}
         for j, fn in enumerate(self.reward_functions):
             columns[f"reward/{getattr(fn, '__name__', j)}"] = batch["per_function"][:, j]
@@ -254,7 +273,8 @@ class GRPOTrainer(PolicyRun):
             "reward_std": float(spread.sqrt()) if count > 1 else 0.0,
             "completion_length": float(self._sum(lengths.sum()) / self._sum(lengths.numel())),
             **{name: sum(s[name] for s in stats) / len(stats) for name in ("clip_low", "clip_high", "kl", "ratio_mean")},
-            "rollout_nfe": int(self._sum(batch["nfe"])), "rollout_seconds": rollout_seconds,
+            "rollout_nfe": int(self._sum(batch["nfe"])), "rollout_row_calls": int(self._sum(batch["row_calls"])),
+            "rollout_seconds": rollout_seconds,
         }
         for j, fn in enumerate(self.reward_functions):
             column = batch["per_function"][:, j]
