@@ -11,6 +11,7 @@ recipe: the prompt is never masked) and the RL likelihood estimators use this fo
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -25,16 +26,24 @@ __all__ = ["completion_loss", "model_log_probs"]
 
 
 def model_log_probs(model: Any, input_ids: Tensor, t: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """``log p_theta(x0 | x_t)`` ``[B, L, S]`` from a subs denoiser; the noise is passed when the model wants time.
+    """``log p_theta(x0 | x_t)`` ``[B, L, S]`` from an absorbing denoiser; the noise is passed when the model wants time.
 
     Positions are masked with probability t, so a time-conditioned model is told the total noise of
-    :data:`~diffusion.schedules.LINEAR_MASKING` at t (``-log(1 - t)``), whatever its own schedule.
+    :data:`~diffusion.schedules.LINEAR_MASKING` at t (``-log(1 - t)``), whatever its own schedule.  A ``subs``
+    model returns these log-probabilities itself.  An absorbing ``score`` model (SEDD) returns log-scores, and at a
+    masked position ``s_theta(x_t)_(i, v) = e^{-sigma_bar} / (1 - e^{-sigma_bar}) * p_theta(x0^i = v | x_t)``
+    (RADD, Ou et al. 2024): the factor does not depend on v, so a log-softmax over the real tokens (MASK excluded)
+    gives ``log p_theta(x0^i | x_t)`` there (the values at unmasked positions mean nothing and are never scored).
     """
     total_noise = None
     if getattr(model.config, "time_conditioning", False):
         total_noise = LINEAR_MASKING.total_noise(t.to(torch.float64).clamp(1e-4, 1 - 1e-6))
         total_noise = total_noise.to(device=input_ids.device, dtype=torch.float32)
-    return model(input_ids=input_ids, total_noise=total_noise, attention_mask=attention_mask).logits.float()
+    logits = model(input_ids=input_ids, total_noise=total_noise, attention_mask=attention_mask).logits.float()
+    if getattr(model.config, "parameterization", "subs") != "score":
+        return logits
+    mask_id = model.config.mask_token_id
+    return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf).log_softmax(-1)
 
 
 def completion_loss(model: Any, sequences: Tensor, completion: Tensor, mask_id: int,

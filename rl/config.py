@@ -160,7 +160,8 @@ class GRPOConfig(RunSettings):
                 "quadrature": {"num_points": self.num_points},
                 "monte_carlo": {"num_points": self.num_points},
                 "stratified": {"num_points": self.num_points},
-                "one_time": {"num_points": self.num_points}}[self.estimator]
+                "one_time": {"num_points": self.num_points},
+                "sepo": {}}[self.estimator]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -10,6 +10,7 @@ Every estimator works in two steps so that pi_theta, pi_old and pi_ref see **ide
 log-likelihood (or its ELBO).  Shapes: ``sequences [B, L]`` (prompt then completion), ``completion [B, L]``
 bool (True on completion positions; every row has the same number Lc of them).
 
+- ``sepo`` (SEPO, for uniform-process score models): see :class:`Sepo`.
 - ``one_step`` (d1 / diffu-GRPO): the whole completion is MASK, each prompt token is masked with
   probability ``p_mask_prompt``; ``l_k = log p(y_k | q', all-MASK completion)`` (mean field, 1 call).
 - ``coupled`` (DiffuCoder): ``t ~ U(t_min, t_max)`` per row, mask set M1 = {U < t} of the completion and its
@@ -47,10 +48,11 @@ from diffusion.lambda_form import model_log_probs
 from diffusion.losses import masked_nll
 from diffusion.processes import draw_moves, mask_tokens
 from diffusion.schedules import LINEAR_MASKING
+from diffusion.spec import DiffusionSpec
 from diffusion.time_nodes import time_nodes
 
 __all__ = ["ELBO_ESTIMATORS", "ESTIMATORS", "Draw", "LikelihoodEstimator", "concat_draws", "get_estimator", "model_log_probs",
-           "weighted_sum"]
+           "score_log_likelihood", "weighted_sum"]
 
 
 @dataclass
@@ -253,16 +255,66 @@ class OneTime(_TimeIntegral):
         return self._draw(sequences, completion, masks, weights, [t] * self.num_points)
 
 
+def score_log_likelihood(log_scores: Tensor) -> Tensor:
+    """SEPO's identity (Zekri & Boulle 2025): ``log q(x) = -log sum_y s(x)_y`` over a set of states y that
+    holds x (``s(x)_x = 1``), exact when the set is the whole space and ``s(x)_y = q(y) / q(x)``; its gradient is
+    ``-sum_y q(y) grad log s(x)_y`` with ``q(y) = softmax_y(log s(x)_y)``.  ``[..., Y] -> [...]``.
+
+    >>> import math
+    >>> round(float(score_log_likelihood(torch.tensor([0.0, math.log(3.0)]))), 6) == round(math.log(0.25), 6)
+    True
+    """
+    return -torch.logsumexp(log_scores, dim=-1)
+
+
+class Sepo(LikelihoodEstimator):
+    """SEPO for a uniform-process score model: ``l_k = log q(y_k | y_{-k}) = -log sum_v s(y)_(k, v)``, the
+    identity :func:`score_log_likelihood` over the tokens of position k (the current one has ``s = 1``), read from
+    the model's log-scores at the clean sequence and a small time ``t_min`` (one call, no masks).
+
+    With exact scores ``s(y)_(k, v) = q(y^{k <- v}) / q(y)`` every term is the exact conditional of token k given
+    the others, so ``sum_k l_k`` is the pseudo-log-likelihood of the completion and ``exp(l_theta,k - l_old,k)`` is
+    the paper's importance ratio ``[q_theta(y') / q_old(y')] [s_old(y)_y' / s_theta(y)_y']`` restricted to
+    position k's changes.  An absorbing score model is read as a masked denoiser instead
+    (:func:`diffusion.lambda_form.model_log_probs`), with any other estimator.
+    """
+
+    name, calls = "sepo", 1
+
+    def __init__(self, mask_id: int | None, t_min: float = 1e-3) -> None:
+        super().__init__(mask_id)
+        if not 0.0 < t_min < 1.0:
+            raise ValueError(f"t_min must be in (0, 1), got t_min={t_min}")
+        self.t_min = t_min
+
+    def draw(self, sequences: Tensor, completion: Tensor, generator: torch.Generator | None = None) -> Draw:
+        _check(sequences, completion)
+        t = torch.full((len(sequences),), self.t_min, dtype=torch.float64, device=sequences.device)
+        return Draw(targets=sequences, views=sequences[None], weights=completion.double()[None], t=t[None],
+                    completion=completion)
+
+    def view_log_probs(self, model: Any, draw: Draw) -> tuple[Tensor, Tensor]:
+        spec = DiffusionSpec.from_config(model.config)
+        device = next(model.parameters()).device
+        x = draw.views[0].to(device)
+        total_noise = spec.schedule.total_noise(draw.t[0]).to(device=device, dtype=torch.float32)
+        log_scores = model(input_ids=x, total_noise=total_noise).logits.float()[..., : spec.num_tokens]
+        log_scores = log_scores.scatter(-1, x.unsqueeze(-1), 0.0)  # s(x)_x = 1
+        per_token = score_log_likelihood(log_scores)
+        completion, rows = draw.completion.to(device), draw.completion.shape[0]
+        return per_token[completion].view(1, rows, -1), draw.weights.to(device)[:, completion].view(1, rows, -1)
+
+
 ESTIMATORS: dict[str, type[LikelihoodEstimator]] = {
     "one_step": OneStep, "coupled": Coupled, "quadrature": Quadrature, "monte_carlo": MonteCarlo,
-    "stratified": Stratified, "one_time": OneTime,
+    "stratified": Stratified, "one_time": OneTime, "sepo": Sepo,
 }
 ELBO_ESTIMATORS = ("quadrature", "monte_carlo", "stratified", "one_time")  # unbiased for the ELBO
 
 
 def get_estimator(name: str, mask_id: int, **options: Any) -> LikelihoodEstimator:
     """An estimator by name (``one_step``, ``coupled``, ``quadrature``, ``monte_carlo``, ``stratified``,
-    ``one_time``)."""
+    ``one_time``, ``sepo``)."""
     if name not in ESTIMATORS:
         raise ValueError(f"unknown estimator name={name!r}; valid: {sorted(ESTIMATORS)}")
     return ESTIMATORS[name](mask_id, **options)

@@ -1,7 +1,9 @@
 """Supervised warm-up on prompt/completion pairs, so that RL starts from a model that sometimes succeeds.
 
 LLaDA-style SFT on a task's synthetic pairs: the loss is :func:`diffusion.lambda_form.completion_loss` (the prompt
-is never masked); ``ddlm-sft`` (:mod:`diffusion.training.sft`) is the same loss on instruction data.
+is never masked); ``ddlm-sft`` (:mod:`diffusion.training.sft`) is the same loss on instruction data.  A score model
+(SEDD) is warmed up with its own objective, score entropy, with only the completion noised
+(:func:`completion_score_loss`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffusion.lambda_form import completion_loss as sft_loss
+from diffusion.objectives import DiffusionObjective
 
-__all__ = ["sft_loss", "supervised_warmup"]
+__all__ = ["completion_score_loss", "sft_loss", "supervised_warmup"]
+
+
+def completion_score_loss(model: nn.Module, sequences: Tensor, completion: Tensor,
+                          generator: torch.Generator | None = None) -> Tensor:
+    """The model's diffusion objective (score entropy for a SEDD model) on ``sequences [B, L]`` whose
+    ``completion [B, L]`` positions are noised and the rest (the prompt) kept clean; nats per token."""
+    objective = DiffusionObjective.from_config(model.config)
+    t, noisy = objective.corrupt(sequences, generator=generator)
+    return objective.loss(model, sequences, torch.where(completion, noisy, sequences), t).loss
 
 
 def supervised_warmup(model: nn.Module, batches: Callable[[torch.Generator], tuple[Tensor, Tensor]], *, steps: int,
@@ -28,7 +40,10 @@ def supervised_warmup(model: nn.Module, batches: Callable[[torch.Generator], tup
     losses = []
     for _ in tqdm(range(steps), disable=not progress, desc="sft"):
         sequences, completion = batches(generator)
-        loss = sft_loss(model, sequences, completion, model.config.mask_token_id, generator)
+        if getattr(model.config, "parameterization", "subs") == "score":
+            loss = completion_score_loss(model, sequences, completion, generator)
+        else:
+            loss = sft_loss(model, sequences, completion, model.config.mask_token_id, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

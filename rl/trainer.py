@@ -16,6 +16,7 @@ The loop, checkpoints, resume and export are :class:`rl.policy_run.PolicyRun`'s;
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from diffusion.spec import DiffusionSpec
 from diffusion.training.seeding import derive_generator
-from samplers import FREE, get_sampler
+from samplers import FREE, SAMPLERS, get_sampler
 from samplers.base import RowStreams
 
 from .config import GRPOConfig
@@ -51,12 +52,25 @@ def completion_mask(completions: Tensor, eos_id: int | None) -> Tensor:
     return before == 0
 
 
+def check_policy(spec: DiffusionSpec, estimator: str) -> None:
+    """Refuse a model the estimator cannot score: ``sepo`` reads a uniform-process score model; every other estimator
+    an absorbing one (``subs``, or ``score`` read as a denoiser by RADD's identity)."""
+    if estimator == "sepo":
+        if spec.parameterization != "score" or spec.absorbing:
+            raise ValueError(f"estimator='sepo' needs a uniform-process score model (SEDD), got process="
+                             f"{spec.process_name!r}, parameterization={spec.parameterization!r}; an absorbing "
+                             "model takes the masked estimators")
+    elif not spec.absorbing:
+        raise ValueError(f"estimator={estimator!r} masks tokens, so it needs an absorbing model, got process="
+                         f"{spec.process_name!r}; a uniform score model takes estimator='sepo'")
+
+
 class GRPOTrainer(PolicyRun):
     """GRPO on a masked diffusion LM with pluggable rollout sampler and likelihood estimator.
 
     Args:
-        model: a subs denoiser (``DDiTModel`` with ``parameterization="subs"``, or an adapter from
-            :mod:`samplers.adapters`).
+        model: an absorbing denoiser (``DDiTModel`` with ``parameterization="subs"`` or ``"score"``, or an adapter
+            from :mod:`diffusion.adapters`), or with ``estimator="sepo"`` a uniform-process score model.
         tokenizer: decodes completions for the reward functions and encodes prompts.
         config: the run.
         reward_functions, reward_weights: ``(prompts, completions, **fields) -> list[float | None]`` and their weights.
@@ -68,9 +82,7 @@ class GRPOTrainer(PolicyRun):
     def __init__(self, model: nn.Module, tokenizer: Any, config: GRPOConfig, reward_functions: Sequence[RewardFunction],
                  records: Sequence[dict[str, Any]], reward_weights: Sequence[float] | None = None) -> None:
         spec = DiffusionSpec.from_config(model.config)
-        if not spec.masked:
-            raise ValueError("GRPO needs a masked (absorbing, subs) denoiser, got process="
-                             f"{spec.process_name!r}, parameterization={spec.parameterization!r}")
+        check_policy(spec, config.estimator)
         if not reward_functions:
             raise ValueError("reward_functions is empty: GRPO needs at least one reward")
         if not records or any("prompt" not in r for r in records):
@@ -88,7 +100,13 @@ class GRPOTrainer(PolicyRun):
         self.mask_id = spec.mask_id
         self.eos_id = tokenizer.eos_token_id
         self.estimator: LikelihoodEstimator = get_estimator(config.estimator, self.mask_id, **config.estimator_options())
-        self.sampler = get_sampler(config.sampler, temperature=config.temperature, **(config.sampler_options or {}))
+        options = dict(config.sampler_options or {})
+        if "temperature" in inspect.signature(SAMPLERS[config.sampler].__init__).parameters:
+            options["temperature"] = config.temperature
+        elif config.temperature != 1.0:
+            raise ValueError(f"sampler={config.sampler!r} has no temperature, got temperature={config.temperature}")
+        self.sampler = get_sampler(config.sampler, **options)
+        self.sampler.check_model(spec)
 
     # ----- one rollout step -------------------------------------------------------------------------
     def _prompt_ids(self, records: list[dict[str, Any]]) -> Tensor:
