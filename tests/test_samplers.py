@@ -272,7 +272,8 @@ def test_remask_and_threshold_sample_by_default_and_are_greedy_only_when_asked(n
 
 
 def test_entropy_bounded_acceptance_commits_the_surest_positions_within_the_bound():
-    from samplers.remasking import _count_within_bound, _entropy
+    from diffusion.losses import categorical_entropy as _entropy
+    from samplers.remasking import _count_within_bound
 
     probs = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.99, 0.01]], dtype=torch.float64)
     reference = [-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)), math.log(2), -(0.99 * math.log(0.99) + 0.01 * math.log(0.01))]
