@@ -5,6 +5,7 @@
     ddlm-rl --reward mypkg.rewards:brevity --reward-weight 0.5   # your own reward, from ./mypkg/rewards.py
     ddlm-rl --reward rl.rewards:entropy_reward --task-rewards false   # RENT: the model's confidence alone
     ddlm-rl --task sudoku --output-dir runs/rl-sudoku      # complete 4x4 Sudoku grids (--blanks empty cells)
+    ddlm-rl --new-model sedd --estimator sepo --sampler analytic --lr 3e-4   # SEPO on a uniform SEDD model
 
 Every GRPOConfig field is a flag (see --help).  Rewards are ``(prompts, completions, **fields) -> list``.
 """
@@ -40,6 +41,9 @@ def _parser() -> Any:
     task.add_argument("--trust-remote-code", action="store_true", help="allow --model's own code to run")
     task.add_argument("--sft-steps", type=int, default=150,
                       help="supervised warm-up steps for a new model (default: %(default)s)")
+    task.add_argument("--new-model", default="mdlm", choices=["mdlm", "sedd"],
+                      help="without --model, the kind of new model: a masked denoiser, or a uniform SEDD score model "
+                           "(for --estimator sepo --sampler analytic) (default: %(default)s)")
     task.add_argument("--hidden-size", type=int, default=64, help="width of a new model (default: %(default)s)")
     task.add_argument("--num-layers", type=int, default=2, help="depth of a new model (default: %(default)s)")
     task.add_argument("--reward", action="append", default=[], metavar="MODULE:FUNCTION",
@@ -100,13 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from diffusion import DDiTConfig, DDiTModel
     from diffusion.cli.loading import load_denoiser_for
     from diffusion.training.checkpoint import find_latest_checkpoint
 
     from .config import GRPOConfig
     from .rewards import check_weights
-    from .sft import supervised_warmup
+    from .sft import small_model, supervised_warmup
     from .tasks import SortTask, SudokuTask, char_tokenizer
     from .trainer import GRPOTrainer
 
@@ -138,11 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code)
     else:
         tokenizer = char_tokenizer()
-        torch.manual_seed(config.seed)
-        model = DDiTModel(DDiTConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
-                                     num_hidden_layers=args.num_layers, num_attention_heads=4, cond_dim=16,
-                                     max_position_embeddings=task.prompt_length + config.completion_length,
-                                     mask_token_id=tokenizer.mask_token_id))
+        model = small_model(tokenizer, task.prompt_length + config.completion_length, kind=args.new_model,
+                            hidden_size=args.hidden_size, num_layers=args.num_layers, seed=config.seed)
         if not resuming:  # a resumed run loads its weights from the checkpoint
             losses = supervised_warmup(model, lambda g: task.sft_batch(tokenizer, 64, g), steps=args.sft_steps,
                                        seed=config.seed, progress=config.progress)

@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from diffusion import DDiTConfig, DDiTModel
     from diffusion.cli.loading import load_denoiser_for
     from diffusion.data.preferences import check_preference_rows, load_preference_rows
     from diffusion.training.checkpoint import find_latest_checkpoint
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import _check_output_dir, _new_run_folder
     from .dpo import DPOTrainer
     from .dpo_config import DPOConfig
-    from .sft import supervised_warmup
+    from .sft import small_model, supervised_warmup
     from .tasks import SortTask, char_tokenizer
 
     # Everything that needs no model is checked before one is built or loaded.
@@ -103,11 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code)
     else:
         tokenizer = char_tokenizer()
-        torch.manual_seed(config.seed)
-        model = DDiTModel(DDiTConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
-                                     num_hidden_layers=args.num_layers, num_attention_heads=4, cond_dim=16,
-                                     max_position_embeddings=task.prompt_length + config.completion_length,
-                                     mask_token_id=tokenizer.mask_token_id))
+        model = small_model(tokenizer, task.prompt_length + config.completion_length, hidden_size=args.hidden_size,
+                            num_layers=args.num_layers, seed=config.seed)
         if not resuming:  # a resumed run loads its weights from the checkpoint
             losses = supervised_warmup(model, lambda g: task.sft_batch(tokenizer, 64, g), steps=args.sft_steps,
                                        seed=config.seed, progress=config.progress)

@@ -9,6 +9,7 @@ is never masked); ``ddlm-sft`` (:mod:`diffusion.training.sft`) is the same loss 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,26 @@ from tqdm.auto import tqdm
 from diffusion.lambda_form import completion_loss as sft_loss
 from diffusion.objectives import DiffusionObjective
 
-__all__ = ["completion_score_loss", "sft_loss", "supervised_warmup"]
+__all__ = ["MODEL_KINDS", "completion_score_loss", "sft_loss", "small_model", "supervised_warmup"]
+
+MODEL_KINDS = ("mdlm", "sedd")
+
+
+def small_model(tokenizer: Any, length: int, *, kind: str = "mdlm", hidden_size: int = 64, num_layers: int = 2,
+                seed: int = 0) -> nn.Module:
+    """A fresh small DDiT for a synthetic task of ``length`` tokens: ``kind="mdlm"`` a masked (absorbing, ``subs``,
+    time-free) denoiser, ``"sedd"`` a uniform-process score model (geometric schedule, time-conditioned)."""
+    from diffusion import DDiTConfig, DDiTModel
+
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got kind={kind!r}")
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=4, cond_dim=16, max_position_embeddings=length)
+    torch.manual_seed(seed)
+    if kind == "mdlm":
+        return DDiTModel(DDiTConfig(**common, mask_token_id=tokenizer.mask_token_id))
+    return DDiTModel(DDiTConfig(**common, process="uniform", parameterization="score", schedule="geometric",
+                                schedule_kwargs={"sigma_min": 1e-4, "sigma_max": 20.0}))
 
 
 def completion_score_loss(model: nn.Module, sequences: Tensor, completion: Tensor,

@@ -84,24 +84,35 @@ class SortTask:
         """``[{"prompt", "chosen", "rejected", "answer"}]``: chosen is the sorted answer, rejected the same with one
         position changed to another digit (reward ``sorted_exact`` 0 against 1, ``sorted_partial`` (n-1)/n against 1).
         """
-        records = self.records(n, generator)
-        where = torch.randint(0, self.num_digits, (n,), generator=generator).tolist()
-        shift = torch.randint(1, 10, (n,), generator=generator).tolist()
-        out = []
-        for r, k, d in zip(records, where, shift):
-            wrong = list(r["answer"])
-            wrong[k] = str((int(wrong[k]) + d) % 10)
-            out.append({"prompt": r["prompt"], "chosen": r["answer"], "rejected": "".join(wrong), "answer": r["answer"]})
-        return out
+        return _with_rejected(self.records(n, generator), "0123456789", generator)
 
     def sft_batch(self, tokenizer: Any, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sequences [n, P + C], completion [n, P + C] bool)``: solved examples for supervised warm-up."""
-        records = self.records(n, generator)
-        ids = [tokenizer(r["prompt"] + r["answer"])["input_ids"] + [tokenizer.eos_token_id] for r in records]
-        sequences = torch.tensor(ids)
-        completion = torch.zeros_like(sequences, dtype=torch.bool)
-        completion[:, self.prompt_length:] = True
-        return sequences, completion
+        return _sft_batch(self.records(n, generator), tokenizer, self.prompt_length)
+
+
+def _sft_batch(records: list[dict[str, str]], tokenizer: Any, prompt_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each record's prompt, answer and EOS; the completion is everything after the prompt."""
+    ids = [tokenizer(r["prompt"] + r["answer"])["input_ids"] + [tokenizer.eos_token_id] for r in records]
+    sequences = torch.tensor(ids)
+    completion = torch.zeros_like(sequences, dtype=torch.bool)
+    completion[:, prompt_length:] = True
+    return sequences, completion
+
+
+def _with_rejected(records: list[dict[str, str]], alphabet: str, generator: torch.Generator | None
+                   ) -> list[dict[str, str]]:
+    """Preference rows: the answer chosen, and rejected the answer with one position changed to another symbol of
+    ``alphabet``."""
+    n, width = len(records), len(records[0]["answer"])
+    where = torch.randint(0, width, (n,), generator=generator).tolist()
+    shift = torch.randint(1, len(alphabet), (n,), generator=generator).tolist()
+    out = []
+    for r, k, d in zip(records, where, shift):
+        wrong = list(r["answer"])
+        wrong[k] = alphabet[(alphabet.index(wrong[k]) + d) % len(alphabet)]
+        out.append({**r, "chosen": r["answer"], "rejected": "".join(wrong)})
+    return out
 
 
 # ----- 4x4 Sudoku -------------------------------------------------------------------------------------------------
@@ -170,7 +181,7 @@ class SudokuTask:
     ``[{"prompt", "puzzle", "answer"}]`` (``answer``: the grid the puzzle was cut from, one solution of possibly
     several)."""
 
-    def __init__(self, blanks: int = 8) -> None:
+    def __init__(self, blanks: int = 6) -> None:
         if isinstance(blanks, bool) or not isinstance(blanks, int) or not 1 <= blanks <= 12:
             raise ValueError(f"blanks must be an int in [1, 12], got blanks={blanks!r}")
         self.blanks = blanks
@@ -190,14 +201,14 @@ class SudokuTask:
             out.append({"prompt": f"{puzzle}>", "puzzle": puzzle, "answer": grid})
         return out
 
+    def preference_records(self, n: int, generator: torch.Generator | None = None) -> list[dict[str, str]]:
+        """``[{"prompt", "puzzle", "answer", "chosen", "rejected"}]``: chosen is the grid the puzzle was cut from,
+        rejected the same with one cell changed (no longer a Sudoku: ``sudoku_solved`` 0 against 1)."""
+        return _with_rejected(self.records(n, generator), "1234", generator)
+
     def sft_batch(self, tokenizer: Any, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sequences [n, 34], completion [n, 34] bool)``: puzzles with the grid they were cut from."""
-        records = self.records(n, generator)
-        ids = [tokenizer(r["prompt"] + r["answer"])["input_ids"] + [tokenizer.eos_token_id] for r in records]
-        sequences = torch.tensor(ids)
-        completion = torch.zeros_like(sequences, dtype=torch.bool)
-        completion[:, self.prompt_length:] = True
-        return sequences, completion
+        return _sft_batch(self.records(n, generator), tokenizer, self.prompt_length)
 
 
 TASKS = {"sort": SortTask, "sudoku": SudokuTask}
