@@ -132,16 +132,16 @@ class GRPOTrainer(PolicyRun):
         size = cfg.group_size
         confidence = [(slice(k * size, (k + 1) * size), derive_generator(cfg.seed, step, "confidence", g))
                       for k, g in enumerate(groups)]
-        if cfg.rollout == "tree":
-            branches, depth = cfg.tree_branches, cfg.tree_depth
-            tree = tree_rollout(self.sampler, self.model.eval(), self._prompt_ids([self.records[picks[g]] for g in groups]),
-                                cfg.completion_length, cfg.sampling_steps, branches, depth,
-                                lambda p, level, node: derive_generator(cfg.seed, step, "rollout",
-                                                                        (groups[p] * (depth + 1) + level) * size + node))
+        if cfg.rollout == "tree":  # every node's segment from its own stream: (group, level, node) -> index
+            depth = cfg.tree_depth
+            prompts = self._prompt_ids([self.records[picks[g]] for g in groups])
+            tree = tree_rollout(self.sampler, self.model.eval(), prompts, cfg.completion_length, cfg.sampling_steps,
+                                cfg.tree_branches, depth, lambda p, level, node: derive_generator(
+                                    cfg.seed, step, "rollout", (groups[p] * (depth + 1) + level) * size + node))
             batch = self._reward(records, tree["tokens"], tree["nfe"], tree["row_calls"], confidence)
         else:
-            batch = self._complete(records, RowStreams([derive_generator(cfg.seed, step, "rollout", g) for g in groups],
-                                                       size), confidence)
+            streams = RowStreams([derive_generator(cfg.seed, step, "rollout", g) for g in groups], size)
+            batch = self._complete(records, streams, confidence)
         if cfg.rollout == "tree" and cfg.tree_advantages == "sibling":  # per token: its segment's sibling set
             nodes = sibling_advantages(batch["rewards"], cfg.tree_branches, cfg.tree_depth, scale=cfg.advantage_scale)
             advantages = token_advantages(nodes, tree["depth"]).float()
