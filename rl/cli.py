@@ -99,6 +99,30 @@ def _import_reward(spec: str) -> Any:
     return function
 
 
+def warm_up(model: Any, tokenizer: Any, task: Any, steps: int, config: Any) -> None:
+    """The task's supervised warm-up of a new model, with one line saying how the loss went."""
+    from .sft import supervised_warmup
+
+    losses = supervised_warmup(model, lambda g: task.sft_batch(tokenizer, 64, g), steps=steps, seed=config.seed,
+                               progress=config.progress)
+    print(f"supervised warm-up: {steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses
+          else "supervised warm-up: 0 steps")
+
+
+def train_and_report(trainer: Any, held_out: list[dict[str, Any]], resuming: bool) -> int:
+    """Held-out check, the run, the check again; the summary as JSON; the process group ended before exit."""
+    before = None if resuming else trainer.evaluate(held_out)  # a resumed model loads inside train()
+    history = trainer.train()
+    after = trainer.evaluate(held_out)
+    summary = {"steps_run": len(history), "held_out_before": before, "held_out_after": after,
+               "final_model": str(trainer.output_dir / "final")}
+    if trainer.accelerator.is_main_process:
+        print(json.dumps(summary, indent=2))
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroy the process group before exit: a gloo group left alive can abort
+    return 0
+
+
 @console_command("ddlm-rl")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -109,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import GRPOConfig
     from .rewards import check_weights
-    from .sft import small_model, supervised_warmup
+    from .sft import small_model
     from .tasks import SortTask, SudokuTask, char_tokenizer
     from .trainer import GRPOTrainer
 
@@ -144,26 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         model = small_model(tokenizer, task.prompt_length + config.completion_length, kind=args.new_model,
                             hidden_size=args.hidden_size, num_layers=args.num_layers, seed=config.seed)
         if not resuming:  # a resumed run loads its weights from the checkpoint
-            losses = supervised_warmup(model, lambda g: task.sft_batch(tokenizer, 64, g), steps=args.sft_steps,
-                                       seed=config.seed, progress=config.progress)
-            print(f"supervised warm-up: {args.sft_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-                  if losses else "supervised warm-up: 0 steps")
+            warm_up(model, tokenizer, task, args.sft_steps, config)
     records = task.records(20_000, torch.Generator().manual_seed(config.seed + 1))
     seen = {r["prompt"] for r in records}  # held-out prompts never appear in training
     held_out = [r for r in task.records(4 * args.eval_prompts + 100, torch.Generator().manual_seed(config.seed + 2))
                 if r["prompt"] not in seen][: args.eval_prompts]
     task_weights = task.reward_weights if args.task_rewards else [0.0] * len(task.reward_functions)
     trainer = GRPOTrainer(model, tokenizer, config, task.reward_functions + extra, records, task_weights + weights)
-    before = None if resuming else trainer.evaluate(held_out)  # a resumed model loads inside train()
-    history = trainer.train()
-    after = trainer.evaluate(held_out)
-    summary = {"steps_run": len(history), "held_out_before": before, "held_out_after": after,
-               "final_model": str(trainer.output_dir / "final")}
-    if trainer.accelerator.is_main_process:
-        print(json.dumps(summary, indent=2))
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()  # destroy the process group before exit: a gloo group left alive can abort
-    return 0
+    return train_and_report(trainer, held_out, resuming)
 
 
 if __name__ == "__main__":

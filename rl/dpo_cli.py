@@ -11,7 +11,6 @@ rejected), a local .json/.jsonl/.parquet file or folder, or a ``datasets`` Hub n
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -59,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion.data.preferences import check_preference_rows, load_preference_rows
     from diffusion.training.checkpoint import find_latest_checkpoint
 
-    from .cli import _check_output_dir, _new_run_folder
+    from .cli import _check_output_dir, _new_run_folder, train_and_report, warm_up
     from .dpo import DPOTrainer
     from .dpo_config import DPOConfig
-    from .sft import small_model, supervised_warmup
+    from .sft import small_model
     from .tasks import SortTask, char_tokenizer
 
     # Everything that needs no model is checked before one is built or loaded.
@@ -105,21 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         model = small_model(tokenizer, task.prompt_length + config.completion_length, hidden_size=args.hidden_size,
                             num_layers=args.num_layers, seed=config.seed)
         if not resuming:  # a resumed run loads its weights from the checkpoint
-            losses = supervised_warmup(model, lambda g: task.sft_batch(tokenizer, 64, g), steps=args.sft_steps,
-                                       seed=config.seed, progress=config.progress)
-            print(f"supervised warm-up: {args.sft_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-                  if losses else "supervised warm-up: 0 steps")
+            warm_up(model, tokenizer, task, args.sft_steps, config)
     trainer = DPOTrainer(model, tokenizer, config, rows)
-    before = None if resuming else trainer.evaluate(held_out)  # a resumed model loads inside train()
-    history = trainer.train()
-    after = trainer.evaluate(held_out)
-    summary = {"steps_run": len(history), "held_out_before": before, "held_out_after": after,
-               "final_model": str(trainer.output_dir / "final")}
-    if trainer.accelerator.is_main_process:
-        print(json.dumps(summary, indent=2))
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()  # destroy the process group before exit: a gloo group left alive can abort
-    return 0
+    return train_and_report(trainer, held_out, resuming)
 
 
 if __name__ == "__main__":
