@@ -145,8 +145,27 @@ def test_an_installed_wheel_has_no_scripts_package_and_its_commands_run(tmp_path
     where = subprocess.run([sys.executable, "-c", "import diffusion, samplers, rl; print(diffusion.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0 and where.stdout.startswith(str(target)), where.stdout + where.stderr
-    for command in ("ddlm-train", "ddlm-generate", "ddlm-eval", "ddlm-push", "ddlm-rl", "ddlm-prepare", "ddlm-convert",
-                    "ddlm-sft"):
-        result = subprocess.run([str(target / "bin" / command), "--help"], cwd=elsewhere, env=env,
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and f"usage: {command}" in result.stdout, (command, result.stderr[-1500:])
+    commands = ("ddlm-train", "ddlm-generate", "ddlm-eval", "ddlm-push", "ddlm-rl", "ddlm-dpo", "ddlm-prepare",
+                "ddlm-convert", "ddlm-sft")
+    assert all((target / "bin" / command).is_file() for command in commands)
+    result = subprocess.run([str(target / "bin" / "ddlm-rl"), "--help"], cwd=elsewhere, env=env,  # a real launcher
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: ddlm-rl" in result.stdout, result.stderr[-1500:]
+    # Every other command's entry point, as the wheel declares it, in one process (each launcher costs an import).
+    check = ("import contextlib, io, sys\n"
+             "from importlib.metadata import distributions\n"
+             "(dist,) = [d for d in distributions(path=[sys.argv[1]]) if d.metadata['Name'] == 'ddlm']\n"
+             "points = {e.name: e for e in dist.entry_points if e.group == 'console_scripts'}\n"
+             "for name in sys.argv[2:]:\n"
+             "    out = io.StringIO()\n"
+             "    with contextlib.redirect_stdout(out):\n"
+             "        try:\n"
+             "            points[name].load()(['--help'])\n"
+             "        except SystemExit as end:\n"
+             "            assert end.code in (0, None), (name, end.code)\n"
+             "    assert f'usage: {name}' in out.getvalue(), (name, out.getvalue()[-500:])\n"
+             "    assert points[name].load().__module__.split('.')[0] in ('diffusion', 'samplers', 'rl')\n"
+             "print(sorted(points) == sorted(sys.argv[2:]))\n")
+    result = subprocess.run([sys.executable, "-c", check, str(target), *commands], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stdout[-1500:] + result.stderr[-1500:]

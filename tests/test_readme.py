@@ -33,7 +33,6 @@ SUBSTITUTIONS = [
     (r"step-00001000", "step-00000006", "checkpoint names follow the shortened --max-steps"),
     (r"^(ddlm-rl .*|torchrun .*scripts/grpo\.py.*)$", rf"\1 {RL_SHORT}",
      "RL runs 2 steps of 2 x 2 rollouts after a 2-step warm-up"),
-    (r"--tree-depth 3", "--tree-depth 1", "tree rollouts have depth 1 (the shortened group of 2 is one sibling set)"),
     (r"^(ddlm-dpo .*)$", r"\1 --max-steps 2 --sft-steps 2 --eval-pairs 4 --pairs-per-step 2 --progress false",
      "DPO runs 2 steps of 2 pairs after a 2-step warm-up"),
     (r"^(ddlm-sft .*)$", r"\1 --max-steps 2 --save-every 1 --progress false", "SFT runs 2 steps"),

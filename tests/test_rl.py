@@ -290,10 +290,10 @@ def _raise_the_reward(tmp_path):
     assert after["reward/sorted_exact"] > before["reward/sorted_exact"] + 0.05, (before, after)
 
 
-def test_trainer_refuses_a_score_model_and_warns_nothing_on_clean_rewards(tmp_path):
+def test_trainer_refuses_a_score_model_for_a_masked_sampler_and_warns_nothing_on_clean_rewards(tmp_path):
     score_model = DDiTModel(DDiTConfig(vocab_size=13, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        cond_dim=16, parameterization="score", time_conditioning=True))
-    with pytest.raises(ValueError, match="parameterization='score'"):
+    with pytest.raises(ValueError, match="remask sampler needs an absorbing model with parameterization='subs'"):
         GRPOTrainer(score_model, char_tokenizer(), _config(tmp_path), SortTask().reward_functions, [{"prompt": "1>"}])
     task = SortTask(5)
     model, tokenizer = _task_model()

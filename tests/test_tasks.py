@@ -59,3 +59,30 @@ def test_sudoku_records_rewards_and_sft_batch():
         SudokuTask(blanks=13)
     with pytest.raises(ValueError, match="num_digits=1"):
         SortTask(1)
+
+
+def test_the_rl_sections_prose_commands_run_shortened(tmp_path, capsys):
+    """README's in-prose ddlm-rl commands (tree, SEPO, Sudoku, wd1), in-process with 2 steps each."""
+    import json
+
+    from rl.cli import main
+
+    short = ["--max-steps", "2", "--sft-steps", "2", "--eval-prompts", "4", "--prompts-per-step", "2",
+             "--variance-draws", "0", "--progress", "false"]
+    base = tmp_path / "base"
+    assert main(["--output-dir", str(base), *short]) == 0
+    runs = {"tree": ["--model", str(base / "final"), "--rollout", "tree", "--tree-branches", "2", "--tree-depth", "3",
+                     "--group-size", "8"],
+            "sepo": ["--new-model", "sedd", "--estimator", "sepo", "--sampler", "analytic", "--lr", "3e-4"],
+            "sudoku": ["--task", "sudoku", "--group-size", "2"],
+            "wd1": ["--model", str(base / "final"), "--objective", "wd1", "--group-size", "2"]}
+    for name, argv in runs.items():
+        capsys.readouterr()
+        assert main(["--output-dir", str(tmp_path / name), *short, *argv]) == 0, name
+        metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [0, 1], name
+        assert (tmp_path / name / "final" / "model.safetensors").is_file()
+    tree = [json.loads(line) for line in (tmp_path / "tree" / "metrics.jsonl").read_text().splitlines()]
+    assert tree[0]["rollout_row_calls"] == 2 * (2 * 2 + 4 * 2 + 8 * 2)  # 2 prompts; 6 steps in 3 segments of 2
+    sudoku = json.loads((tmp_path / "sudoku" / "grpo_config.json").read_text())
+    assert sudoku["completion_length"] == 17
