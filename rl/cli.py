@@ -99,6 +99,30 @@ def _import_reward(spec: str) -> Any:
     return function
 
 
+def starting_model(prog: str, args: Any, config: Any, task: Any, kind: str = "mdlm") -> tuple[Any, Any, bool]:
+    """``(model, tokenizer, resuming)``: ``--model`` loaded, or a new ``kind`` model warmed up on the task (not when
+    the run resumes: its checkpoint holds the weights).  Announces the run folder on the main process."""
+    from diffusion.cli.loading import load_denoiser_for
+    from diffusion.training.checkpoint import find_latest_checkpoint
+
+    from .sft import small_model
+    from .tasks import char_tokenizer
+
+    resuming = config.resume is not None and (
+        config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{prog}: writing to {config.output_dir}", file=sys.stderr)
+    if args.model:
+        model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code)
+        return model, tokenizer, resuming
+    tokenizer = char_tokenizer()
+    model = small_model(tokenizer, task.prompt_length + config.completion_length, kind=kind,
+                        hidden_size=args.hidden_size, num_layers=args.num_layers, seed=config.seed)
+    if not resuming:
+        warm_up(model, tokenizer, task, args.sft_steps, config)
+    return model, tokenizer, resuming
+
+
 def warm_up(model: Any, tokenizer: Any, task: Any, steps: int, config: Any) -> None:
     """The task's supervised warm-up of a new model, with one line saying how the loss went."""
     from .sft import supervised_warmup
@@ -128,13 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from diffusion.cli.loading import load_denoiser_for
-    from diffusion.training.checkpoint import find_latest_checkpoint
 
     from .config import GRPOConfig
     from .rewards import check_weights
-    from .sft import small_model
-    from .tasks import SortTask, SudokuTask, char_tokenizer
+    from .tasks import SortTask, SudokuTask
     from .trainer import GRPOTrainer
 
     # Everything that needs no model is checked before one is built or loaded; errors end as console_command says.
@@ -157,18 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.task_rewards and not extra:
         raise ValueError("--task-rewards false needs at least one --reward: nothing would score the completions")
     check_weights(extra, weights)  # before any model is built
-    resuming = config.resume is not None and (
-        config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"ddlm-rl: writing to {config.output_dir}", file=sys.stderr)
-    if args.model:
-        model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code)
-    else:
-        tokenizer = char_tokenizer()
-        model = small_model(tokenizer, task.prompt_length + config.completion_length, kind=args.new_model,
-                            hidden_size=args.hidden_size, num_layers=args.num_layers, seed=config.seed)
-        if not resuming:  # a resumed run loads its weights from the checkpoint
-            warm_up(model, tokenizer, task, args.sft_steps, config)
+    model, tokenizer, resuming = starting_model("ddlm-rl", args, config, task, kind=args.new_model)
     records = task.records(20_000, torch.Generator().manual_seed(config.seed + 1))
     seen = {r["prompt"] for r in records}  # held-out prompts never appear in training
     held_out = [r for r in task.records(4 * args.eval_prompts + 100, torch.Generator().manual_seed(config.seed + 2))

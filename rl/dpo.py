@@ -27,7 +27,7 @@ from diffusion.spec import DiffusionSpec
 from diffusion.training.seeding import derive_generator
 
 from .dpo_config import DPOConfig
-from .estimators import Draw, LikelihoodEstimator, concat_draws, get_estimator
+from .estimators import Draw, LikelihoodEstimator, check_policy, concat_draws, get_estimator
 from .objective import dpo_loss
 from .policy_run import PolicyRun
 
@@ -38,7 +38,7 @@ class DPOTrainer(PolicyRun):
     """DPO with ELBO likelihood estimates and VRPO's variance reduction.
 
     Args:
-        model: a subs denoiser (a ``DDiTModel`` with ``parameterization="subs"`` or an adapter-wrapped model).
+        model: an absorbing denoiser (a ``DDiTModel``, ``subs`` or ``score``, or an adapter-wrapped model).
         tokenizer: encodes the rows (with its chat template when it has one and ``config.format`` allows).
         config: the run.
         rows: preference rows, each a dict with ``prompt``, ``chosen`` and ``rejected`` strings.
@@ -48,9 +48,7 @@ class DPOTrainer(PolicyRun):
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: DPOConfig, rows: Sequence[dict[str, Any]]) -> None:
         spec = DiffusionSpec.from_config(model.config)
-        if not spec.masked:
-            raise ValueError("DPO needs a masked (absorbing, subs) denoiser, got process="
-                             f"{spec.process_name!r}, parameterization={spec.parameterization!r}")
+        check_policy(spec, config.estimator)  # absorbing: subs, or score read as a denoiser (RADD)
         if tokenizer.eos_token_id is None:
             raise ValueError("DPO pads answers with EOS, and this tokenizer has no eos_token")
         self.examples: list[PreferenceExample] = encode_preferences(

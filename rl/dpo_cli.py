@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from diffusion.cli.errors import console_command
@@ -54,15 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from diffusion.cli.loading import load_denoiser_for
     from diffusion.data.preferences import check_preference_rows, load_preference_rows
-    from diffusion.training.checkpoint import find_latest_checkpoint
 
-    from .cli import _check_output_dir, _new_run_folder, train_and_report, warm_up
+    from .cli import _check_output_dir, _new_run_folder, starting_model, train_and_report
     from .dpo import DPOTrainer
     from .dpo_config import DPOConfig
-    from .sft import small_model
-    from .tasks import SortTask, char_tokenizer
+    from .tasks import SortTask
 
     # Everything that needs no model is checked before one is built or loaded.
     builtin = args.data == BUILTIN_SORT
@@ -93,18 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{args.eval_pairs} and train on the rest")
         rows, held_out = rows[: -args.eval_pairs], rows[-args.eval_pairs:]
     check_preference_rows(held_out, args.data)
-    resuming = config.resume is not None and (
-        config.resume != "auto" or find_latest_checkpoint(Path(config.output_dir) / "checkpoints") is not None)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"ddlm-dpo: writing to {config.output_dir}", file=sys.stderr)
-    if args.model:
-        model, tokenizer = load_denoiser_for(args.model, trust_remote_code=args.trust_remote_code)
-    else:
-        tokenizer = char_tokenizer()
-        model = small_model(tokenizer, task.prompt_length + config.completion_length, hidden_size=args.hidden_size,
-                            num_layers=args.num_layers, seed=config.seed)
-        if not resuming:  # a resumed run loads its weights from the checkpoint
-            warm_up(model, tokenizer, task, args.sft_steps, config)
+    model, tokenizer, resuming = starting_model("ddlm-dpo", args, config, task)
     trainer = DPOTrainer(model, tokenizer, config, rows)
     return train_and_report(trainer, held_out, resuming)
 

@@ -52,7 +52,7 @@ from diffusion.spec import DiffusionSpec
 from diffusion.time_nodes import time_nodes
 
 __all__ = ["ELBO_ESTIMATORS", "ESTIMATORS", "Draw", "LikelihoodEstimator", "concat_draws", "get_estimator", "model_log_probs",
-           "score_log_likelihood", "weighted_sum"]
+           "check_policy", "score_log_likelihood", "weighted_sum"]
 
 
 @dataclass
@@ -310,6 +310,19 @@ ESTIMATORS: dict[str, type[LikelihoodEstimator]] = {
     "stratified": Stratified, "one_time": OneTime, "sepo": Sepo,
 }
 ELBO_ESTIMATORS = ("quadrature", "monte_carlo", "stratified", "one_time")  # unbiased for the ELBO
+
+
+def check_policy(spec: DiffusionSpec, estimator: str) -> None:
+    """Refuse a model the estimator cannot score: ``sepo`` reads a uniform-process score model; every other estimator
+    an absorbing one (``subs``, or ``score`` read as a denoiser by RADD's identity)."""
+    if estimator == "sepo":
+        if spec.parameterization != "score" or spec.absorbing:
+            raise ValueError(f"estimator='sepo' needs a uniform-process score model (SEDD), got process="
+                             f"{spec.process_name!r}, parameterization={spec.parameterization!r}; an absorbing "
+                             "model takes the masked estimators")
+    elif not spec.absorbing:
+        raise ValueError(f"estimator={estimator!r} masks tokens, so it needs an absorbing model, got process="
+                         f"{spec.process_name!r}; a uniform score model takes estimator='sepo'")
 
 
 def get_estimator(name: str, mask_id: int, **options: Any) -> LikelihoodEstimator:

@@ -30,7 +30,7 @@ from samplers import FREE, SAMPLERS, get_sampler
 from samplers.base import RowStreams
 
 from .config import GRPOConfig
-from .estimators import LikelihoodEstimator, concat_draws, get_estimator, weighted_sum
+from .estimators import LikelihoodEstimator, check_policy, concat_draws, get_estimator, weighted_sum
 from .objective import LossStats, group_advantages, grpo_loss, spg_loss, spg_upper_bound, wd1_loss
 from .policy_run import PolicyRun, left_pad
 from .confidence import completion_entropy
@@ -50,19 +50,6 @@ def completion_mask(completions: Tensor, eos_id: int | None) -> Tensor:
     is_eos = (completions == eos_id).int()
     before = torch.cumsum(is_eos, dim=-1) - is_eos  # EOS tokens strictly before each position
     return before == 0
-
-
-def check_policy(spec: DiffusionSpec, estimator: str) -> None:
-    """Refuse a model the estimator cannot score: ``sepo`` reads a uniform-process score model; every other estimator
-    an absorbing one (``subs``, or ``score`` read as a denoiser by RADD's identity)."""
-    if estimator == "sepo":
-        if spec.parameterization != "score" or spec.absorbing:
-            raise ValueError(f"estimator='sepo' needs a uniform-process score model (SEDD), got process="
-                             f"{spec.process_name!r}, parameterization={spec.parameterization!r}; an absorbing "
-                             "model takes the masked estimators")
-    elif not spec.absorbing:
-        raise ValueError(f"estimator={estimator!r} masks tokens, so it needs an absorbing model, got process="
-                         f"{spec.process_name!r}; a uniform score model takes estimator='sepo'")
 
 
 class GRPOTrainer(PolicyRun):

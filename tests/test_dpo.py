@@ -141,6 +141,11 @@ def test_preference_rows_layout_and_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="row 0: 'chosen' has 5 tokens, more than completion_length=4"):
         encode_preferences([{"prompt": "1>", "chosen": "1234", "rejected": "1"}], tokenizer, answer_length=4,
                            format="plain")
+    from rl.sft import small_model
+
+    uniform = small_model(tokenizer, 12, kind="sedd")  # no MASK to estimate an ELBO with: refused at once
+    with pytest.raises(ValueError, match="masks tokens, so it needs an absorbing model"):
+        DPOTrainer(uniform, tokenizer, _dpo_config(tmp_path), _rows())
     for bad, match in (({"estimator": "coupled"}, "estimator='coupled'"), ({"beta": 0.0}, "beta=0.0"),
                        ({"num_points": 0}, "num_points=0"), ({"format": "xml"}, "format='xml'")):
         with pytest.raises(ValueError, match=match):
