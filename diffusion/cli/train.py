@@ -27,6 +27,8 @@ def build_parser(description: str | None = None) -> ArgumentParser:
                          help="samples printed after training, 0 for none (default: %(default)s)")
     samples.add_argument("--sample-length", type=int, default=None, help="tokens per sample (default: seq_len)")
     samples.add_argument("--sampling-steps", type=int, default=128, help="sampling steps (default: %(default)s)")
+    parser.add_argument("--no-plot", dest="plot", action="store_false",
+                        help="do not draw OUTPUT_DIR/training.png after training (ddlm-plot draws it later)")
     return parser
 
 
@@ -57,7 +59,13 @@ def main(argv: list[str] | None = None, *, after_training: Callable[[Any, argpar
 
     hf_logging.disable_progress_bar()  # keep the terminal for our own progress bar
     result = train(config)  # a bad --dataset or --resume: exit 2; a disk that fills or a diverged run: exit 1
-    if result.final_dir is None or after_training is None or not _is_main_process():
+    if result.final_dir is None or not _is_main_process():
+        return 0
+    if args.plot:
+        from ..evaluation.run_plot import plot_training
+
+        print(f"\ntraining curves: {plot_training(config.output_dir)} (redraw with ddlm-plot {config.output_dir})")
+    if after_training is None:
         return 0
     return after_training(result, args, config)
 

@@ -1,4 +1,4 @@
-"""Pictures of evaluation results, drawn with matplotlib (the optional extra ``ddlm[plot]``), written as PNG.
+"""Pictures of evaluation results, drawn with matplotlib (a dependency of ddlm), written as PNG.
 
 - :func:`plot_quality_vs_calls`: generative perplexity (log scale) and unigram entropy against network calls per
   sample (log scale), one line per sampler, from the rows :func:`samplers.sweep.sweep` returns.
@@ -19,7 +19,7 @@ def require_matplotlib() -> Any:
     try:
         import matplotlib
     except ImportError as error:
-        raise ImportError("drawing a picture needs matplotlib: pip install 'ddlm[plot]'") from error
+        raise ImportError("drawing a picture needs matplotlib: pip install matplotlib") from error
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
