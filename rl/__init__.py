@@ -12,7 +12,7 @@ with pluggable likelihood estimators.
 from .config import GRPOConfig
 from .dpo import DPOTrainer
 from .dpo_config import DPOConfig
-from .estimators import ESTIMATORS, get_estimator
+from diffusion.estimators import ESTIMATORS, get_estimator
 from .objective import dpo_loss, group_advantages, grpo_loss, k3_kl, spg_loss, wd1_loss
 from .rewards import (
     RewardError,

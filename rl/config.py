@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .estimators import ELBO_ESTIMATORS, ESTIMATORS
+from diffusion.estimators import ELBO_ESTIMATORS, ESTIMATORS
 from .run_settings import RunSettings, _help
 from .tree import TREE_SAMPLERS
 
@@ -153,7 +153,7 @@ class GRPOConfig(RunSettings):
         return "sequence" if self.estimator in ELBO_ESTIMATORS else "token"
 
     def estimator_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`rl.estimators.get_estimator` for the chosen estimator."""
+        """Keyword arguments of :func:`diffusion.estimators.get_estimator` for the chosen estimator."""
         return {"one_step": {"p_mask_prompt": self.p_mask_prompt},
                 "coupled": {"t_min": self.coupled_t_min, "t_max": self.coupled_t_max,
                             "with_full_mask": self.coupled_full_mask},

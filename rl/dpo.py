@@ -27,7 +27,7 @@ from diffusion.spec import DiffusionSpec
 from diffusion.training.seeding import derive_generator
 
 from .dpo_config import DPOConfig
-from .estimators import Draw, LikelihoodEstimator, check_policy, concat_draws, get_estimator
+from diffusion.estimators import Draw, LikelihoodEstimator, check_policy, concat_draws, get_estimator
 from .objective import dpo_loss
 from .policy_run import PolicyRun
 

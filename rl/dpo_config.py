@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from diffusion.data.instructions import FORMATS
 
-from .estimators import ELBO_ESTIMATORS
+from diffusion.estimators import ELBO_ESTIMATORS
 from .run_settings import RunSettings, _help
 
 __all__ = ["DPOConfig"]

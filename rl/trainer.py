@@ -30,7 +30,7 @@ from samplers import FREE, SAMPLERS, get_sampler
 from samplers.base import RowStreams
 
 from .config import GRPOConfig
-from .estimators import LikelihoodEstimator, check_policy, concat_draws, get_estimator, weighted_sum
+from diffusion.estimators import LikelihoodEstimator, check_policy, concat_draws, get_estimator, weighted_sum
 from .objective import LossStats, group_advantages, grpo_loss, spg_loss, spg_upper_bound, wd1_loss
 from .policy_run import PolicyRun, left_pad
 from .confidence import completion_entropy

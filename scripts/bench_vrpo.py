@@ -57,7 +57,7 @@ def main() -> None:
     from diffusion import DDiTConfig, DDiTModel
     from diffusion.data.preferences import encode_preferences
     from rl import DPOConfig, DPOTrainer, dpo_loss
-    from rl.estimators import get_estimator
+    from diffusion.estimators import get_estimator
     from rl.sft import supervised_warmup
     from rl.tasks import SortTask, char_tokenizer
 

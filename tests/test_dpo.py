@@ -11,7 +11,7 @@ import torch
 
 from diffusion.data.preferences import encode_preferences, load_preference_rows, preference_batch
 from rl import DPOConfig, DPOTrainer, dpo_loss
-from rl.estimators import get_estimator
+from diffusion.estimators import get_estimator
 from rl.tasks import SortTask, char_tokenizer
 from tests.reference import ExactDenoiser, enumerate_joint
 from tests.test_rl import _task_model

@@ -15,7 +15,7 @@ import torch
 
 from diffusion import DDiTModel, DiffusionObjective
 from diffusion.evaluation.likelihood import any_order_nll, evaluate_likelihood
-from rl.estimators import get_estimator
+from diffusion.estimators import get_estimator
 from rl.sft import sft_loss
 from samplers import FREE, get_sampler
 

@@ -16,7 +16,7 @@ from diffusion.losses import masked_diffusion_loss, masked_elbo, masked_nll
 from diffusion.processes import mask_tokens
 from diffusion.schedules import LINEAR_MASKING
 from diffusion.time_nodes import time_nodes
-from rl.estimators import get_estimator, model_log_probs
+from diffusion.estimators import get_estimator, model_log_probs
 from rl.sft import sft_loss
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,14 +7,13 @@ import warnings
 import pytest
 import torch
 
-import rl.estimators
 import rl.objective
 import rl.rewards
 import rl.tasks
 import rl.trainer
 from diffusion import DDiTConfig, DDiTModel
 from rl.config import GRPOConfig
-from rl.estimators import get_estimator
+from diffusion.estimators import get_estimator
 from rl.objective import group_advantages, grpo_loss, k3_kl
 from rl.rewards import RewardError, compute_rewards
 from rl.sft import supervised_warmup

@@ -1,4 +1,4 @@
-"""SEPO (rl/estimators.py: score_log_likelihood, Sepo): the concrete-score identity on an enumerable toy with exact
+"""SEPO (diffusion/estimators.py: score_log_likelihood, Sepo): the concrete-score identity on an enumerable toy with exact
 scores, exact conditionals per position, the ratio at theta = theta_old, a SEDD model that learns, and the errors."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from diffusion import DDiTConfig, DDiTModel
 from diffusion.lambda_form import model_log_probs
 from rl import GRPOTrainer
 from rl.config import GRPOConfig
-from rl.estimators import get_estimator, score_log_likelihood
+from diffusion.estimators import get_estimator, score_log_likelihood
 from rl.objective import grpo_loss
 from rl.sft import supervised_warmup
 from rl.tasks import SortTask, char_tokenizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rl import GRPOConfig, GRPOTrainer
-from rl.estimators import get_estimator, weighted_sum
+from diffusion.estimators import get_estimator, weighted_sum
 from rl.objective import spg_loss, spg_upper_bound
 from rl.tasks import SortTask
 from tests.reference import ExactDenoiser, enumerate_joint

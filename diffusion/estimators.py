@@ -1,4 +1,5 @@
-"""Likelihood estimators for masked diffusion policies: log pi(y | q) is intractable, these estimate it.
+"""Likelihood estimators of a completion given its prompt under a masked diffusion model: log p(y | q) is
+intractable, these estimate it (RL's policy ratios, DPO's scores, the lm-eval model's loglikelihood).
 
 Every estimator works in two steps so that pi_theta, pi_old and pi_ref see **identical masks**
 (so at theta = theta_old every ratio is exactly 1):
@@ -44,12 +45,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion.lambda_form import model_log_probs
-from diffusion.losses import masked_nll
-from diffusion.processes import draw_moves, mask_tokens
-from diffusion.schedules import LINEAR_MASKING
-from diffusion.spec import DiffusionSpec
-from diffusion.time_nodes import time_nodes
+from .lambda_form import model_log_probs
+from .losses import masked_nll
+from .processes import draw_moves, mask_tokens
+from .schedules import LINEAR_MASKING
+from .spec import DiffusionSpec
+from .time_nodes import time_nodes
 
 __all__ = ["ELBO_ESTIMATORS", "ESTIMATORS", "Draw", "LikelihoodEstimator", "concat_draws", "get_estimator", "model_log_probs",
            "check_policy", "score_log_likelihood", "weighted_sum"]
