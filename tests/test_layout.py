@@ -146,7 +146,7 @@ def test_an_installed_wheel_has_no_scripts_package_and_its_commands_run(tmp_path
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0 and where.stdout.startswith(str(target)), where.stdout + where.stderr
     commands = ("ddlm-train", "ddlm-generate", "ddlm-eval", "ddlm-push", "ddlm-rl", "ddlm-dpo", "ddlm-prepare",
-                "ddlm-convert", "ddlm-sft", "ddlm-plot")
+                "ddlm-convert", "ddlm-sft", "ddlm-plot", "ddlm-lm-eval", "ddlm-demo")
     assert all((target / "bin" / command).is_file() for command in commands)
     result = subprocess.run([str(target / "bin" / "ddlm-rl"), "--help"], cwd=elsewhere, env=env,  # a real launcher
                             capture_output=True, text=True, timeout=120)
