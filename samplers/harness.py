@@ -10,7 +10,8 @@ LLaDA/Dream-style and BERT-style masked LMs.
   calls) at ``num_points`` network calls: ``sum_n w_n (1/t_n) sum_{k masked at t_n} log p_theta(y_k | c, y_t_n)``,
   a lower bound in expectation, exact in expectation for exact conditionals.  ``is_greedy``: the continuation,
   fully masked after the context, decoded with temperature 0 one token per call, most confident first
-  (``remask``, ``low_confidence``), equals the continuation (``greedy=False`` skips it and reports False).
+  (``remask``, ``low_confidence``), equals the continuation (``greedy=False`` skips it and reports False, as
+  for score models, which that decoding does not suit).
 - ``loglikelihood_rolling(text)``: minus the negative ELBO of the text cut into windows of the model's trained
   length, each window scored on its own, as ``ddlm-eval ppl`` scores held-out blocks
   (:func:`diffusion.evaluation.likelihood.sequence_nelbo`, rule ``quadrature``, ``num_points`` calls): a lower
@@ -35,6 +36,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: registering ours must not hide them)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -75,7 +77,11 @@ class DiffusionHarnessLM(LM):
             raise ValueError(f"estimator must be one of the ELBO estimators {sorted(ELBO_ESTIMATORS)}, got "
                              f"estimator={estimator!r}")
         self.num_points = _positive_int("num_points", num_points)
-        self.batch_size = _positive_int("batch_size", 16 if batch_size in (None, "auto") else int(batch_size))
+        if batch_size is None or str(batch_size).startswith("auto"):
+            batch_size = 16  # lm-eval's "auto" searches for the largest batch that fits a GPU; 16 rows here
+        elif isinstance(batch_size, str) and batch_size.isdigit():
+            batch_size = int(batch_size)
+        self.batch_size = _positive_int("batch_size", batch_size)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         if steps is not None:
             _positive_int("steps", steps)
@@ -98,6 +104,10 @@ class DiffusionHarnessLM(LM):
             tokenizer, int(seed), bool(greedy), sampler, steps)
         self.spec = DiffusionSpec.from_config(model.config)
         check_policy(self.spec, estimator)
+        if self.greedy and not self.spec.masked:
+            print("ddlm lm-eval: the greedy check decodes with a masked (subs) model and this one is a score model: "
+                  "is_greedy is reported False (greedy=false silences this)", file=sys.stderr)
+            self.greedy = False
         self.estimator = get_estimator(estimator, self.spec.mask_id, num_points=self.num_points)
         self.context = int(model.config.max_position_embeddings)
         self.window = int(getattr(model.config, "trained_length", None) or self.context)

@@ -4,7 +4,7 @@
 
 - ``next_line.jsonl`` (multiple choice, ``ddlm_next_line``): a speaker's line of verse or prose, then four
   candidates for the line that follows it in the same speech: the true one and three lines drawn from elsewhere in
-  the held-out text.  Chance is 25%.
+  the held-out text with as many words, give or take one (so that length alone does not pick).  Chance is 25%.
 - ``next_word.jsonl`` (generation, ``ddlm_next_word``): the first words of a line; the answer is its next word.
 
 Only the held-out plays are used (``diffusion/data/shakespeare/valid.txt``), so no item was seen in training.  The
@@ -40,11 +40,9 @@ def next_line_items(all_speeches: list[tuple[str, list[str]]], count: int, rng: 
              if len(lines[i].split()) >= 4 and len(lines[i + 1].split()) >= 4]
     items = []
     for speaker, line, answer in rng.sample(pairs, count):
-        distractors: list[str] = []
-        while len(distractors) < 3:
-            other = rng.choice(pool)
-            if other not in (line, answer) and other not in distractors:
-                distractors.append(other)
+        size = len(answer.split())
+        alike = [other for other in pool if abs(len(other.split()) - size) <= 1 and other not in (line, answer)]
+        distractors = rng.sample(sorted(set(alike)), 3)
         choices = [answer, *distractors]
         rng.shuffle(choices)
         items.append({"context": f"{speaker}:\n{line}\n", "choices": choices, "label": choices.index(answer)})

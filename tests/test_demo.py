@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("gradio", reason="Gradio is in the dev extra")
 
-from samplers.demo import DemoModels, canvas_html, make_handler  # noqa: E402
+from samplers.cli.page import DemoModels, canvas_html, make_handler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("DDLM_TEST_ARTIFACTS", REPO / "test-artifacts"))

@@ -65,6 +65,20 @@ def test_loglikelihood_is_the_exact_conditional_within_the_estimators_interval(t
         assert abs(draws.mean() - math.log(joint[y])) < 4 * standard_error, (draws.mean(), math.log(joint[y]))
 
 
+def test_rolling_loglikelihood_is_the_sum_of_the_windows_exact_log_probabilities():
+    joint = enumerate_joint(V, L, seed=7)
+    lm = DiffusionHarnessLM(model=ExactDenoiser(joint, prefix=0), tokenizer=Letters(), num_points=2)
+    first, second = (0, 1, 2), (2, 2, 0)  # "abc" and "cca": windows of the model's 3 tokens
+    values = []
+    for seed in range(300):
+        lm.seed = seed
+        values += lm.loglikelihood_rolling([_request("abccca")])
+    values = torch.tensor(values, dtype=torch.float64)
+    exact = math.log(joint[first]) + math.log(joint[second])
+    assert abs(values.mean() - exact) < 4 * values.std() / math.sqrt(len(values)), (values.mean(), exact)
+    assert lm.report["loglikelihood_rolling"]["calls"] == 300 * 2  # both windows in one batch: 2 calls a request
+
+
 def test_is_greedy_is_argmax_decoding_of_the_continuation(toy):
     joint, lm = toy
     greedy = _greedy(joint)

@@ -42,10 +42,13 @@ SUBSTITUTIONS = [
     (r"--any-order 16", "--any-order 1", "one order for the any-order curve"),
     (r"^(python scripts/\S+\.py.*)$", r"\1 --smoke", "benchmarks at toy sizes (--smoke)"),
     (r"max_steps=\d+", "max_steps=2", "Python snippets: 2 RL steps"),
+    (r"^(ddlm-lm-eval .*)$", r"\1 --limit 2", "lm-eval: 2 items per task"),
 ]
 NOT_RUN = {
     "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e \".[dev]\" && "
     "python -m pytest -q": "the test command itself: CI runs it, and it contains this test",
+    "ddlm-demo runs/shakespeare/final    # then open http://127.0.0.1:7860; needs Gradio: pip install -e \".[demo]\"":
+        "the demo server, which serves until stopped: tests/test_demo.py drives it in headless Chromium",
 }
 
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError("the demo needs Gradio: pip install 'ddlm[demo]'") from None
-    from ..demo import DemoModels, build_app
+    from .page import DemoModels, build_app
 
     models = DemoModels(located, trust_remote_code=args.trust_remote_code)
     models.get(models.allowed[0])  # the first model loads now: a broken one fails here, not on the page

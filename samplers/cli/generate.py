@@ -131,7 +131,7 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+def prompt_tokens(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
     """The prompt's tokens; with ``chat``, the chat template of one user turn and the generation prompt."""
     if not chat:
         return tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -141,7 +141,7 @@ def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
                                               add_generation_prompt=True, return_dict=False))
 
 
-def _suffix_ids(tokenizer: Any, suffix: str) -> list[int]:
+def suffix_tokens(tokenizer: Any, suffix: str) -> list[int]:
     """The suffix's tokens; a suffix that starts with a letter or digit is joined with a space, as a word."""
     text = suffix if not suffix[:1].isalnum() else " " + suffix
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -216,7 +216,7 @@ def _generate_autoregressive(args: argparse.Namespace) -> int:
     if eos is None:
         raise ValueError(f"--model {args.model!r}: its tokenizer has no EOS token, which a causal LM needs to pad, to "
                          "stop at and to start an unprompted sample from")
-    prefix = _prompt_ids(tokenizer, args.prompt, args.chat) if args.prompt else [eos]  # no prompt: a new document
+    prefix = prompt_tokens(tokenizer, args.prompt, args.chat) if args.prompt else [eos]  # no prompt: a new document
     new_tokens = args.max_length or args.length
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and len(prefix) + new_tokens > context:
@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     config = model.config
     sampler_name, steps = _sampling_defaults(args, locate_model(args.model), DiffusionSpec.from_config(config))
     sampler = build_sampler(sampler_name)
-    prefix = _prompt_ids(tokenizer, args.prompt, args.chat) if args.prompt else []
-    suffix = _suffix_ids(tokenizer, args.suffix) if args.suffix else []
+    prefix = prompt_tokens(tokenizer, args.prompt, args.chat) if args.prompt else []
+    suffix = suffix_tokens(tokenizer, args.suffix) if args.suffix else []
     row = prefix + [FREE] * (args.max_length or args.length) + suffix
     if args.guidance is not None:
         if not DiffusionSpec.from_config(config).masked:

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from .base import FREE, SAMPLERS, get_sampler
-from .cli.batches import generate_in_batches
-from .cli.generate import _prompt_ids, _suffix_ids
+from ..base import FREE, SAMPLERS, get_sampler
+from .batches import generate_in_batches
+from .generate import prompt_tokens, suffix_tokens
 
 __all__ = ["DemoModels", "DemoRequest", "Frame", "build_app", "canvas_html", "denoise", "make_handler"]
 
@@ -130,8 +130,8 @@ def denoise(models: DemoModels, request: DemoRequest) -> Iterator[Frame]:
         sampler = get_sampler(request.sampler, **options)
     except TypeError as error:
         raise ValueError(f"sampler {request.sampler!r} does not take a temperature") from error
-    prefix = _prompt_ids(tokenizer, request.prompt, False) if request.prompt.strip() else []
-    suffix = _suffix_ids(tokenizer, request.suffix) if request.suffix.strip() else []
+    prefix = prompt_tokens(tokenizer, request.prompt, False) if request.prompt.strip() else []
+    suffix = suffix_tokens(tokenizer, request.suffix) if request.suffix.strip() else []
     row = prefix + [FREE] * request.length + suffix
     fixed = [token != FREE for token in row]
     mask_id = model.config.mask_token_id
