@@ -2,6 +2,17 @@
 
 :class:`DiffusionObjective` binds a process, a schedule and a loss so that the training loop,
 the likelihood code and the tests share one definition of "the loss of this batch".
+
+The objectives:
+
+- ``score_entropy`` (SEDD, Lou et al. 2024): denoising score entropy, absorbing or uniform.
+- ``masked_elbo`` (MDLM / RADD): ``w(t) sum_{i masked} -log p_theta(x0^i | x_t)`` with Bernoulli masks at the
+  schedule's masking probability and the schedule's ELBO weight ``w(t)``.
+- ``ardm`` (order-agnostic ARDM, Hoogeboom et al. 2022): a count ``m`` uniform on ``{1, ..., D}`` (the paper's
+  ``t = D - m + 1``), exactly ``m`` of the ``D`` positions masked, chosen uniformly, and the weight ``D / m``:
+  ``L = (D / m) sum_{i masked} -log p_theta(x0^i | x_visible)``.  Its expectation over m and the masks is the
+  any-order autoregressive NLL ``E_sigma sum_k -log p(x_sigma(k) | x_sigma(<k))``, which equals ``-log p(x0)`` for
+  exact conditionals.  The row's time is ``t = m / D`` (the fraction masked), so the weight is ``1 / t``.
 """
 
 from __future__ import annotations
@@ -19,9 +30,10 @@ from .schedules import Schedule
 from .spec import DiffusionSpec
 from .time_nodes import sample_t
 
-__all__ = ["OBJECTIVES", "DiffusionObjective", "ObjectiveOutput"]
+__all__ = ["MASKED_OBJECTIVES", "OBJECTIVES", "DiffusionObjective", "ObjectiveOutput", "exact_count_masks"]
 
-OBJECTIVES = ("score_entropy", "masked_elbo")
+OBJECTIVES = ("score_entropy", "masked_elbo", "ardm")
+MASKED_OBJECTIVES = ("masked_elbo", "ardm")  # absorbing, subs: a sum of -log p over masked positions
 
 
 @dataclass(frozen=True)
@@ -63,14 +75,14 @@ class DiffusionObjective:
         if self.parameterization not in ("score", "subs"):
             raise ValueError(f"parameterization must be 'score' or 'subs', got {self.parameterization!r}")
         absorbing = isinstance(self.process, AbsorbingProcess)
-        if self.objective == "masked_elbo" and not (absorbing and self.parameterization == "subs"):
+        if self.objective in MASKED_OBJECTIVES and not (absorbing and self.parameterization == "subs"):
             raise ValueError(
-                "objective='masked_elbo' needs the absorbing process and parameterization='subs', got "
+                f"objective={self.objective!r} needs the absorbing process and parameterization='subs', got "
                 f"process={self.process.name!r}, parameterization={self.parameterization!r}"
             )
         if self.parameterization == "subs" and not absorbing:
             raise ValueError(f"parameterization='subs' needs the absorbing process, got {self.process.name!r}")
-        if absorbing and self.process.mask_id != self.process.num_tokens and self.objective != "masked_elbo":
+        if absorbing and self.process.mask_id != self.process.num_tokens and self.objective not in MASKED_OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} needs MASK as the last state; this model's mask id is "
                              f"{self.process.mask_id}: train it with masked_elbo")
         if not 0.0 < self.t_min < 1.0:
@@ -110,11 +122,19 @@ class DiffusionObjective:
                 f"x0 holds ids outside the {self.process.num_tokens} real tokens "
                 f"(min {int(x0.min())}, max {int(x0.max())}; the mask id is {mask_id})"
             )
+        if self.objective == "ardm":
+            masked, t = exact_count_masks(x0.shape, antithetic=self.antithetic, generator=generator, t=t)
+            masked, t = masked.to(x0.device), t.to(x0.device)
+            return t, torch.where(masked, torch.full_like(x0, mask_id), x0)
         if t is None:
             t = sample_t(x0.shape[0], t_min=self.t_min, antithetic=self.antithetic, generator=generator,
                          device=x0.device)
         xt = self.process.sample_xt(x0, self.schedule.total_noise(t), generator=generator)
         return t, xt
+
+    def elbo_weight(self, t: Tensor) -> Tensor:
+        """The weight of a row's masked sum: ``1 / t = D / m`` for ``ardm``, else the schedule's ``w(t)``."""
+        return 1.0 / t if self.objective == "ardm" else self.schedule.elbo_weight(t)
 
     def loss(
         self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, *, attention_mask: Tensor | None = None
@@ -129,11 +149,11 @@ class DiffusionObjective:
         if isinstance(self.process, AbsorbingProcess) and accepts_score_mask(model):
             return self._score_masked_positions(model, x0, xt, t, sigma_bar, attention_mask)
         output = model(input_ids=xt, total_noise=sigma_bar, attention_mask=attention_mask).logits
-        if self.objective == "masked_elbo":  # a subs denoiser returns log-probabilities
+        if self.objective in MASKED_OBJECTIVES:  # a subs denoiser returns log-probabilities
             masked = xt == self.process.mask_id
             if attention_mask is not None:
                 masked = masked & attention_mask.bool()
-            per_sequence = masked_elbo(output, x0, masked, self.schedule.elbo_weight(t))
+            per_sequence = masked_elbo(output, x0, masked, self.elbo_weight(t))
         else:
             if self.parameterization == "subs":
                 output = self.process.log_score_from_log_probs(output, sigma_bar, xt)
@@ -155,8 +175,8 @@ class DiffusionObjective:
         rows = scored.nonzero(as_tuple=True)[0]
         output = model(input_ids=xt, total_noise=sigma_bar, attention_mask=attention_mask, score_mask=scored).logits
         x0_sel, xt_sel, sigma_sel = x0[scored], xt[scored], sigma_bar[rows]
-        if self.objective == "masked_elbo":
-            per_sequence = masked_elbo(output, x0_sel, None, self.schedule.elbo_weight(t), rows=rows)
+        if self.objective in MASKED_OBJECTIVES:
+            per_sequence = masked_elbo(output, x0_sel, None, self.elbo_weight(t), rows=rows)
         else:
             if self.parameterization == "subs":
                 output = self.process.log_score_from_log_probs(output, sigma_sel, xt_sel)
@@ -177,3 +197,28 @@ class DiffusionObjective:
         """Loss of a batch of clean tokens ``x0 [B, L]``: :meth:`corrupt`, then :meth:`loss`."""
         t, xt = self.corrupt(x0, t=t, generator=generator)
         return self.loss(model, x0, xt, t, attention_mask=attention_mask)
+
+
+def exact_count_masks(shape: tuple[int, ...] | torch.Size, *, antithetic: bool = True,
+                      generator: torch.Generator | None = None, t: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ARDM's masks for ``[B, D]`` rows: ``m_b`` uniform on ``{1, ..., D}`` and exactly ``m_b`` positions masked,
+    a uniformly random subset; returns ``(masked [B, D] bool, t [B] = m / D)`` on the CPU.
+
+    ``antithetic`` stratifies the counts across the batch (``u_b = (pi_b + v_b) / B`` for a random permutation pi,
+    ``m_b = floor(u_b D) + 1``: each count is still uniform, the batch covers the range evenly).  A given ``t``
+    (fractions ``m / D``, evaluation with fixed noise) fixes the counts and draws only the subsets.
+    """
+    rows, length = int(shape[0]), int(shape[1])
+    if length < 1:
+        raise ValueError(f"ARDM masks need at least one position, got shape {tuple(shape)}")
+    if t is None:
+        u = torch.rand(rows, generator=generator, dtype=torch.float64)
+        if antithetic:
+            u = (torch.randperm(rows, generator=generator).double() + u) / rows
+        counts = (u * length).floor().long().clamp(0, length - 1) + 1
+    else:
+        counts = (t.detach().double().cpu() * length).round().long()
+        if bool(((counts < 1) | (counts > length)).any()):
+            raise ValueError(f"ARDM times must be m / D with m in 1..{length}, got t={t.tolist()}")
+    ranks = torch.rand(rows, length, generator=generator).argsort(-1).argsort(-1)  # a uniform random order per row
+    return ranks < counts[:, None], counts.float() / length

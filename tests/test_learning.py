@@ -21,6 +21,7 @@ def _data() -> torch.Tensor:
     "process, parameterization, objective, lr, steps, ratio",
     [
         ("absorbing", "subs", "masked_elbo", 3e-3, 300, 0.4),
+        ("absorbing", "subs", "ardm", 3e-3, 300, 0.4),
         ("absorbing", "subs", "score_entropy", 3e-3, 300, 0.4),
         ("absorbing", "score", "score_entropy", 3e-3, 300, 0.4),
         # Uniform score entropy has far noisier gradients (weights sigma(t) up to ~240): a smaller step

@@ -13,7 +13,7 @@ from typing import Any
 from ..data.loading import TEXT_SPLITS
 from ..data.prepare import is_prepared
 from ..data.tokenizer import parse_trained_vocab
-from ..objectives import OBJECTIVES
+from ..objectives import MASKED_OBJECTIVES, OBJECTIVES
 from ..processes import PROCESSES
 from ..schedules import SCHEDULES, get_schedule
 from .distributed import DISTRIBUTED
@@ -83,10 +83,12 @@ class TrainConfig:
                                              "gradients, less memory, about a third more compute")
     # diffusion
     process: str = _f("absorbing", "forward process", choices=sorted(PROCESSES))
-    objective: str = _f("masked_elbo", "loss (autoregressive trains the LLaMA-style causal-LM baseline of the same "
-                                       "width and depth)", choices=list(TRAIN_OBJECTIVES))
+    objective: str = _f("masked_elbo", "loss: masked_elbo (MDLM/RADD), ardm (order-agnostic ARDM: exactly m of D "
+                                       "positions masked, weight D/m), score_entropy (SEDD); autoregressive trains the "
+                                       "LLaMA-style causal-LM baseline of the same width and depth",
+                        choices=list(TRAIN_OBJECTIVES))
     parameterization: str = _f("auto", "model output: subs (log p(x0|x_t)), score (log-scores) or auto (subs for "
-                                       "masked_elbo)", choices=["auto", "subs", "score"])
+                                       "masked_elbo and ardm)", choices=["auto", "subs", "score"])
     time_conditioning: str = _f("auto", "adaLN noise conditioning: on, off or auto (on for score, off for subs)",
                                 choices=["auto", "on", "off"])
     schedule: str = _f("auto", "noise schedule, or auto (loglinear absorbing, geometric uniform)",
@@ -181,12 +183,12 @@ class TrainConfig:
                 raise ValueError(f"{name} {message}, got {name}={getattr(self, name)!r}")
         if self.stop_after_steps is not None and not 1 <= self.stop_after_steps <= self.max_steps:
             raise ValueError(f"stop_after_steps must be in [1, max_steps={self.max_steps}], got {self.stop_after_steps!r}")
-        if self.objective == "masked_elbo" and self.process != "absorbing":
-            raise ValueError(f"objective='masked_elbo' needs process='absorbing', got process={self.process!r}")
+        if self.objective in MASKED_OBJECTIVES and self.process != "absorbing":
+            raise ValueError(f"objective={self.objective!r} needs process='absorbing', got process={self.process!r}")
         if self.resolved_parameterization == "subs" and self.process != "absorbing":
             raise ValueError(f"parameterization='subs' needs process='absorbing', got process={self.process!r}")
-        if self.objective == "masked_elbo" and self.resolved_parameterization != "subs":
-            raise ValueError("objective='masked_elbo' needs parameterization='subs' (or auto), got 'score'")
+        if self.objective in MASKED_OBJECTIVES and self.resolved_parameterization != "subs":
+            raise ValueError(f"objective={self.objective!r} needs parameterization='subs' (or auto), got 'score'")
         self._check_start_and_blocks()
         self._check_trained_tokenizer()
         try:
@@ -258,7 +260,7 @@ class TrainConfig:
     def resolved_parameterization(self) -> str:
         if self.parameterization != "auto":
             return self.parameterization
-        return "subs" if self.objective == "masked_elbo" else "score"
+        return "subs" if self.objective in MASKED_OBJECTIVES else "score"
 
     @property
     def resolved_time_conditioning(self) -> bool:
