@@ -125,6 +125,12 @@ class Process(ABC):
         """The row ``q(x_t = . | x0) = exp(sigma_bar Q)[:, x0]``. Returns ``Tensor[..., num_states]``."""
 
     @abstractmethod
+    def push_probs(self, probs: Tensor, sigma_bar: Tensor | float) -> Tensor:
+        """The distribution of x_t when x0 is drawn from ``probs [..., num_states]``: ``sum_j probs_j
+        exp(sigma_bar Q)[:, j]`` (the row vector ``probs exp(sigma_bar Q)^T``; D3PM's ``x0 Q_bar_t``).
+        ``sigma_bar`` broadcasts against ``probs[..., 0]``; ``transition_probs(x0)`` is the one-hot case."""
+
+    @abstractmethod
     def sample_limit(
         self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
     ) -> Tensor:
@@ -228,6 +234,14 @@ class AbsorbingProcess(Process):
         probs[..., self.mask_id] += (1.0 - alpha[..., 0]).expand(x0.shape)
         return probs
 
+    def push_probs(self, probs: Tensor, sigma_bar: Tensor | float) -> Tensor:
+        # alpha p + (1 - alpha) (sum of p) e_MASK: every state keeps its mass w.p. alpha, the rest goes to MASK.
+        self._check_states("probs", probs)
+        alpha = torch.exp(-_broadcast_noise(sigma_bar, probs[..., 0])).unsqueeze(-1).to(probs.dtype)
+        out = alpha * probs
+        out[..., self.mask_id] += ((1.0 - alpha) * probs).sum(-1)
+        return out
+
     def sample_limit(
         self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"
     ) -> Tensor:
@@ -323,6 +337,12 @@ class UniformProcess(Process):
 
     def transition_probs(self, x0: Tensor, sigma_bar: Tensor | float) -> Tensor:
         return self._kernel_row(x0, _broadcast_noise(sigma_bar, x0))
+
+    def push_probs(self, probs: Tensor, sigma_bar: Tensor | float) -> Tensor:
+        # alpha p + (1 - alpha) (sum of p) / N: the mass that moves is spread uniformly.
+        self._check_states("probs", probs)
+        alpha = torch.exp(-_broadcast_noise(sigma_bar, probs[..., 0])).unsqueeze(-1).to(probs.dtype)
+        return alpha * probs + (1.0 - alpha) * probs.sum(-1, keepdim=True) / self.num_tokens
 
     def sample_limit(
         self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str = "cpu"

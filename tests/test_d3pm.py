@@ -1,0 +1,162 @@
+"""D3PM in discrete time (diffusion/d3pm.py) against float64 references: the chain's marginals, Bayes'
+posterior from scipy's matrix exponential, the bound with the true reverse on an enumerated joint, and the
+discrete bound of an x0-parameterised model against the continuous masked ELBO as T grows."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from diffusion.d3pm import DiscreteTime
+from diffusion.processes import AbsorbingProcess, UniformProcess
+from diffusion.schedules import LINEAR_MASKING, LogLinearSchedule, get_schedule
+from tests.reference import ExactDenoiser, absorbing_rate_matrix, enumerate_joint, kernel, uniform_rate_matrix
+
+N = 3
+CASES = {
+    "absorbing": (AbsorbingProcess(N), absorbing_rate_matrix(N), LogLinearSchedule()),
+    "uniform": (UniformProcess(N), uniform_rate_matrix(N), get_schedule("geometric")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_chains_of_one_step_kernels_have_the_marginals_of_q_bar(name):
+    process, _, schedule = CASES[name]
+    chain = DiscreteTime(process, schedule, 6)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.full((20000,), 1)
+    for k in range(1, 7):
+        x = torch.multinomial(chain.step(x, torch.tensor(k)).float(), 1, generator=generator).squeeze(-1)
+        if k in (2, 6):
+            expected = chain.marginal(torch.tensor([1]), torch.tensor(k))[0]
+            observed = torch.bincount(x, minlength=process.num_states).double()
+            keep = expected > 1e-9
+            assert observed[~keep].sum() == 0
+            assert chisquare(observed[keep].numpy(), (expected[keep] * 20000).numpy()).pvalue > 1e-3, (name, k)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_posterior_is_bayes_with_scipys_kernels(name):
+    process, rate, schedule = CASES[name]
+    chain = DiscreteTime(process, schedule, 5)
+    for k in (1, 3, 5):
+        sigma_now, sigma_before = float(chain.sigma(torch.tensor(k))), float(chain.sigma(torch.tensor(k - 1)))
+        step, before, now = kernel(rate, sigma_now - sigma_before), kernel(rate, sigma_before), kernel(rate, sigma_now)
+        for x0, x_k in itertools.product(range(N), range(process.num_states)):
+            if now[x_k, x0] < 1e-12:
+                continue
+            bayes = step[x_k, :] * before[:, x0] / now[x_k, x0]  # q(x_k | x_{k-1}=j) q(x_{k-1}=j | x0) / q(x_k | x0)
+            got = chain.posterior(torch.tensor(x_k), torch.nn.functional.one_hot(torch.tensor(x0),
+                                                                                 process.num_states).double(),
+                                  torch.tensor(k))
+            assert torch.allclose(got, bayes, atol=1e-10) and got.sum() == pytest.approx(1.0, abs=1e-12)
+        # the x0-parameterised step: the same Bayes rule with x0 averaged under a model's distribution
+        p_x0 = torch.tensor([0.2, 0.5, 0.3] + [0.0] * (process.num_states - N), dtype=torch.float64)
+        for x_k in range(process.num_states):
+            mixed = sum(p_x0[x0] * step[x_k, :] * before[:, x0] for x0 in range(N))
+            if mixed.sum() < 1e-12:
+                continue
+            got = chain.posterior(torch.tensor(x_k), p_x0, torch.tensor(k))
+            assert torch.allclose(got, mixed / mixed.sum(), atol=1e-10)
+
+
+def test_with_the_true_reverse_the_absorbing_bound_is_exactly_minus_log_p():
+    """L = 2 tokens of N = 2, T = 3 steps, all MASK at T (D3PM's beta_k = 1 / (T - k + 1)): the reverse kernel
+    p(x_{k-1} | x_k) = sum_x0 q(x_{k-1} | x_k, x0) p(x0 | x_k) of the data makes every KL term of L_vb exact."""
+    n, length, steps = 2, 2, 3
+    chain = DiscreteTime(AbsorbingProcess(n), LINEAR_MASKING, steps)
+    joint = enumerate_joint(n, length, seed=4)
+    states = list(itertools.product(range(n + 1), repeat=length))  # sequences over tokens and MASK
+
+    def seq_probs(per_position):  # [length, S] per-position probabilities -> [len(states)] sequence probabilities
+        return torch.stack([per_position[range(length), list(s)].prod() for s in states])
+
+    def q(x0, k):  # q(x_k = s | x0)
+        return seq_probs(chain.marginal(torch.tensor(x0), torch.tensor(k)))
+
+    def posterior(x_k, x0, k):  # q(x_{k-1} = s | x_k, x0)
+        one_hot = torch.nn.functional.one_hot(torch.tensor(x0), n + 1).double()
+        return seq_probs(chain.posterior(torch.tensor(x_k), one_hot, torch.tensor(k)))
+
+    def reverse(x_k, k):  # the data's own p(x_{k-1} | x_k)
+        weights = {x0: p * float(q(x0, k)[states.index(x_k)]) for x0, p in joint.items()}
+        total = sum(weights.values())
+        return sum(w / total * posterior(x_k, x0, k) for x0, w in weights.items() if w > 0)
+
+    for x0, p in joint.items():
+        bound = 0.0  # the prior term is 0: q(x_T | x0) and p(x_T) are both all MASK
+        for k in range(1, steps + 1):
+            for index, x_k in enumerate(states):
+                weight = float(q(x0, k)[index])
+                if weight < 1e-15:
+                    continue
+                model = reverse(x_k, k)
+                if k == 1:
+                    bound -= weight * math.log(float(model[states.index(x0)]))
+                else:
+                    true = posterior(x_k, x0, k)
+                    bound += weight * sum(float(a) * math.log(float(a) / float(b)) for a, b in zip(true, model) if a > 0)
+        assert bound == pytest.approx(-math.log(p), abs=1e-9), x0
+
+
+def _exact_expectations(model, joint, chain, length):
+    """E over data and x_k ~ q(x_k | x0) of the per-sequence terms, for every k: the bound without sampling."""
+    rows, patterns = [], list(itertools.product([False, True], repeat=length))
+    for x0 in joint:
+        for pattern in patterns:
+            rows.append((x0, pattern))
+    x0 = torch.tensor([r[0] for r in rows])
+    masked = torch.tensor([r[1] for r in rows])
+    x_k = torch.where(masked, torch.full_like(x0, N), x0)
+    log_probs = model(input_ids=x_k).logits  # time-free: the same outputs at every k
+    weight_data = torch.tensor([joint[r[0]] for r in rows], dtype=torch.float64)
+    total = chain.prior_kl(x0[:1]).sum() * 0.0
+    for k in range(1, chain.steps + 1):
+        mask_probability = 1.0 - torch.exp(-chain.sigma(torch.tensor(k)))
+        count = masked.sum(-1).double()
+        weight = weight_data * mask_probability ** count * (1 - mask_probability) ** (length - count)
+        terms = chain.vb_terms(x0, x_k, torch.full((len(rows),), k), log_probs).sum(-1)
+        total = total + (weight * terms).sum()
+    return float(total)
+
+
+def test_the_discrete_bound_sits_above_the_continuous_elbo_and_falls_to_it():
+    length = 3
+    joint = enumerate_joint(N, length, seed=9)
+    model = ExactDenoiser(joint)  # exact conditionals, one token at a time: the continuous ELBO is the entropy
+    entropy = -sum(p * math.log(p) for p in joint.values())
+    bounds = []
+    for steps in (8, 32, 128, 1024):
+        chain = DiscreteTime(AbsorbingProcess(N), LINEAR_MASKING, steps)
+        bounds.append(_exact_expectations(model, joint, chain, length))
+    assert all(b > entropy + 1e-9 for b in bounds)
+    assert all(a > b for a, b in zip(bounds, bounds[1:])), bounds
+    assert bounds[-1] - entropy < 0.01 * (bounds[0] - entropy)
+    assert bounds[0] - entropy > 0.02  # T = 8 pays for unmasking several tokens from independent marginals
+
+
+def test_lambda_zero_is_the_bound_and_the_hybrid_adds_the_cross_entropy():
+    chain = DiscreteTime(AbsorbingProcess(N), LogLinearSchedule(), 10)
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, N, (4, 5), generator=generator)
+    k = torch.tensor([1, 4, 7, 10])
+    x_k = torch.where(torch.rand(4, 5, generator=generator) < 0.5, torch.full_like(x0, N), x0)
+    log_probs = torch.randn(4, 5, N + 1, generator=generator, dtype=torch.float64).log_softmax(-1)
+    vb = (chain.prior_kl(x0) + 10 * chain.vb_terms(x0, x_k, k, log_probs)).sum(-1)
+    assert torch.equal(chain.loss(x0, x_k, k, log_probs, hybrid=0.0), vb)
+    real = log_probs[..., :N].softmax(-1)  # MASK's column dropped, renormalised
+    ce = -real.gather(-1, x0.unsqueeze(-1)).squeeze(-1).log().sum(-1)
+    assert torch.allclose(chain.loss(x0, x_k, k, log_probs, hybrid=0.5), vb + 0.5 * ce, atol=1e-12)
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ValueError, match="T >= 1 steps, got T=0"):
+        DiscreteTime(AbsorbingProcess(N), LogLinearSchedule(), 0)
+    chain = DiscreteTime(AbsorbingProcess(N), LogLinearSchedule(), 4)
+    with pytest.raises(ValueError, match=r"step k must be in 1..4, got \[5\]"):
+        chain.posterior(torch.tensor([0]), torch.ones(1, N + 1) / (N + 1), torch.tensor(5))
+    with pytest.raises(ValueError, match="hybrid weight lambda must be >= 0"):
+        chain.loss(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long), torch.tensor([1]),
+                   torch.zeros(1, 2, N + 1), hybrid=-1.0)
