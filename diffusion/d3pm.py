@@ -118,15 +118,19 @@ class DiscreteTime:
         reconstruction = -torch.log(model.gather(-1, x0.unsqueeze(-1)).squeeze(-1).clamp_min(_TINY))
         return torch.where((k == 1)[:, None], reconstruction, categorical_kl(true, model))
 
-    def loss(self, x0: Tensor, x_k: Tensor, k: Tensor, x0_log_probs: Tensor, *, hybrid: float = 0.0) -> Tensor:
+    def loss(self, x0: Tensor, x_k: Tensor, k: Tensor, x0_log_probs: Tensor, *, hybrid: float = 0.0,
+             keep: Tensor | None = None) -> Tensor:
         """Per-sequence ``[B]`` estimate of ``L_vb + hybrid * E[-log p~(x_0 | x_k)]`` from one step ``k [B]`` drawn
-        uniformly per row: ``sum_i (prior_kl_i + T * vb_i + hybrid * ce_i)``, in nats (float64)."""
+        uniformly per row: ``sum_i (prior_kl_i + T * vb_i + hybrid * ce_i)`` over the positions ``keep [B, L]``
+        selects (all by default), in nats (float64)."""
         if hybrid < 0:
             raise ValueError(f"the hybrid weight lambda must be >= 0, got {hybrid!r}")
         per_position = self.prior_kl(x0) + self.steps * self.vb_terms(x0, x_k, k, x0_log_probs)
         if hybrid:
             per_position = per_position - hybrid * torch.log(
                 _real_probs(x0_log_probs, self.process).gather(-1, x0.unsqueeze(-1)).squeeze(-1).clamp_min(_TINY))
+        if keep is not None:
+            per_position = torch.where(keep, per_position, torch.zeros_like(per_position))
         return per_position.sum(-1)
 
 

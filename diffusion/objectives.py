@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .d3pm import DiscreteTime
 from .losses import masked_elbo, score_entropy_loss, weighted_row_sum
 from .modeling_ddit import accepts_score_mask
 from .processes import AbsorbingProcess, Process
@@ -60,6 +61,9 @@ class DiffusionObjective:
             ``log s = log p - log(e^sigma_bar - 1)``.
         t_min: smallest diffusion time drawn (t ~ U(t_min, 1)).
         antithetic: stratified (low-discrepancy) draws of t across the batch.
+        discrete_time: D3PM's T (``masked_elbo`` only): t is drawn on the grid ``k / T``, ``k ~ U{1..T}``, and the
+            loss is the T-step bound ``L_vb`` of :class:`~diffusion.d3pm.DiscreteTime` (None: continuous time).
+        hybrid: D3PM's lambda, the weight of ``-log p~(x0 | x_t)`` added to ``L_vb`` (with ``discrete_time``).
     """
 
     process: Process
@@ -68,6 +72,8 @@ class DiffusionObjective:
     parameterization: str
     t_min: float = 1e-3
     antithetic: bool = True
+    discrete_time: int | None = None
+    hybrid: float = 0.0
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -87,6 +93,13 @@ class DiffusionObjective:
                              f"{self.process.mask_id}: train it with masked_elbo")
         if not 0.0 < self.t_min < 1.0:
             raise ValueError(f"t_min must be in (0, 1), got t_min={self.t_min!r}")
+        if self.discrete_time is not None:
+            DiscreteTime(self.process, self.schedule, self.discrete_time)  # T >= 1
+            if self.objective != "masked_elbo":
+                raise ValueError(f"discrete_time (D3PM) trains an x0-parameterised absorbing model: objective must "
+                                 f"be 'masked_elbo', got objective={self.objective!r}")
+        if not (self.hybrid >= 0 and (self.hybrid == 0 or self.discrete_time is not None)):
+            raise ValueError(f"hybrid (D3PM's lambda) must be >= 0 and needs discrete_time, got hybrid={self.hybrid!r}")
 
     @classmethod
     def from_spec(cls, spec: DiffusionSpec, objective: str | None = None, **kwargs: Any) -> DiffusionObjective:
@@ -126,7 +139,12 @@ class DiffusionObjective:
             masked, t = exact_count_masks(x0.shape, antithetic=self.antithetic, generator=generator, t=t)
             masked, t = masked.to(x0.device), t.to(x0.device)
             return t, torch.where(masked, torch.full_like(x0, mask_id), x0)
-        if t is None:
+        if t is None and self.discrete_time is not None:  # k ~ U{1..T}, t = k / T
+            steps = self.discrete_time
+            u = sample_t(x0.shape[0], t_min=1e-12, antithetic=self.antithetic, generator=generator,
+                         device=x0.device)  # u ~ U(0, 1): ceil(u T) is uniform on 1..T
+            t = (u * steps).ceil().clamp(1, steps) / steps
+        elif t is None:
             t = sample_t(x0.shape[0], t_min=self.t_min, antithetic=self.antithetic, generator=generator,
                          device=x0.device)
         xt = self.process.sample_xt(x0, self.schedule.total_noise(t), generator=generator)
@@ -146,6 +164,8 @@ class DiffusionObjective:
         average); the loss is the same sum, see :meth:`_score_masked_positions`.
         """
         sigma_bar = self.schedule.total_noise(t)
+        if self.discrete_time is not None:
+            return self._discrete_loss(model, x0, xt, t, sigma_bar, attention_mask)
         if isinstance(self.process, AbsorbingProcess) and accepts_score_mask(model):
             return self._score_masked_positions(model, x0, xt, t, sigma_bar, attention_mask)
         output = model(input_ids=xt, total_noise=sigma_bar, attention_mask=attention_mask).logits
@@ -158,6 +178,22 @@ class DiffusionObjective:
             if self.parameterization == "subs":
                 output = self.process.log_score_from_log_probs(output, sigma_bar, xt)
             per_sequence = score_entropy_loss(output, x0, xt, t, self.process, self.schedule, attention_mask)
+        num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
+        return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)
+
+    def _discrete_loss(self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, sigma_bar: Tensor,
+                       attention_mask: Tensor | None) -> ObjectiveOutput:
+        """D3PM's ``L_vb + hybrid * CE`` at step ``k = t T`` (:meth:`DiscreteTime.loss`), per sequence."""
+        chain = DiscreteTime(self.process, self.schedule, self.discrete_time)
+        k = (t.double() * self.discrete_time).round().long()
+        log_probs = model(input_ids=xt, total_noise=sigma_bar, attention_mask=attention_mask).logits
+        if attention_mask is not None:  # padding positions: the clean token seen clean, no loss
+            keep = attention_mask.bool()
+            xt = torch.where(keep, xt, x0)
+            per_position = chain.loss(x0, xt, k, log_probs, hybrid=self.hybrid, keep=keep)
+        else:
+            per_position = chain.loss(x0, xt, k, log_probs, hybrid=self.hybrid)
+        per_sequence = per_position.to(torch.float32)
         num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
         return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)
 

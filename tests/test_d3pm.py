@@ -101,6 +101,18 @@ def test_with_the_true_reverse_the_absorbing_bound_is_exactly_minus_log_p():
         assert bound == pytest.approx(-math.log(p), abs=1e-9), x0
 
 
+def test_the_absorbing_reverse_step_is_the_ancestral_samplers_unmasking_rule():
+    """At a masked x_k the x0-parameterised step keeps MASK with (1 - a_{k-1}) / (1 - a_k) and otherwise draws
+    from p~ (a = alpha_bar): samplers/ancestral.py's rule (alpha_s - alpha_t) / (1 - alpha_t) on the same grid."""
+    chain = DiscreteTime(AbsorbingProcess(N), LogLinearSchedule(), 10)
+    p_x0 = torch.tensor([0.2, 0.5, 0.3, 0.0], dtype=torch.float64)
+    for k in range(1, 11):
+        alpha_t, alpha_s = (torch.exp(-chain.sigma(torch.tensor(j))) for j in (k, k - 1))
+        step = chain.posterior(torch.tensor(N), p_x0, torch.tensor(k))
+        unmask = (alpha_s - alpha_t) / (1 - alpha_t)
+        assert torch.allclose(step[:N], unmask * p_x0[:N], atol=1e-12) and step[N] == pytest.approx(1 - unmask)
+
+
 def _exact_expectations(model, joint, chain, length):
     """E over data and x_k ~ q(x_k | x0) of the per-sequence terms, for every k: the bound without sampling."""
     rows, patterns = [], list(itertools.product([False, True], repeat=length))
@@ -160,3 +172,57 @@ def test_bad_values_are_named():
     with pytest.raises(ValueError, match="hybrid weight lambda must be >= 0"):
         chain.loss(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long), torch.tensor([1]),
                    torch.zeros(1, 2, N + 1), hybrid=-1.0)
+
+
+def test_the_training_objective_draws_k_uniformly_and_scores_the_chains_loss():
+    from diffusion import DDiTConfig, DDiTModel, DiffusionSpec
+    from diffusion.objectives import DiffusionObjective
+
+    torch.manual_seed(0)
+    model = DDiTModel(DDiTConfig(vocab_size=N + 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 cond_dim=16, max_position_embeddings=8))
+    objective = DiffusionObjective.from_spec(DiffusionSpec.from_config(model.config), "masked_elbo",
+                                             discrete_time=8, hybrid=0.01)
+    x0 = torch.randint(0, N, (4000, 8), generator=torch.Generator().manual_seed(2))
+    t, xt = objective.corrupt(x0, generator=torch.Generator().manual_seed(3))
+    k = t.double() * 8
+    assert torch.equal(k, k.round()) and int(k.min()) == 1 and int(k.max()) == 8
+    assert chisquare(torch.bincount(k.long(), minlength=9)[1:].double().numpy()).pvalue > 1e-3
+    rows = slice(0, 16)
+    out = objective.loss(model, x0[rows], xt[rows], t[rows])
+    chain = DiscreteTime(objective.process, objective.schedule, 8)
+    with torch.no_grad():
+        logits = model(input_ids=xt[rows], total_noise=objective.schedule.total_noise(t[rows])).logits
+    expected = chain.loss(x0[rows], xt[rows], k[rows].long(), logits, hybrid=0.01)
+    assert torch.allclose(out.per_sequence.double(), expected, rtol=1e-5)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_ddlm_train_with_discrete_time_runs_resumes_and_refuses_what_does_not_fit(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from diffusion.training import train
+    from diffusion.training.config import TrainConfig
+
+    config = dict(output_dir=str(tmp_path / "run"), discrete_time=16, hybrid_lambda=0.01, seq_len=32, hidden_size=32,
+                  num_layers=1, num_heads=2, cond_dim=16, batch_size=4, max_steps=6, warmup_steps=2, eval_every=3,
+                  eval_blocks=8, eval_batch_size=8, log_every=1, save_every=3, precision="no", progress=False,
+                  max_position_embeddings=64)
+    result = train(TrainConfig(**config))
+    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert all(math.isfinite(r["eval_loss"]) for r in records if "eval_loss" in r)
+    straight = load_file(str(result.final_dir / "model.safetensors"))
+    config.update(output_dir=str(tmp_path / "resumed"), stop_after_steps=3)
+    train(TrainConfig(**config))
+    config.update(stop_after_steps=None, resume="auto")
+    again = load_file(str(train(TrainConfig(**config)).final_dir / "model.safetensors"))
+    assert all(torch.equal(straight[name], again[name]) for name in straight)
+    for bad, match in (({"discrete_time": 0}, "discrete_time must be an int T >= 1"),
+                       ({"discrete_time": 8, "objective": "score_entropy"}, "discrete_time \\(D3PM\\) trains"),
+                       ({"hybrid_lambda": 0.01}, "hybrid_lambda is D3PM's hybrid loss: it needs discrete_time"),
+                       ({"discrete_time": 8, "hybrid_lambda": -1.0}, "hybrid_lambda must be a number >= 0")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)

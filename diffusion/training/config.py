@@ -101,6 +101,10 @@ class TrainConfig:
     block_size: int | None = _f(None, "block diffusion (BD3-LM): tokens per block, dividing seq_len; each block is "
                                       "denoised given the clean blocks before it (None: one block, MDLM)")
     antithetic: bool = _f(True, "stratified (low-discrepancy) draws of t across the global batch")
+    discrete_time: int | None = _f(None, "D3PM: train on T discrete steps (the T-step bound L_vb of an absorbing "
+                                         "subs model, objective masked_elbo); None is continuous time")
+    hybrid_lambda: float = _f(0.0, "D3PM's hybrid loss: weight of -log p(x0 | x_t) added to L_vb (needs "
+                                   "discrete_time; the paper used 0.01 for text)")
     # optimisation
     batch_size: int = _f(32, "blocks per device per micro-step")
     grad_accum_steps: int = _f(1, "micro-steps per optimizer step")
@@ -189,6 +193,17 @@ class TrainConfig:
             raise ValueError(f"parameterization='subs' needs process='absorbing', got process={self.process!r}")
         if self.objective in MASKED_OBJECTIVES and self.resolved_parameterization != "subs":
             raise ValueError(f"objective={self.objective!r} needs parameterization='subs' (or auto), got 'score'")
+        if self.discrete_time is not None:
+            if isinstance(self.discrete_time, bool) or not isinstance(self.discrete_time, int) or self.discrete_time < 1:
+                raise ValueError(f"discrete_time must be an int T >= 1 (or None), got discrete_time={self.discrete_time!r}")
+            if self.objective != "masked_elbo" or self.block_size is not None:
+                raise ValueError(f"discrete_time (D3PM) trains an absorbing subs model with objective='masked_elbo' "
+                                 f"and no block_size, got objective={self.objective!r}, block_size={self.block_size!r}")
+        if not (isinstance(self.hybrid_lambda, (int, float)) and self.hybrid_lambda >= 0):
+            raise ValueError(f"hybrid_lambda must be a number >= 0, got hybrid_lambda={self.hybrid_lambda!r}")
+        if self.hybrid_lambda and self.discrete_time is None:
+            raise ValueError(f"hybrid_lambda is D3PM's hybrid loss: it needs discrete_time, got "
+                             f"hybrid_lambda={self.hybrid_lambda!r} without it")
         self._check_start_and_blocks()
         self._check_trained_tokenizer()
         try:

@@ -134,7 +134,8 @@ def _diffusion_objective(config: TrainConfig, spec: DiffusionSpec) -> Any:
     if config.block_size is not None:
         return BlockDiffusionObjective.from_spec(spec, config.block_size, t_low=config.t_min, t_high=config.t_max,
                                                  antithetic=config.antithetic)
-    return DiffusionObjective.from_spec(spec, config.objective, t_min=config.t_min, antithetic=config.antithetic)
+    return DiffusionObjective.from_spec(spec, config.objective, t_min=config.t_min, antithetic=config.antithetic,
+                                        discrete_time=config.discrete_time, hybrid=float(config.hybrid_lambda))
 
 
 def held_out_objective(objective: Any) -> Any:
