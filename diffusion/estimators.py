@@ -316,6 +316,9 @@ ELBO_ESTIMATORS = ("quadrature", "monte_carlo", "stratified", "one_time")  # unb
 def check_policy(spec: DiffusionSpec, estimator: str) -> None:
     """Refuse a model the estimator cannot score: ``sepo`` reads a uniform-process score model; every other estimator
     an absorbing one (``subs``, or ``score`` read as a denoiser by RADD's identity)."""
+    if spec.glauber_sweeps is not None:
+        raise ValueError("a Glauber model (--objective glauber) is a classifier with no likelihood estimate: it cannot "
+                         f"be scored with estimator={estimator!r}")
     if estimator == "sepo":
         if spec.parameterization != "score" or spec.absorbing:
             raise ValueError(f"estimator='sepo' needs a uniform-process score model (SEDD), got process="

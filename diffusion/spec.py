@@ -33,6 +33,8 @@ class DiffusionSpec:
         num_states: token states the model predicts (``config.vocab_size``).
         mask_id: the MASK state (absorbing), anywhere in ``[0, num_states)`` for outside models; None (uniform).
         block_size: a block-diffusion model's block (its attention is block-causal); None for one block.
+        glauber_sweeps: a Glauber model's sweeps (``--objective glauber``, :mod:`diffusion.glauber`): a classifier,
+            not a denoiser, which only its own sampler reads; None for every other model.
     """
 
     process_name: str
@@ -42,6 +44,7 @@ class DiffusionSpec:
     num_states: int
     mask_id: int | None
     block_size: int | None = None
+    glauber_sweeps: int | None = None
 
     def __post_init__(self) -> None:
         if self.process_name not in PROCESSES:
@@ -66,7 +69,8 @@ class DiffusionSpec:
                    parameterization=config.parameterization,
                    time_conditioning=bool(getattr(config, "time_conditioning", False)),
                    num_states=config.vocab_size, mask_id=config.mask_token_id,
-                   block_size=getattr(config, "attention_block_size", None))
+                   block_size=getattr(config, "attention_block_size", None),
+                   glauber_sweeps=getattr(config, "glauber_sweeps", None))
 
     @property
     def absorbing(self) -> bool:
@@ -89,10 +93,12 @@ class DiffusionSpec:
 
     @property
     def default_sampler(self) -> str:
-        """The sampler a command uses when none is named: block diffusion for block models, masked ancestral for
-        other subs models, SEDD's analytic (Tweedie) step for score models."""
+        """The sampler a command uses when none is named: block diffusion for block models, the heat bath for
+        Glauber models, masked ancestral for other subs models, SEDD's analytic (Tweedie) step for score models."""
         if self.block_size is not None:
             return "block"
+        if self.glauber_sweeps is not None:
+            return "glauber"
         return "ancestral" if self.parameterization == "subs" else "analytic"
 
     @property

@@ -8,6 +8,7 @@ from .ancestral import MaskedAncestralSampler
 from .ardm import ARDMPolicySampler
 from .base import FREE, SAMPLERS, SampleOutput, Sampler, get_sampler, register_sampler
 from .block import BlockDiffusionSampler
+from .glauber import GlauberSampler
 from .posterior import SplitGibbsPosteriorSampler
 from .remasking import ConfidenceRemaskingSampler
 from .remdm import RemaskingAncestralSampler
@@ -22,6 +23,7 @@ __all__ = [
     "BlockDiffusionSampler",
     "ConfidenceRemaskingSampler",
     "EulerSampler",
+    "GlauberSampler",
     "MaskedAncestralSampler",
     "RemaskingAncestralSampler",
     "SampleOutput",

@@ -305,6 +305,9 @@ class Sampler(ABC):
         """Generate tokens. ``callback(step, x)`` (optional) sees the canvas after every step."""
         check_positive_int("num_steps", num_steps)
         spec = DiffusionSpec.from_config(model.config)
+        if spec.glauber_sweeps is not None and self.name != "glauber":
+            raise ValueError(f"a Glauber model (--objective glauber) is a classifier that only the glauber sampler "
+                             f"reads, not the {self.name} sampler")
         self.check_model(spec)
         start = make_canvas(model.config, batch_size=batch_size, prompt_ids=prompt_ids, length=length, canvas=canvas)
         trained = getattr(model.config, "trained_length", None)

@@ -93,6 +93,9 @@ def sequence_nelbo(model: Any, x0: Tensor, *, method: str = "quadrature", num_po
     """Per-sequence negative ELBO ``[B]`` (nats, float64) of clean tokens ``x0 [B, L]``, and the network calls."""
     _check(method, num_points)
     spec = DiffusionSpec.from_config(model.config)
+    if spec.glauber_sweeps is not None:
+        raise ValueError("a Glauber model (--objective glauber) is a classifier, not a denoiser: it has no "
+                         "likelihood bound here; its held-out classification loss is in the run's metrics.jsonl")
     device = next(model.parameters()).device
     x0 = x0.to(device)
     rows = x0.shape[0]

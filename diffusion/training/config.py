@@ -18,7 +18,7 @@ from ..processes import PROCESSES
 from ..schedules import SCHEDULES, get_schedule
 from .distributed import DISTRIBUTED
 
-TRAIN_OBJECTIVES = (*OBJECTIVES, "autoregressive")  # autoregressive: the causal-LM baseline of the same size
+TRAIN_OBJECTIVES = (*OBJECTIVES, "glauber", "autoregressive")  # autoregressive: the causal-LM baseline of the same size
 
 __all__ = ["PRECISIONS", "RESUMABLE_CHANGES", "TRAIN_OBJECTIVES", "TrainConfig"]
 
@@ -101,8 +101,10 @@ class TrainConfig:
     block_size: int | None = _f(None, "block diffusion (BD3-LM): tokens per block, dividing seq_len; each block is "
                                       "denoised given the clean blocks before it (None: one block, MDLM)")
     antithetic: bool = _f(True, "stratified (low-discrepancy) draws of t across the global batch")
+    glauber_sweeps: int = _f(4, "with objective glauber: sweeps R of the round-robin noising (R x seq_len steps, "
+                                "the sampler's network calls)")
     discrete_time: int | None = _f(None, "D3PM: train on T discrete steps (the T-step bound L_vb of an absorbing "
-                                         "subs model, objective masked_elbo); None is continuous time")
+                                         "subs model, objective masked_elbo; None: continuous time)")
     hybrid_lambda: float = _f(0.0, "D3PM's hybrid loss: weight of -log p(x0 | x_t) added to L_vb (needs "
                                    "discrete_time; the paper used 0.01 for text)")
     # optimisation
@@ -193,6 +195,18 @@ class TrainConfig:
             raise ValueError(f"parameterization='subs' needs process='absorbing', got process={self.process!r}")
         if self.objective in MASKED_OBJECTIVES and self.resolved_parameterization != "subs":
             raise ValueError(f"objective={self.objective!r} needs parameterization='subs' (or auto), got 'score'")
+        if self.objective == "glauber":
+            if self.process != "absorbing" or self.parameterization == "subs" or self.time_conditioning == "off":
+                raise ValueError("objective='glauber' trains a classifier over the absorbing vocabulary (its MASK id "
+                                 "marks the visited position) with raw outputs and time input: leave process, "
+                                 f"parameterization and time_conditioning at their defaults, got process="
+                                 f"{self.process!r}, parameterization={self.parameterization!r}, time_conditioning="
+                                 f"{self.time_conditioning!r}")
+            if isinstance(self.glauber_sweeps, bool) or not isinstance(self.glauber_sweeps, int) \
+                    or self.glauber_sweeps < 1:
+                raise ValueError(f"glauber_sweeps must be an int >= 1, got glauber_sweeps={self.glauber_sweeps!r}")
+            if self.block_size is not None or self.init_from is not None:
+                raise ValueError("objective='glauber' trains a fresh DDiT on full blocks: no block_size or init_from")
         if self.discrete_time is not None:
             if isinstance(self.discrete_time, bool) or not isinstance(self.discrete_time, int) or self.discrete_time < 1:
                 raise ValueError(f"discrete_time must be an int T >= 1 (or None), got discrete_time={self.discrete_time!r}")

@@ -32,6 +32,7 @@ from ..data.split_record import check_unchanged, write_record
 from ..data.tokenizer import parse_trained_vocab
 from ..evaluation.autoregressive import AutoregressiveObjective, build_causal_lm
 from ..modeling_ddit import DDiTConfig, DDiTModel
+from ..glauber import GlauberObjective, GlauberProcess
 from ..objectives import DiffusionObjective
 from ..spec import DiffusionSpec
 from .checkpoint import (
@@ -106,6 +107,7 @@ def build_model_config(config: TrainConfig, tokenizer: Any) -> DDiTConfig:
         attn_implementation=config.attention,
         trained_length=config.seq_len,
         attention_block_size=config.block_size,
+        **({"scale_by_sigma": False, "glauber_sweeps": config.glauber_sweeps} if config.objective == "glauber" else {}),
     )
 
 
@@ -131,6 +133,8 @@ def build_model_and_objective(config: TrainConfig, tokenizer: Any, model: torch.
 
 
 def _diffusion_objective(config: TrainConfig, spec: DiffusionSpec) -> Any:
+    if config.objective == "glauber":
+        return GlauberObjective(GlauberProcess(spec.num_tokens, config.seq_len, config.glauber_sweeps), spec.mask_id)
     if config.block_size is not None:
         return BlockDiffusionObjective.from_spec(spec, config.block_size, t_low=config.t_min, t_high=config.t_max,
                                                  antithetic=config.antithetic)

@@ -52,11 +52,13 @@ def print_samples(result: Any, args: argparse.Namespace, config: Any) -> int:
         from .. import get_sampler
 
         model, tokenizer = load_denoiser(str(final_dir))
-        name = DiffusionSpec.from_config(model.config).default_sampler
-        out = get_sampler(name).generate(model, batch_size=args.num_samples, length=length,
-                                         num_steps=args.sampling_steps, generator=generator)
+        spec = DiffusionSpec.from_config(model.config)
+        name = spec.default_sampler
+        steps = spec.glauber_sweeps * length if name == "glauber" else args.sampling_steps  # the chain's own steps
+        out = get_sampler(name).generate(model, batch_size=args.num_samples, length=length, num_steps=steps,
+                                         generator=generator)
         rows = out.tokens.tolist()
-        print(f"\n{args.num_samples} samples ({length} tokens, {name}, {args.sampling_steps} steps, "
+        print(f"\n{args.num_samples} samples ({length} tokens, {name}, {steps} steps, "
               f"{out.nfe} network calls):")
     for i, row in enumerate(rows):
         print(f"\n--- sample {i + 1} ---\n{tokenizer.decode(row, skip_special_tokens=True)}")
