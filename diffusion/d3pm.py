@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .processes import Process
+from .processes import AbsorbingProcess, Process
 from .schedules import Schedule
 
 __all__ = ["DiscreteTime", "categorical_kl"]
@@ -94,6 +94,19 @@ class DiscreteTime:
         before = self.process.push_probs(x0_probs.double(), sigma_before)  # x_0 Q_bar_{k-1}
         joint = into * before
         return joint / joint.sum(-1, keepdim=True).clamp_min(_TINY)
+
+    def masked_weight(self, k: Tensor) -> Tensor:
+        """Absorbing process, x0-parameterised model: the weight ``w_k`` with ``T L_{k-1} = w_k sum_{i masked} -log
+        p~(x_0^i | x_k)`` (float64): ``T`` at k = 1 (the reconstruction term), ``T a_k`` with ``a_k = (alpha_bar_{k-1} -
+        alpha_bar_k) / (1 - alpha_bar_k)`` above (the KL between two distributions that differ only in how the
+        unmasking mass ``a_k`` is spread).  Unmasked positions carry no loss, so the bound costs what the continuous
+        masked ELBO costs (:meth:`loss` is the general form it equals, tested)."""
+        if not isinstance(self.process, AbsorbingProcess):
+            raise ValueError(f"masked_weight is the absorbing process's shortcut, got {self.process.name!r}")
+        k = self._check_k(k, 1)
+        alpha_now, alpha_before = torch.exp(-self.sigma(k)), torch.exp(-self.sigma(k - 1))
+        unmask = (alpha_before - alpha_now) / (1.0 - alpha_now)
+        return self.steps * torch.where(k == 1, torch.ones_like(unmask), unmask)
 
     def prior(self, shape: tuple[int, ...]) -> Tensor:
         """``p(x_T)``: x_T's law when x_0 is a uniformly drawn real token, ``[*shape, S]`` float64."""

@@ -151,8 +151,15 @@ class DiffusionObjective:
         return t, xt
 
     def elbo_weight(self, t: Tensor) -> Tensor:
-        """The weight of a row's masked sum: ``1 / t = D / m`` for ``ardm``, else the schedule's ``w(t)``."""
-        return 1.0 / t if self.objective == "ardm" else self.schedule.elbo_weight(t)
+        """The weight of a row's masked sum: ``1 / t = D / m`` for ``ardm``; with ``discrete_time`` D3PM's ``w_k +
+        hybrid`` at ``k = t T`` (:meth:`DiscreteTime.masked_weight`); else the schedule's ``w(t)``."""
+        if self.objective == "ardm":
+            return 1.0 / t
+        if self.discrete_time is not None:
+            k = (t.double() * self.discrete_time).round().long()
+            weight = DiscreteTime(self.process, self.schedule, self.discrete_time).masked_weight(k) + self.hybrid
+            return weight.to(t.dtype)
+        return self.schedule.elbo_weight(t)
 
     def loss(
         self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, *, attention_mask: Tensor | None = None
@@ -164,8 +171,17 @@ class DiffusionObjective:
         average); the loss is the same sum, see :meth:`_score_masked_positions`.
         """
         sigma_bar = self.schedule.total_noise(t)
-        if self.discrete_time is not None:
-            return self._discrete_loss(model, x0, xt, t, sigma_bar, attention_mask)
+        if self.discrete_time is not None:  # D3PM: the masked sum with the T-step weight, plus the prior term
+            out = self._masked_loss(model, x0, xt, t, sigma_bar, attention_mask)
+            chain = DiscreteTime(self.process, self.schedule, self.discrete_time)
+            prior = chain.prior_kl(x0[:1, :1]).to(out.per_sequence.dtype)[0, 0]  # the same for every real token
+            tokens = attention_mask.sum(-1) if attention_mask is not None else torch.full_like(t, x0.shape[1])
+            per_sequence = out.per_sequence + prior * tokens.to(out.per_sequence.dtype)
+            return ObjectiveOutput(per_sequence.sum() / max(out.num_tokens, 1), per_sequence, t, out.num_tokens)
+        return self._masked_loss(model, x0, xt, t, sigma_bar, attention_mask)
+
+    def _masked_loss(self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, sigma_bar: Tensor,
+                     attention_mask: Tensor | None) -> ObjectiveOutput:
         if isinstance(self.process, AbsorbingProcess) and accepts_score_mask(model):
             return self._score_masked_positions(model, x0, xt, t, sigma_bar, attention_mask)
         output = model(input_ids=xt, total_noise=sigma_bar, attention_mask=attention_mask).logits
@@ -178,22 +194,6 @@ class DiffusionObjective:
             if self.parameterization == "subs":
                 output = self.process.log_score_from_log_probs(output, sigma_bar, xt)
             per_sequence = score_entropy_loss(output, x0, xt, t, self.process, self.schedule, attention_mask)
-        num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
-        return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)
-
-    def _discrete_loss(self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, sigma_bar: Tensor,
-                       attention_mask: Tensor | None) -> ObjectiveOutput:
-        """D3PM's ``L_vb + hybrid * CE`` at step ``k = t T`` (:meth:`DiscreteTime.loss`), per sequence."""
-        chain = DiscreteTime(self.process, self.schedule, self.discrete_time)
-        k = (t.double() * self.discrete_time).round().long()
-        log_probs = model(input_ids=xt, total_noise=sigma_bar, attention_mask=attention_mask).logits
-        if attention_mask is not None:  # padding positions: the clean token seen clean, no loss
-            keep = attention_mask.bool()
-            xt = torch.where(keep, xt, x0)
-            per_position = chain.loss(x0, xt, k, log_probs, hybrid=self.hybrid, keep=keep)
-        else:
-            per_position = chain.loss(x0, xt, k, log_probs, hybrid=self.hybrid)
-        per_sequence = per_position.to(torch.float32)
         num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
         return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)
 

@@ -1,4 +1,4 @@
-"""The results table: four models, one budget, one corpus.
+"""The results table: every objective at one budget on one corpus.
 
     python scripts/results.py --max-steps 1000 --json results.json
 
@@ -6,6 +6,9 @@ Trains on the built-in Shakespeare corpus, with the same data, width, depth, bat
 - an absorbing score-entropy model (SEDD),
 - a uniform score-entropy model (SEDD),
 - a masked-ELBO model (MDLM/RADD, time-free),
+- ARDM (the order-agnostic objective),
+- D3PM (absorbing, T = 1000 discrete steps, hybrid lambda 0.01),
+- a Glauber model (4 sweeps; a classifier with no likelihood bound, sampled by its heat-bath chain),
 - the autoregressive baseline (LLaMA-style).
 
 It then prints one table and writes JSON. The table holds:
@@ -32,11 +35,16 @@ from diffusion.training.config import TrainConfig
 from diffusion.training import train
 from samplers import get_sampler
 
-MODELS = {
-    "absorbing, score entropy": {"objective": "score_entropy", "process": "absorbing"},
-    "uniform, score entropy": {"objective": "score_entropy", "process": "uniform", "lr": 1e-3},
-    "masked ELBO (time-free)": {"objective": "masked_elbo", "process": "absorbing"},
-    "autoregressive baseline": {"objective": "autoregressive"},
+MODELS = {  # label: (run folder, TrainConfig overrides)
+    "absorbing, score entropy": ("absorbing-score_entropy", {"objective": "score_entropy", "process": "absorbing"}),
+    "uniform, score entropy": ("uniform-score_entropy", {"objective": "score_entropy", "process": "uniform",
+                                                         "lr": 1e-3}),
+    "masked ELBO (time-free)": ("absorbing-masked_elbo", {"objective": "masked_elbo", "process": "absorbing"}),
+    "ARDM": ("ardm", {"objective": "ardm"}),
+    "D3PM absorbing, T=1000, lambda 0.01": ("d3pm", {"objective": "masked_elbo", "discrete_time": 1000,
+                                                     "hybrid_lambda": 0.01}),
+    "Glauber, 4 sweeps": ("glauber", {"objective": "glauber", "glauber_sweeps": 4}),
+    "autoregressive baseline": ("autoregressive", {"objective": "autoregressive"}),
 }
 
 
@@ -44,7 +52,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/results")
     parser.add_argument("--max-steps", type=int, default=1000)
-    parser.add_argument("--sampling-steps", type=int, nargs="+", default=[16, 64], help="sampling steps for gen-ppl")
+    parser.add_argument("--sampling-steps", type=int, nargs="+", default=[64, 256], help="sampling steps for gen-ppl")
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS), metavar="MODEL",
+                        help=f"train and score only these (the AR baseline is always trained: it scores the "
+                             f"samples); default: all of {sorted(MODELS)}")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--eval-blocks", type=int, default=256)
     parser.add_argument("--json", default=None)
@@ -60,8 +71,9 @@ def main() -> None:
                   eval_every=args.max_steps, eval_blocks=min(256, args.eval_blocks), attention="eager",
                   progress=False, save_every=args.max_steps)
     finals, seconds = {}, {}
-    for label, overrides in MODELS.items():
-        slug = "-".join(filter(None, [overrides.get("process"), overrides["objective"]]))
+    chosen = {label: MODELS[label] for label in MODELS
+              if args.models is None or label in args.models or label == "autoregressive baseline"}
+    for label, (slug, overrides) in chosen.items():
         config = TrainConfig(output_dir=str(root / slug), **{**common, **overrides})
         start = time.perf_counter()
         finals[label] = train(config).final_dir
@@ -81,11 +93,12 @@ def main() -> None:
             rows.append(row)
             continue
         model = DDiTModel.from_pretrained(final).eval()
-        row["likelihood"] = evaluate_likelihood(model, blocks, method="quadrature", num_points=8, batch_size=32,
-                                                progress=False).to_dict()
-        name = "ancestral" if model.config.parameterization == "subs" else "analytic"
+        sweeps = getattr(model.config, "glauber_sweeps", None)
+        row["likelihood"] = None if sweeps else evaluate_likelihood(
+            model, blocks, method="quadrature", num_points=8, batch_size=32, progress=False).to_dict()
+        name = "glauber" if sweeps else "ancestral" if model.config.parameterization == "subs" else "analytic"
         row["samples"] = []
-        for steps in args.sampling_steps:
+        for steps in ([sweeps * seq_len] if sweeps else args.sampling_steps):  # a Glauber chain has its own steps
             start = time.perf_counter()
             out = get_sampler(name).generate(model, batch_size=args.num_samples, length=seq_len, num_steps=steps,
                                              generator=torch.Generator().manual_seed(0))
@@ -103,11 +116,15 @@ def main() -> None:
     print("|---|---|" + "---|" * len(args.sampling_steps))
     for row in rows:
         lk = row["likelihood"]
-        bound = "" if lk["form"] == "autoregressive" else "<= "
-        cells = [f"{bound}{lk['perplexity']:.1f} ({lk['perplexity_ci95'][0]:.1f}-{lk['perplexity_ci95'][1]:.1f})"]
-        for s in row.get("samples", []):
-            cells.append(f"{s['gen_ppl']:.0f} / {s['unigram_entropy']:.2f} ({s['nfe']} calls)")
-        cells += ["-"] * (len(args.sampling_steps) - len(row.get("samples", [])))
+        if lk is None:
+            cells = ["- (a classifier: no bound)"]
+        else:
+            bound = "" if lk["form"] == "autoregressive" else "<= "
+            cells = [f"{bound}{lk['perplexity']:.1f} ({lk['perplexity_ci95'][0]:.1f}-{lk['perplexity_ci95'][1]:.1f})"]
+        by_steps = {s["steps"]: s for s in row.get("samples", [])}
+        for steps in args.sampling_steps:
+            s = by_steps.get(steps)
+            cells.append("-" if s is None else f"{s['gen_ppl']:.0f} / {s['unigram_entropy']:.2f} ({s['nfe']} calls)")
         print(f"| {row['model']} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"max_steps": args.max_steps, "rows": rows}, indent=2))

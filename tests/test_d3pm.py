@@ -226,3 +226,21 @@ def test_ddlm_train_with_discrete_time_runs_resumes_and_refuses_what_does_not_fi
                        ({"discrete_time": 8, "hybrid_lambda": -1.0}, "hybrid_lambda must be a number >= 0")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad)
+
+
+def test_the_absorbing_shortcut_equals_the_general_bound_for_a_subs_model():
+    """What training computes (masked positions only, weight w_k + lambda, the prior per token) equals the general
+    L_vb + lambda CE of DiscreteTime.loss for a subs model's outputs, k = 1 included."""
+    chain = DiscreteTime(AbsorbingProcess(N), LogLinearSchedule(), 12)
+    generator = torch.Generator().manual_seed(8)
+    x0 = torch.randint(0, N, (6, 7), generator=generator)
+    x_k = torch.where(torch.rand(6, 7, generator=generator) < 0.6, torch.full_like(x0, N), x0)
+    k = torch.tensor([1, 2, 5, 9, 12, 1])
+    log_probs = torch.randn(6, 7, N + 1, generator=generator, dtype=torch.float64)
+    log_probs[..., N] = -math.inf  # subs: never MASK, and an unmasked position carries its token
+    log_probs = log_probs.log_softmax(-1)
+    log_probs = torch.where((x_k != N)[..., None], torch.full_like(log_probs, -math.inf).scatter(
+        -1, x_k.clamp_max(N - 1)[..., None], 0.0), log_probs)
+    nll = -log_probs.gather(-1, x0[..., None]).squeeze(-1) * (x_k == N)
+    shortcut = (chain.masked_weight(k) + 0.3)[:, None] * nll + chain.prior_kl(x0)
+    assert torch.allclose(shortcut.sum(-1), chain.loss(x0, x_k, k, log_probs, hybrid=0.3), rtol=1e-10)
