@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_quality_vs_calls", "require_matplotlib"]
+__all__ = ["plot_quality_vs_calls", "require_matplotlib", "save_figure"]
 
 
 def require_matplotlib() -> Any:
@@ -62,9 +62,16 @@ def plot_quality_vs_calls(rows: Sequence[Mapping[str, Any]], path: str | os.Path
     entropy_axis.legend(fontsize=8, loc="best")
     if title:
         figure.suptitle(title)
+    return save_figure(figure, path, dpi=110)
+
+
+def save_figure(figure: Any, path: Path, *, dpi: int = 100) -> Path:
+    """Write ``figure`` to the PNG ``path`` under a temporary name, rename it into place and close the figure:
+    a reader never sees half a picture.  Returns the path."""
+    plt = require_matplotlib()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
+    figure.savefig(temporary, dpi=dpi)
     plt.close(figure)
     temporary.replace(path)
     return path

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .plots import require_matplotlib
+from .plots import require_matplotlib, save_figure
 
 __all__ = ["TrainingCurves", "plot_training", "read_training_curves", "training_figure"]
 
@@ -113,11 +113,4 @@ def plot_training(run_dir: str | os.PathLike, path: str | os.PathLike | None = N
     if out.suffix.lower() != ".png":
         raise ValueError(f"the picture is a PNG: path must end in .png, got {str(out)!r}")
     curves = read_training_curves(run / "metrics.jsonl")
-    plt = require_matplotlib()
-    figure = training_figure(curves, title=str(run))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.name + ".tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    temporary.replace(out)
-    return out
+    return save_figure(training_figure(curves, title=str(run)), out)
