@@ -101,6 +101,11 @@ class DiffusionSpec:
             return "glauber"
         return "ancestral" if self.parameterization == "subs" else "analytic"
 
+    def chain_steps(self, length: int) -> int | None:
+        """The sampling steps a model fixes for a canvas of ``length`` positions: a Glauber model's chain has
+        ``sweeps x length``; None for every other model (any number of steps)."""
+        return None if self.glauber_sweeps is None else self.glauber_sweeps * length
+
     @property
     def default_sampling_steps(self) -> int:
         """Sampling steps of an exported model's ``sampler_config.json``."""

@@ -49,7 +49,7 @@ class GlauberSampler(Sampler):
             raise ValueError("the glauber sampler needs a model trained with --objective glauber (its config has no "
                              "glauber_sweeps)")
         rows, length = canvas.shape
-        process = GlauberProcess(spec.num_tokens, length, int(sweeps))
+        process = GlauberProcess(spec.num_tokens, length, int(sweeps))  # process.steps == spec.chain_steps(length)
         if num_steps != process.steps:
             raise ValueError(f"the glauber chain of this model over {length} positions has {process.steps} steps "
                              f"({sweeps} sweeps x {length}); got num_steps={num_steps}")

@@ -124,7 +124,9 @@ def _exact_expectations(model, joint, chain, length):
     x_k = torch.where(masked, torch.full_like(x0, N), x0)
     log_probs = model(input_ids=x_k).logits  # time-free: the same outputs at every k
     weight_data = torch.tensor([joint[r[0]] for r in rows], dtype=torch.float64)
-    total = chain.prior_kl(x0[:1]).sum() * 0.0
+    data = torch.tensor(list(joint))
+    probs = torch.tensor(list(joint.values()), dtype=torch.float64)
+    total = (probs * chain.prior_kl(data).sum(-1)).sum()  # the prior term (0 when x_T is all MASK)
     for k in range(1, chain.steps + 1):
         mask_probability = 1.0 - torch.exp(-chain.sigma(torch.tensor(k)))
         count = masked.sum(-1).double()

@@ -296,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     prefix = prompt_tokens(tokenizer, args.prompt, args.chat) if args.prompt else []
     suffix = suffix_tokens(tokenizer, args.suffix) if args.suffix else []
     row = prefix + [FREE] * (args.max_length or args.length) + suffix
-    glauber = DiffusionSpec.from_config(config).glauber_sweeps
-    if sampler_name == "glauber" and glauber and args.sampling_steps is None:
-        steps = glauber * len(row)  # the chain's own steps: sweeps x positions
+    fixed = DiffusionSpec.from_config(config).chain_steps(len(row))
+    if sampler_name == "glauber" and fixed and args.sampling_steps is None:
+        steps = fixed
     if args.guidance is not None:
         if not DiffusionSpec.from_config(config).masked:
             raise ValueError(f"--guidance needs a masked (subs) model; --model {args.model!r} is not one")

@@ -54,7 +54,7 @@ def print_samples(result: Any, args: argparse.Namespace, config: Any) -> int:
         model, tokenizer = load_denoiser(str(final_dir))
         spec = DiffusionSpec.from_config(model.config)
         name = spec.default_sampler
-        steps = spec.glauber_sweeps * length if name == "glauber" else args.sampling_steps  # the chain's own steps
+        steps = spec.chain_steps(length) or args.sampling_steps
         out = get_sampler(name).generate(model, batch_size=args.num_samples, length=length, num_steps=steps,
                                          generator=generator)
         rows = out.tokens.tolist()
