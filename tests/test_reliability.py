@@ -133,16 +133,23 @@ def test_killed_or_preempted_runs_resume_to_the_uninterrupted_result_bit_for_bit
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line_and_leaves_only_complete_checkpoints(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    command = [sys.executable, "-m", "samplers.cli.train", "--output-dir", str(tmp_path / "run"), "--seq-len", "32",
-               "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4",
+    # A model big enough that finishing the step and writing its checkpoint outlasts the gap between the signals.
+    command = [sys.executable, "-m", "samplers.cli.train", "--output-dir", str(tmp_path / "run"), "--seq-len", "128",
+               "--hidden-size", "256", "--num-layers", "2", "--num-heads", "4", "--batch-size", "16",
                "--max-steps", "100000", "--save-every", "5", "--eval-every", "0", "--eval-blocks", "8",
                "--precision", "no", "--progress", "false", "--num-samples", "0"]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / "run/checkpoints/step-00000005/COMPLETE", process)
     process.send_signal(signal.SIGINT)
-    time.sleep(0.01)
+    # Two SIGINTs that arrive before Python runs the handler are one signal: send the second once the first is
+    # acknowledged (its line on stderr), while the step is being finished and saved.
+    first = []
+    while not (first and "Ctrl-C: finishing this step" in first[-1]):
+        first.append(process.stderr.readline())
+        assert first[-1], "".join(first)[-2000:]
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
+    stderr = "".join(first) + stderr
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(
         "ddlm-train: stopped by Ctrl-C; the last complete checkpoint is ")

@@ -92,10 +92,11 @@ class Preemption:
                       f"({'continue with --resume auto' if latest else 'none was written: start again'})",
                       file=sys.stderr, flush=True)
             os._exit(130)
+        # Set before printing: a second Ctrl-C may run this handler again in the middle of the print.
+        self.flag, self.signal_name = True, signal.Signals(signum).name
         if signum == signal.SIGINT and main:
             print("\nddlm-train: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at "
                   "once)", file=sys.stderr, flush=True)
-        self.flag, self.signal_name = True, signal.Signals(signum).name
 
     def requested(self, acc: Any) -> bool:
         if acc.num_processes == 1:
