@@ -1,4 +1,4 @@
-"""Test configuration: offline Hugging Face, a private HF_HOME, a fixed thread count."""
+"""Test configuration: offline Hugging Face, a private HF_HOME, a fixed thread count per worker."""
 
 import os
 import tempfile
@@ -13,7 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Each pytest-xdist worker gets its share of the cores (and so do the commands it starts): two workers with two
+# spinning OpenMP threads each on two cores run slower than two workers with one thread each.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+THREADS = min(2, THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="module")

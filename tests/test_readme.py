@@ -6,10 +6,15 @@ installed the environment), and flags that would take minutes are shortened by a
 (argparse keeps the last).  The Hub is a fake one on 127.0.0.1 (``tests/fake_hub.py``) that holds a tiny
 LLaDA stand-in under ``GSAI-ML/LLaDA-8B-Instruct``; ``my_texts/`` is written here, three plays of the built-in
 corpus.  ```text blocks are output and are not run; no other fence is allowed.
+
+A plain command (a ``ddlm-*`` console script or ``python FILE``, no shell syntax) runs in a fork of one process
+that imported the toolkit once (``tests/command_server.py``): the same entry point, arguments, folder and
+environment, without paying 3-5 s of imports per command.  Everything else runs under ``bash -c``.
 """
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -105,27 +110,45 @@ def scratch(tmp_path_factory):
     for i, play in enumerate(plays):
         (folder / "my_texts" / f"play{i}.txt").write_text(play[:20000])
     stand_in = _save_remote(tmp_path_factory.mktemp("llada"), "llada")
+    from command_server import CommandServer
+
     with FakeHub() as hub:
         hub.put("GSAI-ML/LLaDA-8B-Instruct", {p.name: p.read_bytes() for p in stand_in.iterdir() if p.is_file()})
         env = {k: v for k, v in os.environ.items()
                if k not in ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
         env.update(HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_fake_token", HF_HOME=str(folder / ".hf-home"),
-                   HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2")
-        yield folder, env
+                   HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
+        server = CommandServer(env, tmp_path_factory.mktemp("commands"))
+        try:
+            yield folder, env, server
+        finally:
+            server.close()
+
+
+def _command(line: str, server) -> list[str]:
+    """argv for the command server when ``line`` is one plain command it runs, else ``bash -c line``."""
+    if not re.search(r"[|&;<>$`*?(){}\\]", line):
+        argv = shlex.split(line)
+        if argv and server.runs(argv):
+            return argv
+    return ["bash", "-c", line]
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"line{line}-{language}" for line, language, _ in RUNNABLE])
 def test_readme_block_runs_as_written(scratch, block):
-    folder, env = scratch
+    folder, env, server = scratch
     line, language, code = block
     if language == "python":
         script = folder / f"readme_line{line}.py"
         script.write_text(_substitute(code))
-        commands = [[sys.executable, str(script)]]
+        commands = [["python", str(script)]]
     else:
-        commands = [["bash", "-c", _substitute(command)] for command in code.splitlines()
+        commands = [_command(_substitute(command), server) for command in code.splitlines()
                     if command.strip() and not command.lstrip().startswith("#") and command not in NOT_RUN]
     for command in commands:
-        result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+        if server.runs(command):
+            result = server.run(command, folder, timeout=300)
+        else:
+            result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, (f"README line {line}: {command[-1][:300]}\n--- stdout\n{result.stdout[-2000:]}"
                                         f"\n--- stderr\n{result.stderr[-3000:]}")
