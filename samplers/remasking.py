@@ -39,7 +39,7 @@ from .base import (
     token_probs,
     uniforms,
 )
-from .kv_cache import BlockCaller, check_kv_cache
+from .kv_cache import BlockCaller, CachePolicy, cache_policy, check_kv_cache
 
 __all__ = ["STRATEGIES", "ConfidenceRemaskingSampler", "decode_blocks", "transfer_schedule"]
 
@@ -73,13 +73,14 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
                   strategy: str,
                   temperature: float, top_k: int | None, top_p: float | None, threshold: float | None,
                   generator: torch.Generator | None, return_trajectory: bool, callback: Any,
-                  kv_cache: str | None = None, eos_id: int | None = None,
+                  kv_cache: CachePolicy | str | None = None, eos_id: int | None = None,
                   entropy_bound: float | None = None, edit_threshold: float | None = None) -> SampleOutput:
     """The shared block / step loop of confidence remasking and threshold decoding.
 
     With ``threshold`` set, a step commits every masked token of the block whose confidence exceeds it,
-    and at least the scheduled count (so the block always finishes in its steps).  ``kv_cache``
-    (``prefix`` or ``dual``) reuses keys/values outside the current block (see :class:`~samplers.kv_cache.BlockCaller`).
+    and at least the scheduled count (so the block always finishes in its steps).  ``kv_cache`` (a
+    :class:`~samplers.kv_cache.CachePolicy` or its mode) reuses keys/values computed at earlier calls of the block
+    (see :mod:`samplers.kv_cache`).
     With ``eos_id`` set, a row that has generated EOS after a block is finished and the loop stops once every
     row is (variable-length generation); ``lengths`` then says where each row ends.
     With ``entropy_bound`` set (the EB-sampler's rule), a step also commits, in order of increasing entropy
@@ -92,7 +93,8 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
     (no extra calls); the prompt is never edited.
     """
     if kv_cache is not None and not getattr(model, "supports_kv_cache", False):
-        raise ValueError(f"kv_cache={kv_cache!r} needs a model whose forward takes past_key_values (a DDiTModel)")
+        raise ValueError(f"kv_cache={getattr(kv_cache, 'mode', kv_cache)!r} needs a model whose forward takes "
+                         f"past_key_values (a DDiTModel)")
     check_edits(model, edit_threshold)
     mask_id, schedule = spec.mask_id, spec.schedule
     x = torch.where(canvas == FREE, torch.full_like(canvas, mask_id), canvas)
@@ -204,7 +206,11 @@ class ConfidenceRemaskingSampler(Sampler):
         block_length: positions per block for semi-autoregressive decoding (None: one block).
         temperature, top_k, top_p: filters on the predictions (temperature 0: argmax, LLaDA's setting, which repeats
             itself on small models; the default 1 samples).
-        kv_cache: ``prefix`` or ``dual`` block KV cache (Fast-dLLM; needs ``block_length``), or None.
+        kv_cache: ``prefix``, ``dual`` (Fast-dLLM) or ``delayed`` (dKV-Cache) block KV cache (needs
+            ``block_length``), or None; see :mod:`samplers.kv_cache`.
+        cache_refresh_every: with a cache, a full call every this many calls of a block (1: exact); None: never.
+        cache_refresh_changed: with a cache, a full call once more than this fraction of the block was committed
+            since the cache was built; None: never.
         stop_at_eos: finish a row once a block holds its EOS and stop when every row has (needs ``block_length``).
         entropy_bound: also commit the lowest-entropy masked positions while their summed entropy stays within this
             bound (EB-sampler); None: off.  The scheduled count stays the floor.
@@ -219,7 +225,8 @@ class ConfidenceRemaskingSampler(Sampler):
     def __init__(self, strategy: str = "low_confidence", block_length: int | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, kv_cache: str | None = None,
                  stop_at_eos: bool = False, entropy_bound: float | None = None,
-                 edit_threshold: float | None = None) -> None:
+                 edit_threshold: float | None = None, cache_refresh_every: int | None = None,
+                 cache_refresh_changed: float | None = None) -> None:
         if entropy_bound is not None and not (isinstance(entropy_bound, (int, float)) and math.isfinite(entropy_bound)
                                               and entropy_bound >= 0):
             raise ValueError(f"entropy_bound must be a finite number >= 0, got entropy_bound={entropy_bound!r}")
@@ -230,10 +237,11 @@ class ConfidenceRemaskingSampler(Sampler):
             raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
         if block_length is not None:
             check_positive_int("block_length", block_length)
-        check_kv_cache(kv_cache, block_length)
+        check_kv_cache(kv_cache, block_length, cache_refresh_every, cache_refresh_changed)
         check_filters(temperature, top_k, top_p)
         check_stop_at_eos(stop_at_eos, block_length)
-        self.strategy, self.block_length, self.kv_cache, self.stop_at_eos = strategy, block_length, kv_cache, stop_at_eos
+        self.strategy, self.block_length, self.stop_at_eos = strategy, block_length, stop_at_eos
+        self.kv_cache = cache_policy(kv_cache, cache_refresh_every, cache_refresh_changed)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
     def _generate(self, model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int,

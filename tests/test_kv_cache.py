@@ -81,3 +81,77 @@ def test_kv_cache_arguments_are_checked():
         get_sampler("remask", kv_cache="prefix")
     with pytest.raises(ValueError, match="kv_cache='triple'"):
         get_sampler("threshold", block_length=4, kv_cache="triple")
+
+
+@pytest.mark.parametrize("name, kwargs", [("remask", {}), ("threshold", {"threshold": 0.3})])
+@pytest.mark.parametrize("mode", ["prefix", "dual", "delayed"])
+def test_refreshing_at_every_call_is_exact_on_a_bidirectional_model(name, kwargs, mode):
+    model = _model()
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    common = dict(prompt_ids=prompt.repeat(2, 1), length=L - 4, num_steps=12)
+    plain = get_sampler(name, block_length=BLOCK, **kwargs).generate(
+        model, **common, generator=torch.Generator().manual_seed(0))
+    recorded = Recording(model)
+    exact = get_sampler(name, block_length=BLOCK, kv_cache=mode, cache_refresh_every=1, **kwargs).generate(
+        recorded, **common, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(exact.tokens, plain.tokens) and exact.nfe == plain.nfe
+    assert set(recorded.lengths) == {L}  # every call was a full one
+    if mode != "prefix":  # (the prompt's stale keys/values do not change this tiny model's samples)
+        stale = get_sampler(name, block_length=BLOCK, kv_cache=mode, **kwargs).generate(
+            model, **common, generator=torch.Generator().manual_seed(0))
+        assert not torch.equal(stale.tokens, plain.tokens)  # without refreshes the cache changes the samples
+
+
+def test_delayed_cache_reads_fresh_keys_values_exactly_and_writes_back_the_recomputed_ones():
+    from samplers.kv_cache import BlockCaller
+
+    model = _model()
+    mask = model.config.mask_token_id
+    x = torch.randint(0, V, (2, L), generator=torch.Generator().manual_seed(3))
+    x[:, 4:8] = mask
+    x[0, 5] = 7  # one row has committed a token of the block
+    sigma = torch.ones(2)
+    where = (x == mask) & (torch.arange(L) >= 4) & (torch.arange(L) < 8)
+    caller = BlockCaller(model, "delayed", 4, 8)
+    full = caller(x, sigma, where)
+    assert caller.full_calls == 1
+    # Same canvas again: the cached keys/values are those of this very canvas, so the partial call is exact.
+    again = caller(x, sigma, where)
+    assert caller.full_calls == 1
+    torch.testing.assert_close(again, full, rtol=1e-5, atol=1e-5)
+    reference = model(input_ids=x, use_cache=True).key_values
+    for cached, fresh in zip(caller.cache.keys + caller.cache.values, reference.keys + reference.values):
+        torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
+    # Commits (one row): a call recomputes the positions still masked and those committed since the last call.
+    recorded = Recording(model)
+    caller = BlockCaller(recorded, "delayed", 4, 8)
+    y = x[:1].clone()  # block: MASK 7 MASK MASK
+    caller(y, sigma[:1], where[:1])
+    y = y.clone()
+    y[0, 6] = 9
+    caller(y, sigma[:1], (y == mask) & where[:1])
+    z = y.clone()
+    z[0, 4] = 3
+    caller(z, sigma[:1], (z == mask) & where[:1])
+    assert recorded.lengths == [L, 3, 2]  # {4, 6 just committed, 7}, then {4 just committed, 7}: 6 is cached
+
+
+def test_refresh_when_enough_of_the_block_changed():
+    recorded = Recording(_model())
+    canvas = torch.full((1, L), FREE)
+    canvas[:, 0] = 5
+    out = get_sampler("remask", block_length=8, kv_cache="dual", cache_refresh_changed=0.3).generate(
+        recorded, canvas=canvas, num_steps=16, generator=torch.Generator().manual_seed(0))
+    assert bool((out.tokens < V).all())
+    # Blocks of 8 (7 free in the first), one commit per call: a full call at each block's start and again once
+    # 3 of 8 positions (> 0.3) changed since the last full call.
+    assert recorded.lengths == [L, 8, 8, L, 8, 8, L] + [L, 8, 8, L, 8, 8, L, 8]
+
+
+def test_cache_policy_arguments_are_checked():
+    with pytest.raises(ValueError, match="cache_refresh_every=0"):
+        get_sampler("remask", block_length=4, kv_cache="dual", cache_refresh_every=0)
+    with pytest.raises(ValueError, match="cache_refresh_changed=1.5"):
+        get_sampler("threshold", block_length=4, kv_cache="dual", cache_refresh_changed=1.5)
+    with pytest.raises(ValueError, match="set kv_cache too"):
+        get_sampler("remask", block_length=4, cache_refresh_every=2)
