@@ -1,0 +1,239 @@
+"""GPU benchmark: training tokens/s and MFU against the device's bf16 peak, and sampling throughput.
+
+    python scripts/bench_gpu.py [--sizes small,base,gpt2] [--compile both] [--attention flash,efficient,math]
+    torchrun --standalone --nproc_per_node N scripts/bench_gpu.py --sizes gpt2 --fsdp    # FSDP2 on N GPUs
+
+Without a CUDA GPU it says so and exits 0 (``--device cpu --smoke`` runs the same code on the CPU at toy sizes, which
+is how CI checks it).  Sizes: the built-in ``small`` (hidden 256, 4 blocks) and ``base`` (384, 6), and ``gpt2``:
+GPT-2 small's shape (hidden 768, 12 blocks, 12 heads, sequence 1024, about 124M parameters with the GPT-2
+vocabulary of 50,257 + MASK), the size SEDD and MDLM report.
+
+Every row is bf16 autocast.  MFU is reported two ways: the conventional 6 N tokens/s (N = non-embedding
+parameters) and the FLOPs actually executed (matmuls of every block, attention scores and values, and the output
+head at the masked positions only, since ddlm computes it nowhere else), both over ``--peak-tflops`` (default: the
+device's dense bf16 peak from a small table of data-centre GPUs, or a measured 8192^3 bf16 matmul when the device
+is not in it).  For comparison, MDLM (Sahoo et al., 2024) trains this size on OpenWebText for 1M steps of
+512 x 1024 tokens and reports two weeks on 8 A100s for its largest models: about 430k tokens/s, 54k per A100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SIZES = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=4097, seq_len=32),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, vocab_size=4097, seq_len=128),
+    "base": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, vocab_size=4097, seq_len=128),
+    "gpt2": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, vocab_size=50258, seq_len=1024),
+}
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
+PEAKS = {"H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "V100": 125.0}
+ATTENTION = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+def executed_flops(size: dict, batch: int, masked_fraction: float) -> float:
+    """FLOPs of one training step (forward + backward = 3 forwards) as ddlm executes it.
+
+    Per block and token: qkv 6H^2, attention output 2H^2, MLP 16H^2 (4H wide), attention scores and values
+    4 L H; the output head 2 H V at the masked positions only (V real tokens; the head also pads its row count to
+    a multiple of 64, at most 63 rows a call, which this leaves out).  ``tests/test_scripts.py`` checks it against
+    torch's FLOP counter.
+    """
+    hidden, layers, length, vocab = size["hidden_size"], size["num_hidden_layers"], size["seq_len"], size["vocab_size"]
+    tokens = batch * length
+    blocks = layers * tokens * (24 * hidden**2 + 4 * length * hidden)
+    head = 2 * hidden * (vocab - 1) * tokens * masked_fraction
+    return 3 * (blocks + head)
+
+
+def device_peak(device: torch.device, given: float | None) -> tuple[float, str]:
+    """(bf16 TFLOP/s, where the figure comes from)."""
+    if given:
+        return given, "--peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAKS.items():
+            if key in name:
+                return peak, f"data sheet ({name})"
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * 10 / (time.perf_counter() - start) / 1e12, f"measured {n}^3 bf16 matmul"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(size: dict, device: torch.device) -> Any:
+    from diffusion import DDiTConfig, DDiTModel
+
+    torch.manual_seed(0)
+    config = DDiTConfig(vocab_size=size["vocab_size"], hidden_size=size["hidden_size"],
+                        num_hidden_layers=size["num_hidden_layers"], num_attention_heads=size["num_attention_heads"],
+                        cond_dim=128, max_position_embeddings=size["seq_len"], attn_implementation="sdpa")
+    return DDiTModel(config).to(device)
+
+
+def train_row(name: str, size: dict, device: torch.device, batch: int, steps: int, compiled: bool, attention: str,
+              fsdp: bool) -> dict:
+    """Median step time of masked-ELBO training (bf16 autocast, fused AdamW) and its tokens/s."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from diffusion.objectives import DiffusionObjective
+
+    model = build(size, device)
+    objective = DiffusionObjective.from_config(model.config)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x0 = torch.randint(0, size["vocab_size"] - 1, (batch, size["seq_len"]), generator=generator).to(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not fsdp), \
+                sdpa_kernel(getattr(SDPBackend, ATTENTION[attention])):
+            out = objective(forward, x0, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    for _ in range(3 if not compiled else 6):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    params = sum(p.numel() for p in model.parameters())
+    non_embedding = params - model.embed_tokens.weight.numel()
+    world = torch.distributed.get_world_size() if fsdp else 1
+    return {"part": "train", "size": name, "compile": compiled, "attention": attention,
+            "fsdp_gpus": world if fsdp else 0, "batch_per_gpu": batch, "seq_len": size["seq_len"], "params": params,
+            "step_s": seconds,
+            "tokens_per_s": world * batch * size["seq_len"] / seconds,
+            "flops_6n": 6 * non_embedding * batch * size["seq_len"],
+            # t ~ U(0, 1) and the default log-linear schedule masks a fraction t: half the positions on average.
+            "flops_executed": executed_flops(size, batch, 0.5)}
+
+
+def sample_row(name: str, size: dict, device: torch.device, batch: int, attention: str) -> dict:
+    """Tokens/s of 128-step ancestral sampling (with the exact cache) and of threshold decoding with the dual KV
+    cache, bf16 autocast, random weights."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from samplers import get_sampler
+
+    model = build(size, device).eval()
+    length = min(size["seq_len"], 256)
+    row = {"part": "sample", "size": name, "attention": attention, "batch": batch, "length": length}
+    samplers = [("ancestral", "ancestral", {"cache": False}), ("ancestral_cached", "ancestral", {"cache": True}),
+                ("threshold_dual", "threshold", {"threshold": 0.9, "block_length": 32, "kv_cache": "dual"})]
+    for label, sampler, options in samplers:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16), \
+                sdpa_kernel(getattr(SDPBackend, ATTENTION[attention])):
+            start = time.perf_counter()
+            out = get_sampler(sampler, **options).generate(model, batch_size=batch, length=length, num_steps=128,
+                                                           generator=torch.Generator().manual_seed(0))
+            _sync(device)
+            seconds = time.perf_counter() - start
+        row[label] = {"seconds": seconds, "calls": out.nfe, "tokens_per_s": batch * length / seconds}
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="small,base,gpt2", help=f"comma-separated, of {sorted(SIZES)}")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per GPU per step (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row (default: %(default)s)")
+    parser.add_argument("--compile", default="both", choices=["off", "on", "both"], help="torch.compile the model")
+    parser.add_argument("--attention", default="flash,efficient", help=f"SDPA backends, of {sorted(ATTENTION)}")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 over the processes torchrun started")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak (default: looked up)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only with --smoke")
+    parser.add_argument("--json", default="bench_gpu.json", help="where to write the rows")
+    parser.add_argument("--smoke", action="store_true", help="the tiny size, 2 steps: checks that the script runs")
+    args = parser.parse_args()
+    sizes = args.sizes.split(",")
+    for name in sizes:
+        if name not in SIZES:
+            parser.error(f"--sizes: unknown size {name!r}; choose from {sorted(SIZES)}")
+    backends = args.attention.split(",")
+    for name in backends:
+        if name not in ATTENTION:
+            parser.error(f"--attention: unknown backend {name!r}; choose from {sorted(ATTENTION)}")
+    if args.device == "cpu" and not args.smoke:
+        parser.error("--device cpu is only for --smoke (scripts/bench_compare.py and bench_train.py measure the CPU)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA GPU here (torch.cuda.is_available() is False); nothing to measure")
+        return 0
+    if args.smoke:
+        sizes, args.steps, args.compile, backends = ["tiny"], 2, "off", ["math"]
+    rank = 0
+    if args.fsdp:
+        torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank = torch.distributed.get_rank()
+    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    peak, source = device_peak(device, args.peak_tflops)
+    if rank == 0:
+        print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: bf16 peak "
+              f"{peak:.3g} TFLOP/s ({source})", flush=True)
+    rows = []
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    for name in sizes:
+        for backend in backends:
+            for compiled in compiles:
+                row = train_row(name, SIZES[name], device, args.batch_size, args.steps, compiled, backend, args.fsdp)
+                world = row["fsdp_gpus"] or 1
+                row["mfu_6n"] = row["flops_6n"] / row["step_s"] / (peak * 1e12)
+                row["mfu_executed"] = row["flops_executed"] / row["step_s"] / (peak * 1e12)
+                rows.append(row)
+                if rank == 0:
+                    print(f"train {name:6s} {backend:9s} compile={str(compiled):5s} gpus={world}: "
+                          f"{row['tokens_per_s']:10.0f} tokens/s, MFU {row['mfu_executed']:.1%} executed "
+                          f"({row['mfu_6n']:.1%} by 6N)", flush=True)
+            if not args.fsdp:
+                row = sample_row(name, SIZES[name], device, args.batch_size, backend)
+                rows.append(row)
+                print(f"sample {name:6s} {backend:9s}: " + ", ".join(
+                    f"{k} {v['tokens_per_s']:.0f} tokens/s ({v['calls']} calls)" for k, v in row.items()
+                    if isinstance(v, dict)), flush=True)
+    if rank == 0:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"peak_tflops": peak, "peak_source": source, "rows": rows}, indent=2))
+        print(f"wrote {args.json}")
+    if args.fsdp:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
