@@ -41,3 +41,62 @@ def test_the_gpu_benchmarks_flop_count_is_what_a_training_step_executes():
     counted = counter.get_total_flops()
     formula = executed_flops(size, batch, masked.float().mean().item())
     assert abs(formula / counted - 1) < 1e-6, (formula, counted)
+
+
+def test_the_peer_benchmarks_flash_attn_stand_in_is_exact_attention_and_rotary():
+    """scripts/bench_peers.py runs SEDD's and MDLM's code on a CPU through a flash-attn stand-in: its packed
+    attention must be softmax(q k^T / sqrt(d)) v per sequence, and its in-place rotary the half-split rotation."""
+    import sys
+
+
+    sys.path.insert(0, str(SCRIPTS))
+    import bench_peers
+
+    before = set(sys.modules)
+    bench_peers._flash_attn_stand_in(rotary=True)
+    try:
+        _check_stand_in(sys.modules["flash_attn.flash_attn_interface"], sys.modules["flash_attn.layers.rotary"])
+    finally:  # the stand-in must not outlive this test: transformers would take flash-attn for installed
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+
+
+def _check_stand_in(interface, rotary):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    batch, length, heads, dim = 2, 5, 3, 8
+    qkv = torch.randn(batch, length, 3, heads, dim, generator=g, dtype=torch.float64)
+    cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+    out = interface.flash_attn_varlen_qkvpacked_func(qkv.reshape(batch * length, 3, heads, dim), cu, length, 0.0)
+    q, k, v = qkv.unbind(2)  # [B, S, H, D]
+    weights = torch.einsum("bshd,bthd->bhst", q, k).div(dim**0.5).softmax(-1)
+    expected = torch.einsum("bhst,bthd->bshd", weights, v).reshape(batch * length, heads, dim)
+    torch.testing.assert_close(out, expected)
+
+    angles = torch.rand(length, dim // 2, generator=g, dtype=torch.float64) * 6
+    rotated = rotary.apply_rotary_emb_qkv_(qkv.clone(), angles.cos(), angles.sin())
+    for i in (0, 1):  # q and k: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)
+        x1, x2 = qkv[:, :, i, :, : dim // 2], qkv[:, :, i, :, dim // 2 :]
+        c, s = angles.cos()[:, None], angles.sin()[:, None]
+        torch.testing.assert_close(rotated[:, :, i], torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1))
+    torch.testing.assert_close(rotated[:, :, 2], qkv[:, :, 2])  # v untouched
+
+
+def test_the_peer_benchmark_refuses_missing_or_wrong_checkouts(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import pytest
+
+    sys.path.insert(0, str(SCRIPTS))
+    import bench_peers
+
+    for argv, message in [([], "give --sedd, --mdlm or both"),
+                          (["--sedd", str(tmp_path)], f"--sedd {str(tmp_path)!r} is not a checkout of the SEDD code"),
+                          (["--mdlm", str(tmp_path), "--items", "sedd train fp32"], "needs --sedd")]:
+        (tmp_path / "models").mkdir(exist_ok=True)
+        (tmp_path / "models" / "dit.py").write_text("")
+        monkeypatch.setattr(sys, "argv", ["bench_peers.py", *argv])
+        with pytest.raises(SystemExit) as stop:
+            bench_peers.main()
+        assert stop.value.code == 2 and message in capsys.readouterr().err
