@@ -1,4 +1,4 @@
-"""Pieces the benchmark scripts share: the machine's matmul rate and the timed training step.
+"""Pieces the benchmark scripts share: the machine's matmul rate, timed calls and the timed training step.
 
 Both are measured the same way everywhere, so that MFU figures of different benchmarks compare.
 """
@@ -53,11 +53,21 @@ def time_training_steps(model: Any, x0: torch.Tensor, precision: str, steps: int
         out.loss.backward()
         optimizer.step()
 
+    return time_calls(step, steps, warmup)
+
+
+def time_calls(step: Any, steps: int, warmup: int = 5, sync: Any = None) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step()`` after ``warmup`` untimed ones; ``sync()`` (a device
+    synchronisation, say) runs before every clock reading."""
     for _ in range(warmup):
         step()
     times = []
     for _ in range(steps):
+        if sync is not None:
+            sync()
         start = time.perf_counter()
         step()
+        if sync is not None:
+            sync()
         times.append(time.perf_counter() - start)
     return times

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from bench_common import time_calls
+
 SIZES = {
     "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=4097, seq_len=32),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, vocab_size=4097, seq_len=128),
@@ -120,16 +122,7 @@ def train_row(name: str, size: dict, device: torch.device, batch: int, steps: in
         out.loss.backward()
         optimizer.step()
 
-    for _ in range(3 if not compiled else 6):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    seconds = statistics.median(time_calls(step, steps, warmup=3 if not compiled else 6, sync=lambda: _sync(device)))
     params = sum(p.numel() for p in model.parameters())
     non_embedding = params - model.embed_tokens.weight.numel()
     world = torch.distributed.get_world_size() if fsdp else 1

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from bench_common import matmul_rate
+from bench_common import matmul_rate, time_calls
 
 SEQ_LEN, BATCH, TOKENS = 128, 8, 4096
 SEDD_CONFIG = {"tokens": TOKENS, "graph": {"type": "absorb"},
@@ -179,7 +179,7 @@ def theirs(item: str, peer: str, checkout: str, steps: int) -> float:
             loss.backward()
             optimizer.step()
 
-        return _median_step(step, steps)
+        return statistics.median(time_calls(step, steps))
     predictor = item.split()[-1]
     model.eval()
     torch.manual_seed(0)
@@ -204,17 +204,6 @@ def ours(item: str, steps: int) -> float:
     model = build_model(peer, "sdpa").eval()
     sampler, options = OURS_SAMPLERS[item.split()[-1]]
     return generate(model, sampler, options, 128, "fp32")[1]
-
-
-def _median_step(step: Any, steps: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _measure(side: str, item: str, args: argparse.Namespace) -> float:
