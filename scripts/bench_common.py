@@ -1,4 +1,5 @@
-"""Pieces the benchmark scripts share: the machine's matmul rate, timed calls and the timed training step.
+"""Pieces the benchmark scripts share: the machine's matmul rate, timed calls, the timed training step and the
+FLOPs a training step executes.
 
 Both are measured the same way everywhere, so that MFU figures of different benchmarks compare.
 """
@@ -71,3 +72,18 @@ def time_calls(step: Any, steps: int, warmup: int = 5, sync: Any = None) -> list
             sync()
         times.append(time.perf_counter() - start)
     return times
+
+
+def executed_flops(size: dict, batch: int, masked_fraction: float) -> float:
+    """FLOPs of one training step (forward + backward = 3 forwards) as ddlm executes it.
+
+    Per block and token: qkv 6H^2, attention output 2H^2, MLP 16H^2 (4H wide), attention scores and values
+    4 L H; the output head 2 H V at the masked positions only (V real tokens; the head also pads its row count to
+    a multiple of 64, at most 63 rows a call, which this leaves out).  ``tests/test_scripts.py`` checks it against
+    torch's FLOP counter.
+    """
+    hidden, layers, length, vocab = size["hidden_size"], size["num_hidden_layers"], size["seq_len"], size["vocab_size"]
+    tokens = batch * length
+    blocks = layers * tokens * (24 * hidden**2 + 4 * length * hidden)
+    head = 2 * hidden * (vocab - 1) * tokens * masked_fraction
+    return 3 * (blocks + head)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench_common import time_calls
+from bench_common import executed_flops, time_calls
 
 SIZES = {
     "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=4097, seq_len=32),
@@ -40,21 +40,6 @@ SIZES = {
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
 PEAKS = {"H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "V100": 125.0}
 ATTENTION = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
-
-
-def executed_flops(size: dict, batch: int, masked_fraction: float) -> float:
-    """FLOPs of one training step (forward + backward = 3 forwards) as ddlm executes it.
-
-    Per block and token: qkv 6H^2, attention output 2H^2, MLP 16H^2 (4H wide), attention scores and values
-    4 L H; the output head 2 H V at the masked positions only (V real tokens; the head also pads its row count to
-    a multiple of 64, at most 63 rows a call, which this leaves out).  ``tests/test_scripts.py`` checks it against
-    torch's FLOP counter.
-    """
-    hidden, layers, length, vocab = size["hidden_size"], size["num_hidden_layers"], size["seq_len"], size["vocab_size"]
-    tokens = batch * length
-    blocks = layers * tokens * (24 * hidden**2 + 4 * length * hidden)
-    head = 2 * hidden * (vocab - 1) * tokens * masked_fraction
-    return 3 * (blocks + head)
 
 
 def device_peak(device: torch.device, given: float | None) -> tuple[float, str]:

@@ -10,7 +10,7 @@ def test_no_script_shadows_a_package():
     assert not names & {"diffusion", "samplers", "rl", "torch", "transformers", "datasets", "accelerate"}, names
 
 
-def test_the_gpu_benchmarks_flop_count_is_what_a_training_step_executes():
+def test_the_benchmarks_flop_count_is_what_a_training_step_executes():
     """executed_flops (blocks + output head at the masked positions, backward = 2 forwards) against torch's own
     count of the matmul and attention FLOPs of one forward + backward."""
     import sys
@@ -21,7 +21,7 @@ def test_the_gpu_benchmarks_flop_count_is_what_a_training_step_executes():
     from diffusion import DDiTConfig, DDiTModel
 
     sys.path.insert(0, str(SCRIPTS))
-    from bench_gpu import executed_flops
+    from bench_common import executed_flops
 
     size = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1025, seq_len=64)
     torch.manual_seed(0)
