@@ -1,7 +1,8 @@
 """Block KV caches: model calls of one block that reuse the keys/values of positions computed earlier.
 
-Exact for block-causal models (``attention_block_size``, block diffusion), where a block never attends to later
-blocks; an approximation for bidirectional ones, whose cached keys/values go stale as the block is decoded.  A
+``prefix`` and ``dual`` are exact for block-causal models (``attention_block_size``, block diffusion), where a
+block never attends to later blocks; every mode is an approximation for bidirectional models, whose cached
+keys/values go stale as the block is decoded (and ``delayed`` also inside the block, for any model).  A
 :class:`CachePolicy` says what is cached and when the cache is rebuilt by a full call:
 
 * ``prefix`` (Fast-dLLM): keys/values of the positions before the block, from the block's first call; every

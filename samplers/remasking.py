@@ -107,7 +107,7 @@ def decode_blocks(model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: in
     for start, steps_per_block in zip(starts, block_steps):
         in_block = (positions >= start) & (positions < start + block_length)
         counts = transfer_schedule(((x == mask_id) & in_block).sum(-1), steps_per_block)
-        call = BlockCaller(model, kv_cache, start, start + block_length)
+        call = BlockCaller(model, kv_cache, start, min(start + block_length, length))  # the last block may be short
         for step in range(steps_per_block):
             masked = (x == mask_id) & in_block
             if not bool(masked.any()):

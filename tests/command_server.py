@@ -19,6 +19,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ENTRY_GROUP = "console_scripts"
@@ -34,6 +35,11 @@ def _child(request: dict, commands: dict) -> None:
     """In the forked child: run one command, never return."""
     code = 1
     try:
+        # A real command starts with the terminal's stdin or nothing; give it /dev/null, never the request pipe.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        sys.stdin = open(0, closefd=False)
         os.chdir(request["cwd"])
         for fd, name in ((1, "stdout"), (2, "stderr")):
             target = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -57,13 +63,17 @@ def _child(request: dict, commands: dict) -> None:
             code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
             if not isinstance(stop.code, (int, type(None))):
                 print(stop.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            code = 130
         except BaseException:
             import traceback
 
             traceback.print_exc()
             code = 1
         import atexit
+        import threading
 
+        threading._shutdown()  # as the interpreter does: join non-daemon threads before the exit handlers
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -89,7 +99,6 @@ def serve() -> None:
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            sys.stdin.close()
             _child(request, commands)
         print(json.dumps({"pid": pid}), file=out, flush=True)
         _, status = os.waitpid(pid, 0)
@@ -102,17 +111,29 @@ class CommandServer:
     def __init__(self, env: dict, scratch: Path) -> None:
         self.scratch = scratch
         self.process = subprocess.Popen([sys.executable, __file__], env=env, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.commands = set(self._read(300)["ready"])
+                                        stdout=subprocess.PIPE, start_new_session=True)
+        self.pending = b""  # bytes read from the server past the last whole line
+        try:
+            self.commands = set(self._read(300)["ready"])
+        except BaseException:
+            self._kill()
+            raise
         self.count = 0
 
     def _read(self, timeout: float) -> dict:
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError(f"the command server did not answer within {timeout} s")
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the command server ended (code {self.process.wait()})")
+        """The server's next answer line, read from the raw pipe (a buffered reader could hold a second line
+        that ``select`` then never reports)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.process.stdout], [], [], max(left, 0))
+            if not ready:
+                raise TimeoutError(f"the command server did not answer within {timeout} s")
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the command server ended (code {self.process.wait()})")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
     def runs(self, argv: list[str]) -> bool:
@@ -122,21 +143,32 @@ class CommandServer:
     def run(self, argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         self.count += 1
         out, err = self.scratch / f"cmd{self.count}.out", self.scratch / f"cmd{self.count}.err"
-        self.process.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "stdout": str(out),
-                                             "stderr": str(err)}) + "\n")
+        self.process.stdin.write((json.dumps({"argv": argv, "cwd": str(cwd), "stdout": str(out),
+                                              "stderr": str(err)}) + "\n").encode())
         self.process.stdin.flush()
         pid = self._read(30)["pid"]
         try:
             code = self._read(timeout)["code"]
         except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)  # not yet reaped: the server waits for it before it answers
             self._read(30)
             raise
         return subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
 
     def close(self) -> None:
         self.process.stdin.close()
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._kill()
+
+    def _kill(self) -> None:
+        """The server and any child it runs (one session)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
 
 if __name__ == "__main__":

@@ -155,3 +155,20 @@ def test_cache_policy_arguments_are_checked():
         get_sampler("threshold", block_length=4, kv_cache="dual", cache_refresh_changed=1.5)
     with pytest.raises(ValueError, match="set kv_cache too"):
         get_sampler("remask", block_length=4, cache_refresh_every=2)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual", "delayed"])
+def test_a_short_last_block_is_cached_like_the_others(mode):
+    """A canvas that is not a whole number of blocks: the last block is shorter, for every cache mode."""
+    model = _model()
+    common = dict(prompt_ids=torch.tensor([[1, 2, 3]]).repeat(2, 1), length=L - 3, num_steps=13)  # 3 + 13 = 16
+    plain = get_sampler("remask", block_length=6, **{}).generate(
+        model, **common, generator=torch.Generator().manual_seed(0))
+    exact = get_sampler("remask", block_length=6, kv_cache=mode, cache_refresh_every=1).generate(
+        model, **common, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(exact.tokens, plain.tokens)
+    recorded = Recording(model)
+    cached = get_sampler("remask", block_length=6, kv_cache=mode).generate(
+        recorded, **common, generator=torch.Generator().manual_seed(0))
+    assert bool((cached.tokens < V).all()) and cached.nfe == plain.nfe
+    assert min(recorded.lengths) < L

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,18 +84,21 @@ class Preemption:
 
     def _handle(self, signum: int, frame: Any) -> None:
         main = os.environ.get("RANK", "0") == "0"
+        # The messages go straight to file descriptor 2: a second Ctrl-C can run this handler in the middle of
+        # another write to sys.stderr, whose buffer is then locked (a reentrant print raises).
         if signum == signal.SIGINT and self.flag:  # the second Ctrl-C
-            if main:
-                latest = find_latest_checkpoint(self.ckpt_root)
-                print(f"\nddlm-train: stopped by Ctrl-C; the last complete checkpoint is {latest} "
-                      f"({'continue with --resume auto' if latest else 'none was written: start again'})",
-                      file=sys.stderr, flush=True)
-            os._exit(130)
-        # Set before printing: a second Ctrl-C may run this handler again in the middle of the print.
+            try:
+                if main:
+                    latest = find_latest_checkpoint(self.ckpt_root)
+                    os.write(2, (f"\nddlm-train: stopped by Ctrl-C; the last complete checkpoint is {latest} "
+                                 f"({'continue with --resume auto' if latest else 'none was written: start again'})"
+                                 f"\n").encode())
+            finally:
+                os._exit(130)
         self.flag, self.signal_name = True, signal.Signals(signum).name
         if signum == signal.SIGINT and main:
-            print("\nddlm-train: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at "
-                  "once)", file=sys.stderr, flush=True)
+            os.write(2, b"\nddlm-train: Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop "
+                        b"at once)\n")
 
     def requested(self, acc: Any) -> bool:
         if acc.num_processes == 1:
