@@ -62,17 +62,18 @@ TARGETS = {"train_speedup": 1.3, "mfu_fp32": 0.85, "mfu_bf16": 0.50, "sample_fp3
            "cache_fp32_s": 20.0, "decode_speedup": 5.0}
 
 
-def build_model(kind: str, attention: str = "sdpa", context: int = SEQ_LEN) -> Any:
+def build_model(kind: str, attention: str = "sdpa", context: int = SEQ_LEN, dropout: float = 0.0) -> Any:
     from diffusion import DDiTConfig, DDiTModel
 
     torch.manual_seed(0)
-    config = DDiTConfig(max_position_embeddings=context, attn_implementation=attention, **CONFIG, **MODELS[kind])
+    config = DDiTConfig(max_position_embeddings=context, attn_implementation=attention, dropout=dropout, **CONFIG,
+                        **MODELS[kind])
     return DDiTModel(config)
 
 
-def time_training(kind: str, precision: str, steps: int, attention: str) -> dict:
+def time_training(kind: str, precision: str, steps: int, attention: str, dropout: float = 0.0) -> dict:
     """Median seconds of one training step (after warm-up) of ``kind`` in ``precision``."""
-    model = build_model(kind, attention)
+    model = build_model(kind, attention, dropout=dropout)
     x0 = torch.randint(0, 4096, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     times = time_training_steps(model, x0, precision, steps)
     total = sum(p.numel() for p in model.parameters())

@@ -17,7 +17,8 @@ sequence 128, batch 8, 4096 tokens + MASK, log-linear noise):
 
 * ``sedd train fp32`` / ``bf16``: median step time of forward + backward + AdamW on an absorbing score model.
   SEDD: its ``losses.get_loss_fn`` on its ``SEDD`` model (dropout 0.1, its default), ``torch.optim.AdamW`` (what its
-  ``get_optimizer`` makes).  ddlm: ``bench_compare.time_training("sedd", ...)``.
+  ``get_optimizer`` makes).  ddlm: ``bench_compare.time_training("sedd", ...)`` with dropout 0.1 too.  While
+  training, the stand-in attends with the two-matmul form ddlm itself uses on a CPU, so both run one algorithm.
 * ``mdlm train fp32`` / ``bf16``: the same for the masked ELBO: MDLM's ``Diffusion._loss`` (subs, time-free,
   antithetic times, its defaults) on its ``DIT`` backbone (dropout 0.1).  ddlm: ``time_training("mdlm", ...)``.
 * ``sedd sample euler`` / ``analytic``: 8 x 128 tokens in 128 steps plus the final denoising step, float32.
@@ -68,8 +69,14 @@ def _flash_attn_stand_in(rotary: bool) -> None:
         lengths = cu_seqlens.diff()
         if not bool((lengths == max_seqlen).all()):
             raise NotImplementedError("the SDPA stand-in handles equal-length sequences only")
-        q, k, v = qkv.view(total // max_seqlen, max_seqlen, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+        q, k, v = qkv.reshape(total // max_seqlen, max_seqlen, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if torch.is_grad_enabled() and qkv.requires_grad and not causal:
+            # Training on a CPU: the two-matmul form, the one ddlm's own attention uses there (its backward is
+            # faster than the fused CPU kernel's), so both sides run the same algorithm.
+            probs = torch.softmax(torch.matmul(q * dim**-0.5, k.transpose(-1, -2)), dim=-1)
+            out = torch.matmul(torch.nn.functional.dropout(probs, p=dropout_p) if dropout_p > 0 else probs, v)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
         return out.transpose(1, 2).reshape(total, heads, dim)
 
     def apply_rotary_emb_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *_: Any, **__: Any):
@@ -199,8 +206,8 @@ def ours(item: str, steps: int) -> float:
     from bench_compare import build_model, generate, time_training
 
     peer = item.split()[0]
-    if " train " in f" {item} ":
-        return time_training(peer, item.split()[-1], steps, "sdpa")["step_s"]
+    if " train " in f" {item} ":  # dropout 0.1 as both peers train
+        return time_training(peer, item.split()[-1], steps, "sdpa", dropout=0.1)["step_s"]
     model = build_model(peer, "sdpa").eval()
     sampler, options = OURS_SAMPLERS[item.split()[-1]]
     return generate(model, sampler, options, 128, "fp32")[1]

@@ -73,6 +73,8 @@ def _check_stand_in(interface, rotary):
     weights = torch.einsum("bshd,bthd->bhst", q, k).div(dim**0.5).softmax(-1)
     expected = torch.einsum("bhst,bthd->bshd", weights, v).reshape(batch * length, heads, dim)
     torch.testing.assert_close(out, expected)
+    packed = qkv.reshape(batch * length, 3, heads, dim).clone().requires_grad_()  # training: the two-matmul form
+    torch.testing.assert_close(interface.flash_attn_varlen_qkvpacked_func(packed, cu, length, 0.0), expected)
 
     angles = torch.rand(length, dim // 2, generator=g, dtype=torch.float64) * 6
     rotated = rotary.apply_rotary_emb_qkv_(qkv.clone(), angles.cos(), angles.sin())
