@@ -17,8 +17,11 @@ sequence 128, batch 8, 4096 tokens + MASK, log-linear noise):
 
 * ``sedd train fp32`` / ``bf16``: median step time of forward + backward + AdamW on an absorbing score model.
   SEDD: its ``losses.get_loss_fn`` on its ``SEDD`` model (dropout 0.1, its default), ``torch.optim.AdamW`` (what its
-  ``get_optimizer`` makes).  ddlm: ``bench_compare.time_training("sedd", ...)`` with dropout 0.1 too.  While
-  training, the stand-in attends with the two-matmul form ddlm itself uses on a CPU, so both run one algorithm.
+  ``get_optimizer`` makes).  ddlm: ``bench_compare.time_training("sedd", ...)``.  ``--settings same`` (the
+  default) gives ddlm dropout 0.1 too (it also drops attention probabilities, which the peers do not) and has
+  the stand-in attend with the two-matmul form ddlm itself uses while training on a CPU, so both run one
+  algorithm; ``--settings defaults`` compares each code as it ships: ddlm without dropout, the peers on the
+  fused SDPA kernel, whose backward is slower on a CPU.
 * ``mdlm train fp32`` / ``bf16``: the same for the masked ELBO: MDLM's ``Diffusion._loss`` (subs, time-free,
   antithetic times, its defaults) on its ``DIT`` backbone (dropout 0.1).  ddlm: ``time_training("mdlm", ...)``.
 * ``sedd sample euler`` / ``analytic``: 8 x 128 tokens in 128 steps plus the final denoising step, float32.
@@ -60,9 +63,10 @@ OURS_SAMPLERS = {"euler": ("euler", {}), "analytic": ("analytic", {}), "ddpm": (
                  "ddpm_cache": ("ancestral", {"cache": True})}
 
 
-def _flash_attn_stand_in(rotary: bool) -> None:
-    """Register a ``flash_attn`` module whose ``flash_attn_varlen_qkvpacked_func`` is SDPA (equal lengths only) and,
-    with ``rotary``, whose ``layers.rotary.apply_rotary_emb_qkv_`` rotates q and k in place in PyTorch."""
+def _flash_attn_stand_in(rotary: bool, matmul_training: bool = True) -> None:
+    """Register a ``flash_attn`` module whose ``flash_attn_varlen_qkvpacked_func`` is SDPA (equal lengths only;
+    with ``matmul_training``, the two-matmul form under autograd) and, with ``rotary``, whose
+    ``layers.rotary.apply_rotary_emb_qkv_`` rotates q and k in place in PyTorch."""
     def varlen_qkvpacked(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float = 0.0,
                          causal: bool = False, **_: Any) -> torch.Tensor:
         total, _, heads, dim = qkv.shape
@@ -70,7 +74,7 @@ def _flash_attn_stand_in(rotary: bool) -> None:
         if not bool((lengths == max_seqlen).all()):
             raise NotImplementedError("the SDPA stand-in handles equal-length sequences only")
         q, k, v = qkv.reshape(total // max_seqlen, max_seqlen, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if torch.is_grad_enabled() and qkv.requires_grad and not causal:
+        if matmul_training and torch.is_grad_enabled() and qkv.requires_grad and not causal:
             # Training on a CPU: the two-matmul form, the one ddlm's own attention uses there (its backward is
             # faster than the fused CPU kernel's), so both sides run the same algorithm.
             probs = torch.softmax(torch.matmul(q * dim**-0.5, k.transpose(-1, -2)), dim=-1)
@@ -122,9 +126,9 @@ def _placeholder_attribute(attribute: str) -> type:
     return type(attribute, (), {})
 
 
-def _sedd(checkout: str) -> tuple[Any, Any, Any, dict]:
+def _sedd(checkout: str, same: bool) -> tuple[Any, Any, Any, dict]:
     """SEDD's model, graph and noise at the shared configuration, and its modules by name."""
-    _flash_attn_stand_in(rotary=False)
+    _flash_attn_stand_in(rotary=False, matmul_training=same)
     sys.path.insert(0, checkout)
     import graph_lib
     import losses
@@ -138,9 +142,9 @@ def _sedd(checkout: str) -> tuple[Any, Any, Any, dict]:
     return model, graph_lib.Absorbing(TOKENS), noise_lib.LogLinearNoise(), {"losses": losses, "sampling": sampling}
 
 
-def _mdlm(checkout: str) -> Any:
+def _mdlm(checkout: str, same: bool) -> Any:
     """MDLM's ``Diffusion`` (subs, time-free, its defaults) with a DIT backbone at the shared configuration."""
-    _flash_attn_stand_in(rotary=True)
+    _flash_attn_stand_in(rotary=True, matmul_training=same)
     _placeholders("causal_conv1d", "mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface",
                   "mamba_ssm.ops.triton", "mamba_ssm.ops.triton.selective_state_update", "timm", "timm.scheduler")
     sys.path.insert(0, checkout)
@@ -163,12 +167,12 @@ def _mdlm(checkout: str) -> Any:
     return mdlm_diffusion.Diffusion(config, tokenizer)
 
 
-def theirs(item: str, peer: str, checkout: str, steps: int) -> float:
+def theirs(item: str, peer: str, checkout: str, steps: int, same: bool) -> float:
     """Seconds of one ``item`` with the peer's code (median step for training, the whole run for sampling)."""
     if peer == "sedd":
-        model, graph, noise, modules = _sedd(checkout)
+        model, graph, noise, modules = _sedd(checkout, same)
     else:
-        model = _mdlm(checkout)
+        model = _mdlm(checkout, same)
     x0 = torch.randint(0, TOKENS, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     if " train " in f" {item} ":
         if peer == "sedd":
@@ -201,13 +205,13 @@ def theirs(item: str, peer: str, checkout: str, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def ours(item: str, steps: int) -> float:
+def ours(item: str, steps: int, same: bool) -> float:
     """Seconds of one ``item`` with ddlm (the functions ``scripts/bench_compare.py`` times)."""
     from bench_compare import build_model, generate, time_training
 
     peer = item.split()[0]
-    if " train " in f" {item} ":  # dropout 0.1 as both peers train
-        return time_training(peer, item.split()[-1], steps, "sdpa", dropout=0.1)["step_s"]
+    if " train " in f" {item} ":  # with ``same``, dropout 0.1 as both peers train; else ddlm's default, none
+        return time_training(peer, item.split()[-1], steps, "sdpa", dropout=0.1 if same else 0.0)["step_s"]
     model = build_model(peer, "sdpa").eval()
     sampler, options = OURS_SAMPLERS[item.split()[-1]]
     return generate(model, sampler, options, 128, "fp32")[1]
@@ -217,7 +221,7 @@ def _measure(side: str, item: str, args: argparse.Namespace) -> float:
     """One measurement in a fresh subprocess (its own memory and threads)."""
     peer = item.split()[0]
     command = [sys.executable, __file__, "--single", side, item, f"--{peer}", getattr(args, peer), "--train-steps",
-               str(args.train_steps), "--threads", str(args.threads)]
+               str(args.train_steps), "--threads", str(args.threads), "--settings", args.settings]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -235,6 +239,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="pairs per item (default: %(default)s)")
     parser.add_argument("--train-steps", type=int, default=10, help="timed training steps (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    parser.add_argument("--settings", default="same", choices=["same", "defaults"],
+                        help="training rows: 'same' (dropout 0.1 on both sides, one attention algorithm) or "
+                             "'defaults' (each code's own: ddlm without dropout, the peers on the fused SDPA kernel)")
     parser.add_argument("--json", default="bench_peers.json", help="where to write the results")
     parser.add_argument("--single", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -258,8 +265,9 @@ def main() -> None:
     if args.single:
         side, item = args.single
         peer = item.split()[0]
-        print(ours(item, args.train_steps) if side == "ddlm" else
-              theirs(item, peer, getattr(args, peer), args.train_steps))
+        same = args.settings == "same"
+        print(ours(item, args.train_steps, same) if side == "ddlm" else
+              theirs(item, peer, getattr(args, peer), args.train_steps, same))
         return
 
     rates = {"start": _rates(2048)}
@@ -291,7 +299,7 @@ def main() -> None:
           + ", ".join(f"{k} {v['fp32']:.0f} / {v['bf16']:.0f}" for k, v in rates.items()))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"config": {**SEDD_CONFIG, "batch": BATCH}, "peers": given,
-                                           "threads": args.threads,
+                                           "settings": args.settings, "threads": args.threads,
                                            "rounds": args.rounds, "matmul_gflops": rates, "rows": rows}, indent=2))
     print(f"wrote {args.json}")
 
