@@ -28,13 +28,14 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 9) -> float:
 
 def time_training_steps(model: Any, x0: torch.Tensor, precision: str, steps: int, warmup: int = 5,
                         config: Any = None, autocast: bool | None = None,
-                        optimizer: torch.optim.Optimizer | None = None) -> list[float]:
+                        optimizer: torch.optim.Optimizer | None = None, sync: Any = None) -> list[float]:
     """Seconds of each of ``steps`` training steps of ``model`` on the clean tokens ``x0 [B, L]``.
 
     One step = the model's diffusion objective (forward), backward and a fused AdamW step, in bf16
-    autocast when ``precision == "bf16"`` (unless ``autocast`` says otherwise: an FSDP model casts itself);
-    ``warmup`` untimed steps come first.  ``config``: the model's config when ``model`` is a wrapper (DDP);
-    ``optimizer``: the one to step (default: a fused AdamW made here).
+    autocast on ``x0``'s device when ``precision == "bf16"`` (unless ``autocast`` says otherwise: an FSDP model
+    casts itself); ``warmup`` untimed steps come first.  ``config``: the model's config when ``model`` is a
+    wrapper (DDP, ``torch.compile``); ``optimizer``: the one to step (default: a fused AdamW made here);
+    ``sync``: a device synchronisation run around each timed step (a GPU's).
     """
     from diffusion.objectives import DiffusionObjective
 
@@ -45,16 +46,16 @@ def time_training_steps(model: Any, x0: torch.Tensor, precision: str, steps: int
     objective = DiffusionObjective.from_config(config if config is not None else model.config)
     autocast = precision == "bf16" if autocast is None else autocast
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=x0.device).manual_seed(0)  # the objective draws on x0's device
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = objective(model, x0, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
 
-    return time_calls(step, steps, warmup)
+    return time_calls(step, steps, warmup, sync)
 
 
 def time_calls(step: Any, steps: int, warmup: int = 5, sync: Any = None) -> list[float]:

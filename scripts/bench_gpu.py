@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench_common import executed_flops, time_calls
+from bench_common import executed_flops, time_training_steps
 
 SIZES = {
     "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=4097, seq_len=32),
@@ -84,10 +84,7 @@ def train_row(name: str, size: dict, device: torch.device, batch: int, steps: in
     """Median step time of masked-ELBO training (bf16 autocast, fused AdamW) and its tokens/s."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from diffusion.objectives import DiffusionObjective
-
     model = build(size, device)
-    objective = DiffusionObjective.from_config(model.config)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -95,21 +92,15 @@ def train_row(name: str, size: dict, device: torch.device, batch: int, steps: in
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
-    forward = torch.compile(model) if compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     x0 = torch.randint(0, size["vocab_size"] - 1, (batch, size["seq_len"]),
                        generator=torch.Generator().manual_seed(0)).to(device)
-    generator = torch.Generator(device=device).manual_seed(0)  # the objective draws times and masks on x0's device
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not fsdp), \
-                sdpa_kernel(getattr(SDPBackend, ATTENTION[attention])):
-            out = objective(forward, x0, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-
-    seconds = statistics.median(time_calls(step, steps, warmup=3 if not compiled else 6, sync=lambda: _sync(device)))
+    with sdpa_kernel(getattr(SDPBackend, ATTENTION[attention])):
+        times = time_training_steps(torch.compile(model) if compiled else model, x0, "bf16", steps,
+                                    warmup=6 if compiled else 3, config=model.config, autocast=not fsdp,
+                                    optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4,
+                                                                fused=device.type == "cuda"),
+                                    sync=lambda: _sync(device))
+    seconds = statistics.median(times)
     params = sum(p.numel() for p in model.parameters())
     non_embedding = params - model.embed_tokens.weight.numel()
     world = torch.distributed.get_world_size() if fsdp else 1
@@ -170,6 +161,11 @@ def main() -> int:
     for name in backends:
         if name not in ATTENTION:
             parser.error(f"--attention: unknown backend {name!r}; choose from {sorted(ATTENTION)}")
+    for name in ("batch_size", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     if args.device == "cpu" and not args.smoke:
         parser.error("--device cpu is only for --smoke (scripts/bench_compare.py and bench_train.py measure the CPU)")
     if args.device == "cuda" and not torch.cuda.is_available():
