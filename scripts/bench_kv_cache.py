@@ -86,6 +86,11 @@ def main() -> None:
     for name in ("model", "scorer"):
         if not Path(getattr(args, name)).is_dir():
             parser.error(f"--{name} {getattr(args, name)!r} is not a folder")
+    for name in ("length", "block_length", "num_samples", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.tolerance < 1:
+        parser.error(f"--tolerance must be a fraction in [0, 1), got {args.tolerance}")
     if args.length % args.block_length:
         parser.error(f"--length {args.length} must be a multiple of --block-length {args.block_length}")
     if args.smoke:

@@ -259,8 +259,9 @@ def main() -> None:
             parser.error(f"--items: unknown item {item!r}; choose from {ITEMS}")
         if item.split()[0] not in given:
             parser.error(f"--items: {item!r} needs --{item.split()[0]}")
-    if args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    for name in ("rounds", "train_steps", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     if args.single:
         side, item = args.single
