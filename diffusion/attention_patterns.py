@@ -23,7 +23,7 @@ ATTENTION_MODES = ("bidirectional", "causal", "block")
 _ANNEAL_SEED = 0
 
 
-block_causal = block_causal_pattern  # one home: modeling_ddit.py, which ships alone as Hub remote code
+block_causal = block_causal_pattern  # one home: modeling_ddit.py, which ships (with dropout.py) as Hub remote code
 
 
 def attention_pattern(mode: str, length: int, block_size: int | None = None,

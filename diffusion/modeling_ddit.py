@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
+from .dropout import Dropout, dropout
+
 NEG_INF = -1.0e6  # a finite "log 0": exp() underflows to exactly 0 and no inf - inf NaNs appear
 
 _PROCESSES = ("absorbing", "uniform")
@@ -48,6 +50,8 @@ class DDiTConfig(PretrainedConfig):
         cond_dim: width of the noise-level embedding used by adaLN (time-conditioned models).
         max_position_embeddings: longest sequence the model accepts.
         dropout: dropout on the attention and MLP outputs.
+        attention_dropout: dropout on the attention probabilities; ``None`` (the default) takes ``dropout``.
+            SEDD's and MDLM's models drop only the two outputs: ``attention_dropout=0.0`` trains as they do.
         rope_theta: rotary base.
         layer_norm_eps: LayerNorm epsilon.
         initializer_range: std of the normal initialisation.
@@ -77,6 +81,7 @@ class DDiTConfig(PretrainedConfig):
         cond_dim: int = 128,
         max_position_embeddings: int = 1024,
         dropout: float = 0.0,
+        attention_dropout: float | None = None,
         rope_theta: float = 10000.0,
         layer_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
@@ -122,6 +127,8 @@ class DDiTConfig(PretrainedConfig):
             raise ValueError(f"attention_block_size must be a positive int or None, got {attention_block_size!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got dropout={dropout!r}")
+        if attention_dropout is not None and not 0.0 <= attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1) or None, got attention_dropout={attention_dropout!r}")
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got mlp_ratio={mlp_ratio!r}")
         if process == "absorbing":
@@ -152,6 +159,7 @@ class DDiTConfig(PretrainedConfig):
         self.cond_dim = cond_dim
         self.max_position_embeddings = max_position_embeddings
         self.dropout = float(dropout)
+        self.attention_dropout = float(attention_dropout) if attention_dropout is not None else None
         self.rope_theta = float(rope_theta)
         self.layer_norm_eps = float(layer_norm_eps)
         self.initializer_range = float(initializer_range)
@@ -213,7 +221,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: 
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)  # bf16 input: accumulated in float32 by the kernel
     if dropout_p > 0:
-        probs = F.dropout(probs, p=dropout_p)
+        probs = dropout(probs, dropout_p)
     return torch.matmul(probs, v)
 
 
@@ -323,7 +331,8 @@ class DDiTBlock(nn.Module):
         mlp_hidden = int(round(config.mlp_ratio * hidden))
         self.mlp_in = nn.Linear(hidden, mlp_hidden)
         self.mlp_out = nn.Linear(mlp_hidden, hidden)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)  # diffusion/dropout.py: a quarter of the random draws on a CPU
+        self.attention_dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         # adaLN-zero: shift, scale and gate for both sub-layers, initialised to zero (identity block).
         self.modulation = nn.Linear(config.cond_dim, 6 * hidden) if config.time_conditioning else None
         _tag(self.modulation, "zero")
@@ -369,7 +378,8 @@ class DDiTBlock(nn.Module):
             else:
                 k = torch.cat([k, past_k.to(k.dtype)], dim=2)  # (B, nh, Lq + Lc, hd)
                 v = torch.cat([v, past_v.to(v.dtype)], dim=2)
-        attn = _attention(q, k, v, attn_mask, self.dropout.p if self.training else 0.0, self.config, self.training)
+        attn = _attention(q, k, v, attn_mask, self.attention_dropout if self.training else 0.0, self.config,
+                          self.training)
         attn = self.dropout(self.attn_out(rearrange(attn, "b h l d -> b l (h d)")))
         x = torch.addcmul(x, gate1, attn) if self.modulation is not None else x + attn
 

@@ -66,7 +66,7 @@ def exported_subs(tmp_path_factory):
 def test_folder_contents_and_card(exported):
     folder, _, _ = exported
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_ddit.py", "sampler_config.json", "README.md",
+    assert {"config.json", "model.safetensors", "modeling_ddit.py", "dropout.py", "sampler_config.json", "README.md",
             "tokenizer.json", "tokenizer_config.json"} <= names
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForMaskedLM"] == "modeling_ddit.DDiTModel"

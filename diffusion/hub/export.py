@@ -5,7 +5,8 @@ by default) or a model folder (``final/``) and writes::
 
     config.json            the DDiT config (process, schedule, parameterisation, mask id) + auto_map
     model.safetensors      the weights
-    modeling_ddit.py       the self-contained model code (torch, transformers, einops only)
+    modeling_ddit.py       the model code (torch, transformers, einops only), with the one file it imports:
+    dropout.py             the CPU dropout it uses (diffusion/dropout.py)
     sampler_config.json    the sampler defaults
     tokenizer files
     README.md              a model card: YAML metadata, training config, evaluation, a runnable snippet
@@ -21,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import modeling_ddit
+from .. import dropout, modeling_ddit
 from ..spec import DiffusionSpec
 from ..training.checkpoint import COMPLETE, CheckpointError, load_tensors, save_weights
 from ..adapters import CONVERTED_FILE, DenoiserConfig
@@ -75,6 +76,7 @@ def export_for_hub(source: str | Path, folder: str | Path, *, use_ema: bool = Tr
     (folder / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
     save_weights(state, folder / "model.safetensors")
     shutil.copyfile(modeling_ddit.__file__, folder / "modeling_ddit.py")
+    shutil.copyfile(dropout.__file__, folder / "dropout.py")  # modeling_ddit.py imports it (``from .dropout``)
     spec = DiffusionSpec.from_config(config)
     sampler = {"sampler": spec.default_sampler, "num_steps": spec.default_sampling_steps}
     (folder / SAMPLER_CONFIG).write_text(json.dumps(sampler, indent=2))

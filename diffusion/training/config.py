@@ -75,6 +75,8 @@ class TrainConfig:
     cond_dim: int = _f(128, "noise-embedding width (time-conditioned models)")
     mlp_ratio: float = _f(4.0, "MLP width as a multiple of hidden_size")
     dropout: float = _f(0.0, "dropout on attention and MLP outputs")
+    attention_dropout: float | None = _f(None, "dropout on attention probabilities (None: --dropout; SEDD and MDLM "
+                                               "train with 0)")
     tie_embeddings: bool = _f(False, "share the output head with the token embedding")
     max_position_embeddings: int = _f(1024, "longest sequence the model will accept")
     attention: str = _f("sdpa", "attention implementation: sdpa (scaled_dot_product_attention) or eager (faster on "
@@ -178,6 +180,8 @@ class TrainConfig:
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
             ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("attention_dropout", self.attention_dropout is None or 0 <= self.attention_dropout < 1,
+             "must be in [0, 1) or None"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("warmup_steps", self.resolved_warmup_steps <= self.max_steps, f"must not exceed max_steps={self.max_steps}"),

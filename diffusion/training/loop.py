@@ -95,6 +95,7 @@ def build_model_config(config: TrainConfig, tokenizer: Any) -> DDiTConfig:
         cond_dim=config.cond_dim,
         max_position_embeddings=config.max_position_embeddings,
         dropout=config.dropout,
+        attention_dropout=config.attention_dropout,
         process=config.process,
         schedule=schedule,
         schedule_kwargs=schedule_kwargs,
