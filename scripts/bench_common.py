@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,23 +26,19 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 9) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def time_training_steps(model: Any, x0: torch.Tensor, precision: str, steps: int, warmup: int = 5,
-                        config: Any = None, autocast: bool | None = None,
-                        optimizer: torch.optim.Optimizer | None = None, sync: Any = None) -> list[float]:
-    """Seconds of each of ``steps`` training steps of ``model`` on the clean tokens ``x0 [B, L]``.
+def training_step(model: Any, x0: torch.Tensor, precision: str, config: Any = None, autocast: bool | None = None,
+                  optimizer: torch.optim.Optimizer | None = None) -> Callable[[], None]:
+    """One training step of ``model`` on the clean tokens ``x0 [B, L]``, as a function of no arguments.
 
     One step = the model's diffusion objective (forward), backward and a fused AdamW step, in bf16
     autocast on ``x0``'s device when ``precision == "bf16"`` (unless ``autocast`` says otherwise: an FSDP model
-    casts itself); ``warmup`` untimed steps come first.  ``config``: the model's config when ``model`` is a
-    wrapper (DDP, ``torch.compile``); ``optimizer``: the one to step (default: a fused AdamW made here);
-    ``sync``: a device synchronisation run around each timed step (a GPU's).
+    casts itself).  ``config``: the model's config when ``model`` is a wrapper (DDP, ``torch.compile``);
+    ``optimizer``: the one to step (default: a fused AdamW made here).
     """
     from diffusion.objectives import DiffusionObjective
 
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got precision={precision!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got steps={steps}")
     objective = DiffusionObjective.from_config(config if config is not None else model.config)
     autocast = precision == "bf16" if autocast is None else autocast
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -55,7 +51,17 @@ def time_training_steps(model: Any, x0: torch.Tensor, precision: str, steps: int
         out.loss.backward()
         optimizer.step()
 
-    return time_calls(step, steps, warmup, sync)
+    return step
+
+
+def time_training_steps(model: Any, x0: torch.Tensor, precision: str, steps: int, warmup: int = 5,
+                        config: Any = None, autocast: bool | None = None,
+                        optimizer: torch.optim.Optimizer | None = None, sync: Any = None) -> list[float]:
+    """Seconds of each of ``steps`` calls of :func:`training_step` after ``warmup`` untimed ones; ``sync``: a
+    device synchronisation run around each timed step (a GPU's)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got steps={steps}")
+    return time_calls(training_step(model, x0, precision, config, autocast, optimizer), steps, warmup, sync)
 
 
 def time_calls(step: Any, steps: int, warmup: int = 5, sync: Any = None) -> list[float]:
@@ -88,3 +94,20 @@ def executed_flops(size: dict, batch: int, masked_fraction: float) -> float:
     blocks = layers * tokens * (24 * hidden**2 + 4 * length * hidden)
     head = 2 * hidden * (vocab - 1) * tokens * masked_fraction
     return 3 * (blocks + head)
+
+
+def profile_calls(step: Callable[[], None], steps: int, warmup: int = 3, top: int = 15) -> list[dict]:
+    """The ``top`` operators of ``steps`` calls of ``step()`` by self CPU time (torch.profiler, after ``warmup``
+    untimed calls), each as ``{"op", "self_ms_per_call", "calls_per_call"}``, plus a row ``"total"``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    rows = [{"op": e.key, "self_ms_per_call": e.self_cpu_time_total / 1e3 / steps, "calls_per_call": e.count / steps}
+            for e in events]
+    total = sum(r["self_ms_per_call"] for r in rows)
+    return rows[:top] + [{"op": "total", "self_ms_per_call": total, "calls_per_call": sum(e.count for e in events) / steps}]

@@ -62,11 +62,13 @@ TARGETS = {"train_speedup": 1.3, "mfu_fp32": 0.85, "mfu_bf16": 0.50, "sample_fp3
            "cache_fp32_s": 20.0, "decode_speedup": 5.0}
 
 
-def build_model(kind: str, attention: str = "sdpa", context: int = SEQ_LEN, dropout: float = 0.0) -> Any:
+def build_model(kind: str, attention: str = "sdpa", context: int = SEQ_LEN, dropout: float = 0.0,
+                attention_dropout: float | None = None) -> Any:
     from diffusion import DDiTConfig, DDiTModel
 
     torch.manual_seed(0)
-    config = DDiTConfig(max_position_embeddings=context, attn_implementation=attention, dropout=dropout, **CONFIG,
+    config = DDiTConfig(max_position_embeddings=context, attn_implementation=attention, dropout=dropout,
+                        attention_dropout=attention_dropout, **CONFIG,
                         **MODELS[kind])
     return DDiTModel(config)
 

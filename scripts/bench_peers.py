@@ -47,11 +47,11 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from bench_common import matmul_rate, time_calls
+from bench_common import matmul_rate, profile_calls, time_calls, training_step
 
 SEQ_LEN, BATCH, TOKENS = 128, 8, 4096
 SEDD_CONFIG = {"tokens": TOKENS, "graph": {"type": "absorb"},
@@ -167,30 +167,49 @@ def _mdlm(checkout: str, same: bool) -> Any:
     return mdlm_diffusion.Diffusion(config, tokenizer)
 
 
+def their_training_step(item: str, peer: str, checkout: str, same: bool) -> Callable[[], None]:
+    """One training step of ``item`` (forward with the peer's own loss, backward, AdamW) with the peer's code."""
+    if peer == "sedd":
+        model, graph, noise, modules = _sedd(checkout, same)
+        loss_fn = modules["losses"].get_loss_fn(noise, graph, train=True)
+        parameters, loss_of = model.parameters(), lambda: loss_fn(model, x0).mean()
+    else:
+        model = _mdlm(checkout, same)
+        model.train()
+        parameters, loss_of = model.backbone.parameters(), lambda: model._loss(x0, torch.ones_like(x0)).loss
+    x0 = torch.randint(0, TOKENS, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(parameters, lr=3e-4)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=item.endswith("bf16")):
+            loss = loss_of()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def our_training_step(item: str, same: bool) -> Callable[[], None]:
+    """The same step with ddlm (the model ``scripts/bench_compare.py`` times); with ``same``, dropout 0.1 on the
+    attention and MLP outputs and none on the attention probabilities, as both peers train; else ddlm's default,
+    no dropout."""
+    from bench_compare import BATCH as OUR_BATCH
+    from bench_compare import build_model
+
+    model = build_model(item.split()[0], "sdpa", dropout=0.1 if same else 0.0, attention_dropout=0.0)
+    x0 = torch.randint(0, 4096, (OUR_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    return training_step(model, x0, item.split()[-1])
+
+
 def theirs(item: str, peer: str, checkout: str, steps: int, same: bool) -> float:
     """Seconds of one ``item`` with the peer's code (median step for training, the whole run for sampling)."""
+    if " train " in f" {item} ":
+        return statistics.median(time_calls(their_training_step(item, peer, checkout, same), steps))
     if peer == "sedd":
         model, graph, noise, modules = _sedd(checkout, same)
     else:
         model = _mdlm(checkout, same)
-    x0 = torch.randint(0, TOKENS, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
-    if " train " in f" {item} ":
-        if peer == "sedd":
-            loss_fn = modules["losses"].get_loss_fn(noise, graph, train=True)
-            parameters, loss_of = model.parameters(), lambda: loss_fn(model, x0).mean()
-        else:
-            model.train()
-            parameters, loss_of = model.backbone.parameters(), lambda: model._loss(x0, torch.ones_like(x0)).loss
-        optimizer = torch.optim.AdamW(parameters, lr=3e-4)
-
-        def step() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=item.endswith("bf16")):
-                loss = loss_of()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return statistics.median(time_calls(step, steps))
     predictor = item.split()[-1]
     model.eval()
     torch.manual_seed(0)
@@ -207,23 +226,50 @@ def theirs(item: str, peer: str, checkout: str, steps: int, same: bool) -> float
 
 def ours(item: str, steps: int, same: bool) -> float:
     """Seconds of one ``item`` with ddlm (the functions ``scripts/bench_compare.py`` times)."""
-    from bench_compare import build_model, generate, time_training
+    from bench_compare import build_model, generate
 
-    peer = item.split()[0]
-    if " train " in f" {item} ":  # with ``same``, dropout 0.1 as both peers train; else ddlm's default, none
-        return time_training(peer, item.split()[-1], steps, "sdpa", dropout=0.1 if same else 0.0)["step_s"]
-    model = build_model(peer, "sdpa").eval()
+    if " train " in f" {item} ":
+        return statistics.median(time_calls(our_training_step(item, same), steps))
+    model = build_model(item.split()[0], "sdpa").eval()
     sampler, options = OURS_SAMPLERS[item.split()[-1]]
     return generate(model, sampler, options, 128, "fp32")[1]
 
 
-def _measure(side: str, item: str, args: argparse.Namespace) -> float:
+def _measure(side: str, item: str, args: argparse.Namespace) -> Any:
     """One measurement in a fresh subprocess (its own memory and threads)."""
     peer = item.split()[0]
     command = [sys.executable, __file__, "--single", side, item, f"--{peer}", getattr(args, peer), "--train-steps",
                str(args.train_steps), "--threads", str(args.threads), "--settings", args.settings]
+    command += ["--profile"] if args.profile else []
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    last = out.strip().splitlines()[-1]
+    return json.loads(last) if args.profile else float(last)
+
+
+def profile_report(items: list[str], args: argparse.Namespace) -> None:
+    """Profile each training item on both sides and print the operators by self time per step, side by side."""
+    report = {}
+    for item in [item for item in items if " train " in f" {item} "]:
+        sides = {side: _measure(side, item, args) for side in ("ddlm", "peer")}
+        totals = {side: rows.pop()["self_ms_per_call"] for side, rows in sides.items()}
+        by_op = {side: {r["op"]: r for r in rows} for side, rows in sides.items()}
+        ops = sorted(set(by_op["ddlm"]) | set(by_op["peer"]),
+                     key=lambda op: -max(by_op[s].get(op, {"self_ms_per_call": 0})["self_ms_per_call"] for s in by_op))
+        print(f"\n{item} ({args.settings} settings), self CPU ms per step: ddlm total {totals['ddlm']:.1f}, "
+              f"peer total {totals['peer']:.1f}")
+        print(f"{'operator':44s} {'ddlm ms':>9s} {'calls':>6s} {'peer ms':>9s} {'calls':>6s}")
+        table = []
+        for op in ops:
+            cells = [by_op[side].get(op) for side in ("ddlm", "peer")]
+            text = "".join(f" {c['self_ms_per_call']:9.1f} {c['calls_per_call']:6.0f}" if c else f" {'-':>9s} {'':6s}"
+                           for c in cells)
+            print(f"{op[:44]:44s}{text}")
+            table.append({"op": op, **{side: cell for side, cell in zip(("ddlm", "peer"), cells)}})
+        report[item] = {"total_self_ms": totals, "ops": table}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"settings": args.settings, "threads": args.threads,
+                                           "steps": args.train_steps, "profiles": report}, indent=2))
+    print(f"wrote {args.json}")
 
 
 def _rates(size: int) -> dict:
@@ -243,6 +289,9 @@ def main() -> None:
                         help="training rows: 'same' (dropout 0.1 on both sides, one attention algorithm) or "
                              "'defaults' (each code's own: ddlm without dropout, the peers on the fused SDPA kernel)")
     parser.add_argument("--json", default="bench_peers.json", help="where to write the results")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, profile the training items' steps on both sides (torch.profiler, "
+                             "--train-steps steps each) and list the top operators by self time side by side")
     parser.add_argument("--single", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     marks = {"sedd": "model/transformer.py", "mdlm": "models/dit.py"}
@@ -267,9 +316,16 @@ def main() -> None:
         side, item = args.single
         peer = item.split()[0]
         same = args.settings == "same"
+        if args.profile:
+            step = (our_training_step(item, same) if side == "ddlm" else
+                    their_training_step(item, peer, getattr(args, peer), same))
+            print(json.dumps(profile_calls(step, args.train_steps, top=25)))
+            return
         print(ours(item, args.train_steps, same) if side == "ddlm" else
               theirs(item, peer, getattr(args, peer), args.train_steps, same))
         return
+    if args.profile:
+        return profile_report(items, args)
 
     rates = {"start": _rates(2048)}
     rows = []
