@@ -13,7 +13,9 @@ Parts:
   conditioning) and MDLM (masked ELBO, time-free), float32 and bf16 autocast, each in its own
   subprocess; MFU = 6 x non-embedding parameters x tokens/s / matmul rate.
 * ``sample``: 8 x 128 tokens in 128 steps: SEDD Euler and analytic (score model), MDLM ancestral
-  without and with the per-sequence exact cache (time-free model), float32 and bf16.
+  without and with the per-sequence exact cache (time-free model), float32 and bf16; each against its matmul
+  floor, the FLOPs the run executes (torch's FLOP counter) over the matmul rate of the same run; ``--profile``
+  adds each bf16 run's top operators by self time.
 * ``cache``: 8 x 128 tokens in 1024 steps with the per-sequence exact cache, float32, and the same run
   uncached; the tokens must be identical.
 * ``decode``: plain semi-autoregressive decoding (block 32, one token per step) against threshold
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from bench_common import executed_flops, matmul_rate, time_training_steps
+from bench_common import executed_flops, matmul_rate, profile_calls, time_training_steps
 
 # --smoke (read here, so that the --single subprocesses see it too): every part at a toy size, to check that the
 # script runs; its numbers mean nothing.
@@ -126,16 +128,35 @@ def generate(model: Any, sampler: str, options: dict, steps: int, precision: str
     return out, time.perf_counter() - start
 
 
-def sample_part() -> list[dict]:
+def sampling_flops(model: Any, sampler: str, options: dict, steps: int, precision: str) -> float:
+    """FLOPs one seeded generation executes (torch's FLOP counter over every network call of the run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        generate(model, sampler, options, steps, precision)
+    return float(counter.get_total_flops())
+
+
+def sample_part(rates: dict, profile: bool = False) -> list[dict]:
+    """Each sampler at 128 steps, float32 and bf16: seconds, calls, and the matmul floor of the run = the FLOPs it
+    executes over the matmul rate measured at the start of this run (``floor_ratio`` = seconds / floor); with
+    ``profile``, the top operators of the bf16 run by self time."""
     rows = []
     models = {kind: build_model(kind, "sdpa").eval() for kind in MODELS}
     for precision in ("fp32", "bf16"):
         for sampler, kind, options in SAMPLERS:
             out, seconds = generate(models[kind], sampler, options, SEQ_LEN, precision)
+            flops = sampling_flops(models[kind], sampler, options, SEQ_LEN, precision)
+            floor = flops / (rates[precision] * 1e9)
             row = {"sampler": sampler, "model": kind, "precision": precision, "steps": SEQ_LEN, "nfe": out.nfe,
-                   "seconds": seconds, "reference_seconds": REFERENCE.get(("sample", sampler, precision))}
+                   "seconds": seconds, "reference_seconds": REFERENCE.get(("sample", sampler, precision)),
+                   "flops": flops, "floor_s": floor, "floor_ratio": seconds / floor}
+            if profile and precision == "bf16":
+                row["top_ops"] = profile_calls(
+                    lambda: generate(models[kind], sampler, options, SEQ_LEN, precision), steps=1, warmup=0, top=8)
             rows.append(row)
-            print(f"sample {sampler} {precision}: {seconds:.1f} s, {out.nfe} calls", flush=True)
+            print(f"sample {sampler} {precision}: {seconds:.1f} s, {out.nfe} calls, {flops / 1e12:.2f} TFLOP, "
+                  f"{seconds / floor:.2f}x its matmul floor ({floor:.1f} s)", flush=True)
     return rows
 
 
@@ -245,7 +266,8 @@ def report(results: dict) -> str:
         reference = r["reference_seconds"]
         row(f"sample {r['sampler']} ({r['model'].upper()}), 128 steps, {r['precision']}",
             f"{REFERENCE_NAMES[r['sampler']]} {reference} s" if reference else "-",
-            f"{r['seconds']:.1f} s ({r['nfe']} calls)", f"{reference / r['seconds']:.2f}x" if reference else "-",
+            f"{r['seconds']:.1f} s ({r['nfe']} calls; {r['floor_ratio']:.2f}x its matmul floor)",
+            f"{reference / r['seconds']:.2f}x" if reference else "-",
             f"<= {limit:.0f} s", r["seconds"] <= limit)
     if "cache" in results:
         r = results["cache"]
@@ -306,6 +328,8 @@ def main() -> None:
     parser.add_argument("--scorer", help="a causal LM folder to score generative perplexity (with --decode-model)")
     parser.add_argument("--quality-length", type=int, default=64, help="sequence length of the quality rows")
     parser.add_argument("--json", default="bench_compare.json", help="where to write the results")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample part: also profile each bf16 sampler (top operators by self time, in the JSON)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes and few steps: checks that the script runs")
     parser.add_argument("--single", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -338,7 +362,7 @@ def main() -> None:
         results["train"] = train_part(args, rates_before)
         save()
     if "sample" in parts:
-        results["sample"] = sample_part()
+        results["sample"] = sample_part(rates_before, args.profile)
         save()
     if "cache" in parts:
         results["cache"] = cache_part(args.cache_steps, verify=not args.no_verify)
