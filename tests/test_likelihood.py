@@ -185,6 +185,10 @@ def test_bad_arguments_are_named():
                                  cond_dim=8, parameterization="score", time_conditioning=True))
     with pytest.raises(ValueError, match="time-free absorbing subs"):
         any_order_nll(score, blocks)
+    with pytest.raises(ValueError, match="objective must"):  # D3PM's bound needs an x0-parameterised model
+        evaluate_likelihood(score, blocks, discrete_time=8)
+    with pytest.raises(ValueError, match="discrete_time=0"):
+        evaluate_likelihood(model, blocks, discrete_time=0)
 
 
 def test_eval_cli_on_saved_models(tmp_path, capsys):
@@ -218,8 +222,14 @@ def test_eval_cli_on_saved_models(tmp_path, capsys):
                  "--sampling-steps", "2", "4", "--num-samples", "3", "--json"]) == 0
     gen = json.loads(capsys.readouterr().out)
     assert [r["steps"] for r in gen["rows"]] == [2, 4] and all(r["gen_ppl"] > 1 for r in gen["rows"])
+    assert main(["ppl", "--model", str(tmp_path / "dm"), "--seq-len", "16", "--max-blocks", "6",
+                 "--discrete-time", "4", "--json", *held_out]) == 0
+    vb = json.loads(capsys.readouterr().out)
+    assert vb["form"] == "discrete time (D3PM L_vb)" and vb["num_points"] == 4 and vb["network_calls"] == 4
     assert main(["ppl", "--model", str(tmp_path / "dm"), "--num-points", "0"]) == 2
     assert "--num-points must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["ppl", "--model", str(tmp_path / "dm"), "--discrete-time", "0"]) == 2
+    assert "--discrete-time must be >= 1, got 0" in capsys.readouterr().err
     assert main(["genppl", "--model", str(tmp_path / "dm"), "--reference", str(tmp_path / "dm")]) == 2
     assert "is not a causal LM" in capsys.readouterr().err
     assert main(["ppl", "--model", str(tmp_path / "missing")]) == 2

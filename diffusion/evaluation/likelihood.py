@@ -9,6 +9,12 @@ Two forms of the bound, both in nats per sequence ``x0 [B, L]``:
 - **block diffusion** (BD3-LM models, ``attention_block_size``): ``-log p(x0) = sum_b -log p(x0^b | x0^{<b})``,
   each term bounded by the lambda form with the earlier blocks clean; one lambda per node serves every block, and
   all blocks are scored in one pass over ``x_lambda (+) x0`` (:class:`~diffusion.block_diffusion.BlockDiffusionObjective`).
+- **discrete time** (``discrete_time=T``, absorbing ``subs`` models, D3PM's bound, Austin et al. 2021):
+  ``L_vb = sum_i KL(q(x_T^i | x0^i) || p(x_T)) + sum_{k=1}^T E_{q(x_k | x0)} L_{k-1}`` on the grid ``t_k = k / T`` of
+  the model's schedule (:mod:`diffusion.d3pm`).  Every k is visited once per sequence with one draw of x_k, and
+  the training objective's one-step estimate ``prior + T L_{k-1}`` (:class:`~diffusion.objectives.
+  DiffusionObjective` with ``discrete_time``) is averaged over the T steps: an unbiased estimate of ``L_vb`` for T
+  network calls.  It sits above the continuous bound and falls to it as T grows.
 - **t form** (every other model): ``int_0^1 E_{x_t}[L(x0, t)] dt`` with the training objective's
   per-sequence loss (masked ELBO or DWDSE, weights included) plus the terminal term: for the uniform
   process ``KL(q(x_1 | x0) || uniform)`` exactly; for absorbing ``subs`` models the mass the schedule
@@ -29,7 +35,7 @@ and the estimator's noise.  :func:`any_order_nll` is the any-order autoregressiv
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -89,10 +95,14 @@ def _check(method: str, num_points: int) -> None:
 @torch.no_grad()
 def sequence_nelbo(model: Any, x0: Tensor, *, method: str = "quadrature", num_points: int = 8,
                    generator: torch.Generator | None = None, objective: DiffusionObjective | None = None,
-                   ) -> tuple[Tensor, int]:
-    """Per-sequence negative ELBO ``[B]`` (nats, float64) of clean tokens ``x0 [B, L]``, and the network calls."""
+                   discrete_time: int | None = None) -> tuple[Tensor, int]:
+    """Per-sequence negative ELBO ``[B]`` (nats, float64) of clean tokens ``x0 [B, L]``, and the network calls.
+
+    ``discrete_time=T``: D3PM's T-step bound instead (T calls; ``method`` and ``num_points`` are not used)."""
     _check(method, num_points)
     spec = DiffusionSpec.from_config(model.config)
+    if discrete_time is not None:
+        return _discrete_time_nelbo(model, spec, x0, discrete_time, generator, objective)
     if spec.glauber_sweeps is not None:
         raise ValueError("a Glauber model (--objective glauber) is a classifier, not a denoiser: it has no "
                          "likelihood bound here; its held-out classification loss is in the run's metrics.jsonl")
@@ -132,6 +142,26 @@ def sequence_nelbo(model: Any, x0: Tensor, *, method: str = "quadrature", num_po
     return total, calls
 
 
+def _discrete_time_nelbo(model: Any, spec: DiffusionSpec, x0: Tensor, steps: int,
+                         generator: torch.Generator | None, objective: DiffusionObjective | None) -> tuple[Tensor, int]:
+    """``L_vb`` per sequence ``[B]``: the mean over k = 1..T of the one-step estimate ``prior + T L_{k-1}``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"discrete_time must be an int T >= 1, got discrete_time={steps!r}")
+    if spec.block_size is not None or spec.glauber_sweeps is not None:
+        raise ValueError("the discrete-time bound is for absorbing subs denoisers, not block-diffusion or Glauber "
+                         "models")
+    # hybrid = 0: the bound itself; the objective refuses models that are not absorbing subs, naming why
+    chain = replace(objective or DiffusionObjective.from_spec(spec), discrete_time=steps, hybrid=0.0)
+    device = next(model.parameters()).device
+    rows = x0.shape[0]
+    total = torch.zeros(rows, dtype=torch.float64, device=device)
+    for k in range(1, steps + 1):
+        t = torch.full((rows,), k / steps)
+        _, xt = chain.corrupt(x0.cpu(), t=t, generator=generator)  # the generator lives on the CPU
+        total += chain.loss(model, x0.to(device), xt.to(device), t.to(device)).per_sequence.double() / steps
+    return total, steps
+
+
 def _terminal_term(model: Any, objective: DiffusionObjective, x0: Tensor) -> Tensor:
     """The t = 1 end of the bound (see the module docstring), ``[B]`` nats."""
     sigma_end = objective.schedule.total_noise(torch.ones((), dtype=torch.float64))
@@ -166,10 +196,12 @@ def summarize(per_sequence: Tensor, tokens_per_sequence: int, *, calls: int, met
 
 
 def evaluate_likelihood(model: Any, blocks: Tensor, *, method: str = "quadrature", num_points: int = 8,
-                        batch_size: int = 16, seed: int = 0, progress: bool | None = None) -> LikelihoodResult:
+                        batch_size: int = 16, seed: int = 0, progress: bool | None = None,
+                        discrete_time: int | None = None) -> LikelihoodResult:
     """Negative ELBO per token and perplexity bound of ``blocks [n, L]`` (held-out, equal length), batched.
 
-    ``progress``: a bar over the batches (None: when stderr is a terminal)."""
+    ``progress``: a bar over the batches (None: when stderr is a terminal); ``discrete_time=T``: D3PM's T-step
+    bound instead of the continuous one (absorbing subs models)."""
     _check(method, num_points)
     if blocks.dim() != 2 or blocks.shape[0] == 0:
         raise ValueError(f"blocks must be a non-empty [n, L] tensor, got shape {tuple(blocks.shape)}")
@@ -180,14 +212,17 @@ def evaluate_likelihood(model: Any, blocks: Tensor, *, method: str = "quadrature
     model.eval()
     values, calls = [], 0
     for start in tqdm(range(0, len(blocks), batch_size), disable=None if progress is None else not progress,
-                      desc=f"elbo ({method}, {num_points})"):
+                      desc=f"elbo ({method}, {num_points})" if discrete_time is None else f"L_vb (T = {discrete_time})"):
         nelbo, used = sequence_nelbo(model, blocks[start : start + batch_size], method=method, num_points=num_points,
-                                     generator=generator)
+                                     generator=generator, discrete_time=discrete_time)
         values.append(nelbo.cpu())
         calls += used
     model.train(was_training)
     config = model.config
     spec = DiffusionSpec.from_config(config)
+    if discrete_time is not None:
+        return summarize(torch.cat(values), blocks.shape[1], calls=calls, method="every step", num_points=discrete_time,
+                         form="discrete time (D3PM L_vb)")
     form = "block lambda" if spec.block_size is not None else ("lambda" if spec.time_free_masked else "t")
     note = ("absorbing score model: the eps tail at t = 1 is not included" if form == "t"
             and config.process == "absorbing" and config.parameterization == "score" else "")

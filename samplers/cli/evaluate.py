@@ -64,6 +64,9 @@ def _parser() -> Any:
                      help="time-node rule of the bound, diffusion models (default: %(default)s)")
     ppl.add_argument("--num-points", type=int, default=8,
                      help="time points per sequence, diffusion models (default: %(default)s)")
+    ppl.add_argument("--discrete-time", type=int, default=None, metavar="T",
+                     help="D3PM's T-step bound L_vb instead of the continuous one, absorbing subs models: every step "
+                          "once per sequence, T network calls; --method and --num-points are then not used")
     ppl.add_argument("--any-order", type=int, default=0,
                      help="also the any-order autoregressive NLL with this many orders, time-free masked models; "
                           "it costs seq_len network calls per order; 0 is off (default: %(default)s)")
@@ -164,7 +167,8 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     else:
         result = evaluate_likelihood(model, blocks, method=args.method, num_points=args.num_points,
                                      batch_size=args.batch_size, seed=args.seed,
-                                     progress=None if args.progress else False).to_dict()
+                                     progress=None if args.progress else False,
+                                     discrete_time=args.discrete_time).to_dict()
         if args.any_order:
             steps, calls = [], 0
             generator = torch.Generator().manual_seed(args.seed)
@@ -309,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ppl" and args.valid_fraction is not None and not 0 < args.valid_fraction < 1:
         print(f"ddlm-eval: error: --valid-fraction must be in (0, 1), got {args.valid_fraction}", file=sys.stderr)
         return 2
-    for name in ("max_blocks", "num_points", "batch_size", "num_samples", "length", "seq_len"):
+    for name in ("max_blocks", "num_points", "batch_size", "num_samples", "length", "seq_len", "discrete_time"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"ddlm-eval: error: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
