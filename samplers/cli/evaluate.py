@@ -66,7 +66,8 @@ def _parser() -> Any:
                      help="time points per sequence, diffusion models (default: %(default)s)")
     ppl.add_argument("--discrete-time", type=int, default=None, metavar="T",
                      help="D3PM's T-step bound L_vb instead of the continuous one, absorbing subs models: every step "
-                          "once per sequence, T network calls; --method and --num-points are then not used")
+                          "once per sequence, T network calls; --method and --num-points are then not used (default: %(default)s, the "
+                          "continuous bound)")
     ppl.add_argument("--any-order", type=int, default=0,
                      help="also the any-order autoregressive NLL with this many orders, time-free masked models; "
                           "it costs seq_len network calls per order; 0 is off (default: %(default)s)")
