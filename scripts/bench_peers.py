@@ -289,6 +289,9 @@ def main() -> None:
                         help="training rows: 'same' (dropout 0.1 on both sides, one attention algorithm) or "
                              "'defaults' (each code's own: ddlm without dropout, the peers on the fused SDPA kernel)")
     parser.add_argument("--json", default="bench_peers.json", help="where to write the results")
+    parser.add_argument("--min-ratio", type=float, default=1.2,
+                        help="the regression guard: exit 1 when an item's median ratio (reference time / ddlm's) is "
+                             "below this (default: %(default)s)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing, profile the training items' steps on both sides (torch.profiler, "
                              "--train-steps steps each) and list the top operators by self time side by side")
@@ -311,6 +314,8 @@ def main() -> None:
     for name in ("rounds", "train_steps", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.min_ratio > 0:
+        parser.error(f"--min-ratio must be > 0, got {args.min_ratio}")
     torch.set_num_threads(args.threads)
     if args.single:
         side, item = args.single
@@ -346,19 +351,24 @@ def main() -> None:
                      "peer_median_s": statistics.median(p["peer"] for p in pairs)})
     rates["end"] = _rates(2048)
 
-    print(f"\n{'item':24s} {'ddlm':>14s} {'peer':>14s}  peer / ddlm: median (range)")
+    print(f"\n{'item':24s} {'ddlm':>14s} {'peer':>14s}  peer / ddlm: median (range)  >= {args.min_ratio}x")
     for row in rows:
         unit = "s/step" if " train " in f" {row['item']} " else "s"
         low, high = row["ratio_range"]
+        row["meets_min_ratio"] = row["median_ratio"] >= args.min_ratio
         print(f"{row['item']:24s} {row['ddlm_median_s']:7.3f} {unit:6s} {row['peer_median_s']:7.3f} {unit:6s}  "
-              f"{row['median_ratio']:.2f}x ({low:.2f} .. {high:.2f})")
+              f"{row['median_ratio']:.2f}x ({low:.2f} .. {high:.2f})  {'yes' if row['meets_min_ratio'] else 'NO'}")
     print("matmul GFLOP/s (fp32 / bf16): "
           + ", ".join(f"{k} {v['fp32']:.0f} / {v['bf16']:.0f}" for k, v in rates.items()))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"config": {**SEDD_CONFIG, "batch": BATCH}, "peers": given,
                                            "settings": args.settings, "threads": args.threads,
-                                           "rounds": args.rounds, "matmul_gflops": rates, "rows": rows}, indent=2))
+                                           "rounds": args.rounds, "min_ratio": args.min_ratio,
+                                           "matmul_gflops": rates, "rows": rows}, indent=2))
     print(f"wrote {args.json}")
+    behind = [row["item"] for row in rows if not row["meets_min_ratio"]]
+    if behind:  # the regression guard: a row whose median fell below the bar fails the run (after the JSON)
+        sys.exit(f"bench_peers: {len(behind)} item(s) below {args.min_ratio}x the reference code: {behind}")
 
 
 if __name__ == "__main__":

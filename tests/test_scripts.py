@@ -96,7 +96,8 @@ def test_the_peer_benchmark_refuses_missing_or_wrong_checkouts(tmp_path, monkeyp
     for argv, message in [([], "give --sedd, --mdlm or both"),
                           (["--sedd", str(tmp_path)], f"--sedd {str(tmp_path)!r} is not a checkout of the SEDD code"),
                           (["--mdlm", str(tmp_path), "--items", "sedd train fp32"], "needs --sedd"),
-                          (["--mdlm", str(tmp_path), "--train-steps", "0"], "--train-steps must be >= 1, got 0")]:
+                          (["--mdlm", str(tmp_path), "--train-steps", "0"], "--train-steps must be >= 1, got 0"),
+                          (["--mdlm", str(tmp_path), "--min-ratio", "0"], "--min-ratio must be > 0, got 0.0")]:
         (tmp_path / "models").mkdir(exist_ok=True)
         (tmp_path / "models" / "dit.py").write_text("")
         monkeypatch.setattr(sys, "argv", ["bench_peers.py", *argv])
