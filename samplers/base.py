@@ -172,13 +172,13 @@ def token_probs(log_probs: Tensor, *, exclude: int | None, temperature: float = 
 
     ``exclude`` (the MASK id) gets probability 0. ``temperature = 0`` puts all mass on the argmax.
     """
-    logits = log_probs.double()
+    logits = log_probs.to(torch.float64, copy=exclude is not None)  # a copy to write into, made once
     if exclude is not None:
-        logits = logits.clone()
         logits[..., exclude] = float("-inf")
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-    logits = logits / temperature
+    if temperature != 1:  # x / 1 is x: the division over the whole vocabulary is skipped, the values are the same
+        logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
