@@ -11,7 +11,7 @@ and kept values are scaled by ``1 / (1 - p_eff)``: the output is an unbiased est
 inverted dropout is, at a rate within 7.7e-6 of ``p``.  The bits come from torch's default generator, whose
 state the checkpoints carry, so a resumed run draws the same masks.  On other devices (a GPU's fused dropout
 is already cheap) and for ``p`` in {0, ``training=False``} it is ``F.dropout``'s behaviour: identity at p = 0
-or in eval mode, ``F.dropout`` itself off the CPU.
+or in eval mode, ``F.dropout`` itself off the CPU and for ``p`` within 2^-17 of 1.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> tuple[Te
     count = 1
     for size in shape:
         count *= size
-    words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(1 << 63), (1 << 63) - 1)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # every 64-bit pattern
     shares = words.view(torch.int16)[:count].view(shape)  # uniform on [-32768, 32767]
     return shares >= threshold - (_LEVELS // 2), threshold / _LEVELS
 
@@ -43,19 +43,21 @@ class _MaskedScale(torch.autograd.Function):
     def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.where(keep, x * scale, 0)
+        return x * keep * scale  # a product, as F.dropout's: a NaN stays NaN where its element is dropped
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad * ctx.scale, 0), None, None
+        return grad * keep * ctx.scale, None, None
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Inverted dropout of ``x`` (any shape) with rate ``p``: the functional form of :class:`Dropout`."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got p={p!r}")
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or round(p * _LEVELS) == _LEVELS:  # p within 2^-17 of 1: no 16-bit share resolves it
         return F.dropout(x, p, True)
     keep, p_eff = dropout_keep_mask(x.shape, p)
     return _MaskedScale.apply(x, keep, 1.0 / (1.0 - p_eff))

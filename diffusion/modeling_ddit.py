@@ -1,6 +1,6 @@
 """DDiT: a diffusion transformer denoiser for discrete diffusion language models.
 
-Self-contained (imports only torch, transformers and einops) so that the file can be
+It imports only torch, transformers, einops and its neighbour ``dropout.py``, so that the two files can be
 shipped beside a checkpoint as Hugging Face remote code.
 
 Architecture (after the DiT / SEDD denoisers): token embedding; ``num_hidden_layers``

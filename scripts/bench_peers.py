@@ -17,13 +17,13 @@ sequence 128, batch 8, 4096 tokens + MASK, log-linear noise):
 
 * ``sedd train fp32`` / ``bf16``: median step time of forward + backward + AdamW on an absorbing score model.
   SEDD: its ``losses.get_loss_fn`` on its ``SEDD`` model (dropout 0.1, its default), ``torch.optim.AdamW`` (what its
-  ``get_optimizer`` makes).  ddlm: ``bench_compare.time_training("sedd", ...)``.  ``--settings same`` (the
-  default) gives ddlm dropout 0.1 too (it also drops attention probabilities, which the peers do not) and has
+  ``get_optimizer`` makes).  ddlm: the model ``bench_compare`` times.  ``--settings same`` (the default) gives
+  ddlm dropout 0.1 on the attention and MLP outputs too (``attention_dropout=0``, as the peers) and has
   the stand-in attend with the two-matmul form ddlm itself uses while training on a CPU, so both run one
   algorithm; ``--settings defaults`` compares each code as it ships: ddlm without dropout, the peers on the
   fused SDPA kernel, whose backward is slower on a CPU.
 * ``mdlm train fp32`` / ``bf16``: the same for the masked ELBO: MDLM's ``Diffusion._loss`` (subs, time-free,
-  antithetic times, its defaults) on its ``DIT`` backbone (dropout 0.1).  ddlm: ``time_training("mdlm", ...)``.
+  antithetic times, its defaults) on its ``DIT`` backbone (dropout 0.1).  ddlm: its time-free masked model.
 * ``sedd sample euler`` / ``analytic``: 8 x 128 tokens in 128 steps plus the final denoising step, float32.
   SEDD: ``sampling.get_pc_sampler``; ddlm: the ``euler`` and ``analytic`` samplers.
 * ``mdlm sample ddpm`` / ``ddpm_cache``: MDLM's ``Diffusion._sample`` with those predictors; ddlm: ``ancestral``

@@ -53,6 +53,16 @@ def test_the_seed_fixes_the_mask_eval_mode_and_zero_rate_are_the_identity():
     assert module(x) is x and dropout(x, 0.0) is x and dropout(x, 0.5, training=False) is x
     with pytest.raises(ValueError, match="p=1.0"):
         Dropout(1.0)
+    with pytest.raises(ValueError, match="p=-0.1"):
+        dropout(x, -0.1)
+
+
+def test_a_rate_within_2_to_the_minus_17_of_one_and_nan_behave_as_f_dropout():
+    torch.manual_seed(4)
+    y = dropout(torch.ones(1000), 1 - 2.0**-18)  # no 16-bit share resolves it: F.dropout draws instead
+    assert torch.isfinite(y).all() and (y == 0).sum() >= 990
+    x = torch.full((4000,), float("nan"))
+    assert torch.isnan(dropout(x, 0.5)).all()  # a product, as F.dropout's: dropping a NaN keeps it NaN
 
 
 def _attention_rates(monkeypatch, **rates):

@@ -163,6 +163,9 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ddlm-eval: warning: {warning}", file=sys.stderr)
     blocks = data.blocks
     start = time.perf_counter()
+    if causal and args.discrete_time is not None:
+        raise ValueError(f"--discrete-time is a bound of diffusion models; --model {args.model!r} is a causal LM, "
+                         "whose perplexity is exact")
     if causal:
         result = evaluate_causal_likelihood(model, blocks, batch_size=args.batch_size).to_dict()
     else:
