@@ -116,6 +116,8 @@ def test_resume_rejects_a_different_run_configuration(tmp_path):
         ({"lr": float("inf")}, "lr must be a finite number, got lr=inf"),
         ({"weight_decay": float("nan")}, "weight_decay must be a finite number, got weight_decay=nan"),
         ({"precision": "fp8"}, "precision must be one of"),
+        ({"attention_dropout": 1.5}, r"attention_dropout must be in \[0, 1\) or None.*1.5"),
+        ({"attention_dropout": float("nan")}, "attention_dropout"),
     ],
 )
 def test_bad_config_values_name_the_field(overrides, match):
