@@ -230,6 +230,8 @@ def test_eval_cli_on_saved_models(tmp_path, capsys):
     assert "--num-points must be >= 1, got 0" in capsys.readouterr().err
     assert main(["ppl", "--model", str(tmp_path / "dm"), "--discrete-time", "0"]) == 2
     assert "--discrete-time must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["ppl", "--model", str(tmp_path / "ar"), "--discrete-time", "4", *held_out]) == 2
+    assert "--discrete-time is a bound of diffusion models" in capsys.readouterr().err
     assert main(["genppl", "--model", str(tmp_path / "dm"), "--reference", str(tmp_path / "dm")]) == 2
     assert "is not a causal LM" in capsys.readouterr().err
     assert main(["ppl", "--model", str(tmp_path / "missing")]) == 2

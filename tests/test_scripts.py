@@ -43,6 +43,29 @@ def test_the_benchmarks_flop_count_is_what_a_training_step_executes():
     assert abs(formula / counted - 1) < 1e-6, (formula, counted)
 
 
+def test_the_sampling_floor_counts_the_fused_cpu_attention():
+    """torch's FLOP counter gives SDPA's fused CPU kernel 0 FLOPs; the mapping bench_compare's sampling floor counts
+    with gives it Q K^T and P V, 4 B H Lq Lk d (here with fewer queries than keys, as a cached call has)."""
+    import sys
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(SCRIPTS))
+    from bench_compare import _cpu_attention_flops
+
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    kv = torch.randn(2, 3, 24, 8), torch.randn(2, 3, 24, 8)
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as plain:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        with FlopCounterMode(display=False, custom_mapping=mapping) as mapped:
+            torch.nn.functional.scaled_dot_product_attention(q, *kv)  # 16 queries against 24 keys
+    assert plain.get_total_flops() == 0
+    assert mapped.get_total_flops() == 4 * 2 * 3 * 16 * 24 * 8
+
+
 def test_the_peer_benchmarks_flash_attn_stand_in_is_exact_attention_and_rotary():
     """scripts/bench_peers.py runs SEDD's and MDLM's code on a CPU through a flash-attn stand-in: its packed
     attention must be softmax(q k^T / sqrt(d)) v per sequence, and its in-place rotary the half-split rotation."""

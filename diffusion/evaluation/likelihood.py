@@ -14,7 +14,7 @@ Two forms of the bound, both in nats per sequence ``x0 [B, L]``:
   the model's schedule (:mod:`diffusion.d3pm`).  Every k is visited once per sequence with one draw of x_k, and
   the training objective's one-step estimate ``prior + T L_{k-1}`` (:class:`~diffusion.objectives.
   DiffusionObjective` with ``discrete_time``) is averaged over the T steps: an unbiased estimate of ``L_vb`` for T
-  network calls.  It sits above the continuous bound and falls to it as T grows.
+  network calls.  For exact conditionals it sits above the continuous bound and falls to it as T grows.
 - **t form** (every other model): ``int_0^1 E_{x_t}[L(x0, t)] dt`` with the training objective's
   per-sequence loss (masked ELBO or DWDSE, weights included) plus the terminal term: for the uniform
   process ``KL(q(x_1 | x0) || uniform)`` exactly; for absorbing ``subs`` models the mass the schedule
@@ -142,11 +142,15 @@ def sequence_nelbo(model: Any, x0: Tensor, *, method: str = "quadrature", num_po
     return total, calls
 
 
+def _check_discrete_time(steps: int | None) -> None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"discrete_time must be an int T >= 1, got discrete_time={steps!r}")
+
+
 def _discrete_time_nelbo(model: Any, spec: DiffusionSpec, x0: Tensor, steps: int,
                          generator: torch.Generator | None, objective: DiffusionObjective | None) -> tuple[Tensor, int]:
     """``L_vb`` per sequence ``[B]``: the mean over k = 1..T of the one-step estimate ``prior + T L_{k-1}``."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"discrete_time must be an int T >= 1, got discrete_time={steps!r}")
+    _check_discrete_time(steps)
     if spec.block_size is not None or spec.glauber_sweeps is not None:
         raise ValueError("the discrete-time bound is for absorbing subs denoisers, not block-diffusion or Glauber "
                          "models")
@@ -203,6 +207,7 @@ def evaluate_likelihood(model: Any, blocks: Tensor, *, method: str = "quadrature
     ``progress``: a bar over the batches (None: when stderr is a terminal); ``discrete_time=T``: D3PM's T-step
     bound instead of the continuous one (absorbing subs models)."""
     _check(method, num_points)
+    _check_discrete_time(discrete_time)
     if blocks.dim() != 2 or blocks.shape[0] == 0:
         raise ValueError(f"blocks must be a non-empty [n, L] tensor, got shape {tuple(blocks.shape)}")
     if batch_size < 1:

@@ -154,6 +154,9 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
     if args.dataset is None and args.split != "all":
         raise ValueError(f"--split {args.split} needs --dataset (without it the run's held-out split is scored)")
     model, tokenizer, causal = load_model_for(args.model, trust_remote_code=args.trust_remote_code)
+    if causal and args.discrete_time is not None:  # before the data is read and scored
+        raise ValueError(f"--discrete-time is a bound of diffusion models; --model {args.model!r} is a causal LM, "
+                         "whose perplexity is exact")
     seq_len = args.seq_len or _default_length(args.model, model)
     data = evaluation_data(args.model, tokenizer, seq_len, args.max_blocks, dataset=args.dataset, split=args.split,
                            dataset_config=args.dataset_config, text_column=args.text_column,
@@ -163,9 +166,6 @@ def _ppl(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ddlm-eval: warning: {warning}", file=sys.stderr)
     blocks = data.blocks
     start = time.perf_counter()
-    if causal and args.discrete_time is not None:
-        raise ValueError(f"--discrete-time is a bound of diffusion models; --model {args.model!r} is a causal LM, "
-                         "whose perplexity is exact")
     if causal:
         result = evaluate_causal_likelihood(model, blocks, batch_size=args.batch_size).to_dict()
     else:
