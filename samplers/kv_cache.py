@@ -40,6 +40,11 @@ class CachePolicy:
     refresh_every: int | None = None
     refresh_changed: float | None = None
 
+    def __post_init__(self) -> None:  # the policy is public: it checks itself, whoever builds it
+        if self.mode is None:
+            raise ValueError("a CachePolicy needs a cache mode; no cache is policy None")
+        check_kv_cache(self.mode, 0, self.refresh_every, self.refresh_changed)
+
 
 def check_kv_cache(kv_cache: str | None, block_length: int | None, refresh_every: int | None = None,
                    refresh_changed: float | None = None) -> None:

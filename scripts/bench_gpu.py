@@ -3,10 +3,11 @@
     python scripts/bench_gpu.py [--sizes small,base,gpt2] [--compile both] [--attention flash,efficient,math]
     torchrun --standalone --nproc_per_node N scripts/bench_gpu.py --sizes gpt2 --fsdp    # FSDP2 on N GPUs
 
-Without a CUDA GPU it says so and exits 0 (``--device cpu --smoke`` runs the same code on the CPU at toy sizes, which
-is how CI checks it).  Sizes: the built-in ``small`` (hidden 256, 4 blocks) and ``base`` (384, 6), and ``gpt2``:
-GPT-2 small's shape (hidden 768, 12 blocks, 12 heads, sequence 1024, about 124M parameters with the GPT-2
-vocabulary of 50,257 + MASK), the size SEDD and MDLM report.
+Without a CUDA GPU it says so and exits 0 (``--device cpu --smoke`` runs the same code on the CPU at toy sizes;
+``tests/test_scripts.py`` runs both).  Sizes: the built-in ``small`` (hidden 256, 4 blocks) and ``base`` (384, 6), and ``gpt2``:
+GPT-2 small's shape (hidden 768, 12 blocks, 12 heads, sequence 1024, the GPT-2 vocabulary of 50,257 + MASK:
+about 124M non-embedding parameters, 162M with the embedding and the untied output head), the size SEDD and MDLM
+report.
 
 Every row is bf16 autocast.  MFU is reported two ways: the conventional 6 N tokens/s (N = non-embedding
 parameters) and the FLOPs actually executed (matmuls of every block, attention scores and values, and the output

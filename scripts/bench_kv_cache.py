@@ -60,12 +60,14 @@ def per_sample_nats(tokens: torch.Tensor, scorer: Any) -> torch.Tensor:
 
 
 def ppl_ratio_interval(nats: torch.Tensor, base: torch.Tensor, draws: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of gen-ppl(nats) / gen-ppl(base), resampling the samples of each."""
+    """95% paired bootstrap interval of gen-ppl(nats) / gen-ppl(base): sample i of both rows comes from the same
+    seed, so the same resampled indices serve both (identical rows give exactly [1, 1])."""
+    if nats.shape != base.shape:
+        raise ValueError(f"paired rows must have the same samples, got {tuple(nats.shape)} and {tuple(base.shape)}")
     g = torch.Generator().manual_seed(0)
     n = len(nats)
-    a = nats[torch.randint(0, n, (draws, n), generator=g)].mean(-1)
-    b = base[torch.randint(0, n, (draws, n), generator=g)].mean(-1)
-    ratios = (a - b).exp().sort().values
+    index = torch.randint(0, n, (draws, n), generator=g)
+    ratios = (nats[index] - base[index]).mean(-1).exp().sort().values
     return float(ratios[int(0.025 * draws)]), float(ratios[int(0.975 * draws) - 1])
 
 
@@ -93,6 +95,9 @@ def main() -> None:
         parser.error(f"--tolerance must be a fraction in [0, 1), got {args.tolerance}")
     if args.length % args.block_length:
         parser.error(f"--length {args.length} must be a multiple of --block-length {args.block_length}")
+    if round(args.length * 0.25) < args.length // args.block_length:
+        parser.error(f"--block-length {args.block_length}: the quarter-of-the-steps row needs at least one step per "
+                     f"block, so --block-length must be >= 4")
     if args.smoke:
         args.num_samples, args.batch_size = 8, 8
     torch.set_num_threads(args.threads)
@@ -102,8 +107,18 @@ def main() -> None:
     from diffusion import load_denoiser
     from samplers import get_sampler
 
-    model = load_denoiser(args.model)[0].eval()
+    model, tokenizer = load_denoiser(args.model)
+    model = model.eval()
     scorer = AutoModelForCausalLM.from_pretrained(args.scorer).eval()
+    if not getattr(model, "supports_kv_cache", False):
+        parser.error(f"--model {args.model!r} has no block KV cache (a DDiT model has one)")
+    if scorer.config.vocab_size < len(tokenizer) - 1:  # the scorer reads the model's real tokens (not MASK)
+        parser.error(f"--scorer {args.scorer!r} has {scorer.config.vocab_size} tokens, fewer than the model's "
+                     f"{len(tokenizer) - 1}: it must use the model's tokenizer")
+    with torch.inference_mode():  # one untimed batch first, so the baseline row does not pay the warm-up
+        get_sampler("remask", block_length=args.block_length).generate(
+            model, batch_size=min(args.batch_size, args.num_samples), length=args.length, num_steps=args.length,
+            generator=torch.Generator().manual_seed(0))
     rows, tokens = [], {}
     for label, sampler, options, fraction in policies(args.block_length):
         steps = max(1, round(args.length * fraction))

@@ -127,3 +127,24 @@ def test_the_peer_benchmark_refuses_missing_or_wrong_checkouts(tmp_path, monkeyp
         with pytest.raises(SystemExit) as stop:
             bench_peers.main()
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_gpu_benchmark_falls_back_without_a_gpu_and_measures_on_the_cpu(tmp_path):
+    """Without CUDA it says so and exits 0; ``--device cpu --smoke`` runs its measuring code and writes rows."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    script = str(SCRIPTS / "bench_gpu.py")
+    if not torch.cuda.is_available():
+        plain = subprocess.run([sys.executable, script, "--json", str(tmp_path / "none.json")], capture_output=True,
+                               text=True, timeout=120)
+        assert plain.returncode == 0 and "no CUDA GPU" in plain.stdout + plain.stderr, plain
+    run = subprocess.run([sys.executable, script, "--device", "cpu", "--smoke", "--json", str(tmp_path / "g.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "g.json").read_text())
+    train = [r for r in result["rows"] if r["part"] == "train"]
+    assert train and all(r["tokens_per_s"] > 0 and 0 < r["mfu_executed"] < r["mfu_6n"] for r in train), result
