@@ -13,17 +13,14 @@ from typing import Any, Callable
 import torch
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 9) -> float:
-    """Median GFLOP/s of an ``n x n`` matmul in ``dtype`` (after 3 warm-up products), current threads."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 9, device: str | torch.device = "cpu",
+                sync: Callable[[], None] | None = None) -> float:
+    """Median GFLOP/s of an ``n x n`` matmul in ``dtype`` on ``device`` (after 3 warm-up products), current
+    threads; ``sync`` (a GPU's synchronisation) runs around each timed product."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / statistics.median(time_calls(lambda: a @ b, repeats, warmup=0, sync=sync)) / 1e9
 
 
 def training_step(model: Any, x0: torch.Tensor, precision: str, config: Any = None, autocast: bool | None = None,

@@ -24,13 +24,12 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench_common import executed_flops, time_training_steps
+from bench_common import executed_flops, matmul_rate, time_calls, time_training_steps
 
 SIZES = {
     "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=4097, seq_len=32),
@@ -54,15 +53,8 @@ def device_peak(device: torch.device, given: float | None) -> tuple[float, str]:
             if key in name:
                 return peak, f"data sheet ({name})"
     n = 8192 if device.type == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * 10 / (time.perf_counter() - start) / 1e12, f"measured {n}^3 bf16 matmul"
+    rate = matmul_rate(torch.bfloat16, n, device=device, sync=lambda: _sync(device))  # GFLOP/s, as everywhere
+    return rate / 1e3, f"measured {n}^3 bf16 matmul (median of 9)"
 
 
 def _sync(device: torch.device) -> None:
@@ -127,16 +119,17 @@ def sample_row(name: str, size: dict, device: torch.device, batch: int, attentio
     samplers = [("ancestral", "ancestral", {"cache": False}), ("ancestral_cached", "ancestral", {"cache": True}),
                 ("threshold_dual", "threshold", {"threshold": 0.9, "block_length": 32, "kv_cache": "dual"})]
     for label, sampler, options in samplers:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):  # warm-up: kernels, caches
-            get_sampler(sampler, **options).generate(model, batch_size=batch, length=length, num_steps=4,
-                                                     generator=torch.Generator().manual_seed(0))
+        outputs = []
+
+        def run(steps: int) -> None:
+            outputs.append(get_sampler(sampler, **options).generate(
+                model, batch_size=batch, length=length, num_steps=steps, generator=torch.Generator().manual_seed(0)))
+
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16), \
                 sdpa_kernel(getattr(SDPBackend, ATTENTION[attention])):
-            start = time.perf_counter()
-            out = get_sampler(sampler, **options).generate(model, batch_size=batch, length=length, num_steps=128,
-                                                           generator=torch.Generator().manual_seed(0))
-            _sync(device)
-            seconds = time.perf_counter() - start
+            run(4)  # warm-up in the measured backend: kernels, caches
+            seconds = time_calls(lambda: run(128), 1, warmup=0, sync=lambda: _sync(device))[0]
+        out = outputs[-1]
         row[label] = {"seconds": seconds, "calls": out.nfe, "tokens_per_s": batch * length / seconds}
     return row
 
