@@ -17,13 +17,14 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DISTRIBUTED", "clip_gradients", "resolve_distributed", "shard_model"]
+__all__ = ["DISTRIBUTED", "clip_gradients", "end_distributed", "resolve_distributed", "shard_model"]
 
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 
@@ -96,3 +97,24 @@ def full_state(tensors: dict[str, Any]) -> dict[str, Tensor]:
             value = value.full_tensor()
         out[name] = value.detach().cpu()
     return out
+
+
+_FINAL_BARRIERS: list[Any] = []  # see end_distributed: kept until the interpreter exits
+
+
+def end_distributed(accelerator: Any) -> None:
+    """End a run's use of the process group: on several ranks a last barrier, then ``accelerator.end_training()``.
+
+    Why the barrier's handle is kept: gloo's worker thread lets go of a finished collective just after the
+    waiting rank wakes.  When the worker holds the last reference, freeing the collective's tensors needs the
+    GIL, while the main thread, holding the GIL, may already be freeing DDP's reducer, whose process group
+    joins that worker thread: a deadlock after the run's last line (about one two-rank run in ten on a loaded
+    2-core machine).  With the handle kept here the main thread frees the last barrier; the short sleep lets a
+    worker still freeing an earlier collective take the GIL first.
+    """
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        work = torch.distributed.barrier(async_op=True)
+        work.wait()
+        _FINAL_BARRIERS.append(work)
+        time.sleep(0.05)
+    accelerator.end_training()

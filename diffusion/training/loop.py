@@ -46,7 +46,7 @@ from .checkpoint import (
     read_json,
 )
 from .config import RESUMABLE_CHANGES, TrainConfig
-from .distributed import clip_gradients, resolve_distributed, shard_model
+from .distributed import clip_gradients, end_distributed, resolve_distributed, shard_model
 from .init_model import load_init_model
 from .run_data import RunData, load_run_data
 from .run_folder import claim_run_folder
@@ -479,14 +479,14 @@ def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, r
                 bar.close()
                 print(f"ddlm-train: received {preemption.signal_name}: checkpoint saved at step {done} in "
                       f"{run.ckpt_root}; continue with --resume auto", file=sys.stderr, flush=True)
-                acc.end_training()
+                end_distributed(acc)
                 return TrainResult(step=done, final_dir=None, eval_loss=eval_loss, metrics_path=run.metrics_path)
     finally:
         bar.close()
         preemption.restore()
 
     final_dir = export_final(run, state, data) if stop == config.max_steps else None
-    acc.end_training()
+    end_distributed(acc)
     return TrainResult(step=stop, final_dir=final_dir, eval_loss=eval_loss, metrics_path=run.metrics_path)
 
 
