@@ -13,8 +13,13 @@ e_MASK^T``; the paper's absorbing schedule ``beta_k = 1 / (T - k + 1)`` is :data
 LINEAR_MASKING` (``alpha_bar_k = 1 - k / T``, all MASK at k = T).
 
 - :meth:`DiscreteTime.posterior`: ``q(x_{k-1} | x_k, x_0) = (x_k Q_k^T) * (x_0 Q_bar_{k-1}) / (x_0 Q_bar_k x_k^T)``;
-  given a distribution ``p~(x_0 | x_k)`` instead of ``x_0`` it is the x0-parameterised reverse step
-  ``p_theta(x_{k-1} | x_k) ~ sum_x0 q(x_{k-1}, x_k | x_0) p~(x_0 | x_k) = (x_k Q_k^T) * (p~ Q_bar_{k-1})``, normalised.
+  given a distribution ``p~(x_0 | x_k)`` instead of ``x_0`` it is the x0-parameterised reverse step, the mixture
+  of posteriors ``p_theta(x_{k-1} | x_k) = sum_x0 p~(x_0 | x_k) q(x_{k-1} | x_k, x_0) ~ (x_k Q_k^T) * ((p~ / w)
+  Q_bar_{k-1})`` with ``w(x_0) = q(x_k | x_0)``.  Choice: the paper's eq. 4 weights the joint ``q(x_{k-1}, x_k |
+  x_0)`` by p~ instead (no ``/ w``); with the mixture, p~ is the posterior ``p(x_0 | x_k)`` under every objective
+  (the continuous ELBO through the score identity, the hybrid loss's cross-entropy) and the SEDD analytic step of
+  the same model is this step.  The two agree for the absorbing process, where ``w`` is the same for every real
+  ``x_0`` at a masked position; they differ for the uniform one, where ``x_k = x_0`` is the likelier pair.
 - :meth:`DiscreteTime.vb_terms`: per position, ``L_1 = -log p_theta(x_0 | x_1)`` and for k >= 2
   ``L_{k-1} = KL(q(x_{k-1} | x_k, x_0) || p_theta(x_{k-1} | x_k))``; :meth:`DiscreteTime.prior_kl` is
   ``KL(q(x_T | x_0) || p(x_T))`` with ``p(x_T)`` the law of x_T when x_0 is a uniformly drawn real token (all MASK
@@ -86,12 +91,15 @@ class DiscreteTime:
         return self.process.transition_probs(x_prev, self.sigma(k) - self.sigma(k - 1))
 
     def posterior(self, x_k: Tensor, x0_probs: Tensor, k: Tensor) -> Tensor:
-        """``q(x_{k-1} | x_k, x_0)`` for a distribution ``x0_probs [..., S]`` over x_0 (one-hot: the true posterior;
-        a model's ``p~(x_0 | x_k)``: the x0-parameterised ``p_theta(x_{k-1} | x_k)``), ``[..., S]`` float64."""
+        """``sum_x0 x0_probs(x_0) q(x_{k-1} | x_k, x_0)`` for a distribution ``x0_probs [..., S]`` over x_0 (one-hot:
+        the true posterior; a model's ``p~(x_0 | x_k)``: the x0-parameterised ``p_theta(x_{k-1} | x_k)``, see the
+        module docstring), ``[..., S]`` float64."""
         k = self._check_k(k, 1)
         sigma_now, sigma_before = self.sigma(k), self.sigma(k - 1)
         into = self.process.reverse_transition(x_k, sigma_now - sigma_before).double()  # x_k Q_k^T: q(x_k | x_{k-1}=.)
-        before = self.process.push_probs(x0_probs.double(), sigma_before)  # x_0 Q_bar_{k-1}
+        reach = self.process.reverse_transition(x_k, sigma_now).double()  # w = q(x_k | x_0=.)
+        weights = torch.where(reach > 0, x0_probs.double() / reach.clamp_min(_TINY), torch.zeros_like(reach))
+        before = self.process.push_probs(weights, sigma_before)  # (p~ / w) Q_bar_{k-1}
         joint = into * before
         return joint / joint.sum(-1, keepdim=True).clamp_min(_TINY)
 

@@ -7,11 +7,13 @@ Architecture (after the DiT / SEDD denoisers): token embedding; ``num_hidden_lay
 pre-norm blocks of bidirectional rotary self-attention (``scaled_dot_product_attention``)
 and a GELU MLP; optional adaLN-zero conditioning on the total noise ``sigma_bar``; a
 final norm and a linear head over all ``vocab_size`` states (optionally tied to the
-embedding).  Two output parameterisations:
+embedding).  Three output parameterisations:
 
 * ``"subs"`` (MDLM/RADD, absorbing only, usually time-free): log-probabilities
   ``log p_theta(x0 | x_t)``; the MASK state gets probability 0 and every unmasked
   position carries its token through (log-prob 0 on x_t, -1e6 elsewhere).
+* ``"x0"`` (uniform only: D3PM's uniform chain, UDLM, Duo): log-probabilities ``log p_theta(x0 | x_t)`` over all
+  states; nothing is carried over, since under the uniform process any position of x_t may differ from x0.
 * ``"score"`` (SEDD): log-scores ``log s_theta(x_t)_y``; the entry of the current state is
   0 (ratio 1); with ``scale_by_sigma`` (absorbing) the raw output is shifted by
   ``-log(exp(sigma_bar) - 1) - log(N)``.
@@ -36,7 +38,7 @@ from .dropout import Dropout, dropout
 NEG_INF = -1.0e6  # a finite "log 0": exp() underflows to exactly 0 and no inf - inf NaNs appear
 
 _PROCESSES = ("absorbing", "uniform")
-_PARAMETERIZATIONS = ("subs", "score")
+_PARAMETERIZATIONS = ("subs", "score", "x0")
 
 
 class DDiTConfig(PretrainedConfig):
@@ -57,8 +59,9 @@ class DDiTConfig(PretrainedConfig):
         initializer_range: std of the normal initialisation.
         process: ``"absorbing"`` or ``"uniform"``.
         schedule, schedule_kwargs: the noise schedule's name and arguments.
-        parameterization: ``"subs"`` (log p(x0 | x_t), absorbing only) or ``"score"`` (log-scores).
-        time_conditioning: adaLN-zero conditioning on sigma_bar; defaults to on for ``score`` and off
+        parameterization: ``"subs"`` (log p(x0 | x_t), absorbing only), ``"x0"`` (log p(x0 | x_t), uniform only) or
+            ``"score"`` (log-scores).
+        time_conditioning: adaLN-zero conditioning on sigma_bar; defaults to on for ``score`` and ``x0`` and off
             for ``subs`` (a time-free network, which makes exact sampler caching possible).
         scale_by_sigma: shift score outputs by ``-log(e^sigma_bar - 1) - log N`` (absorbing ``score`` only;
             default on there).
@@ -105,6 +108,9 @@ class DDiTConfig(PretrainedConfig):
             )
         if parameterization == "subs" and process != "absorbing":
             raise ValueError(f"parameterization='subs' needs process='absorbing', got process={process!r}")
+        if parameterization == "x0" and process != "uniform":
+            raise ValueError(f"parameterization='x0' needs process='uniform' (an absorbing model predicting x0 is "
+                             f"'subs'), got process={process!r}")
         if not (isinstance(vocab_size, int) and vocab_size >= 3):
             raise ValueError(f"vocab_size must be an int >= 3, got vocab_size={vocab_size!r}")
         for name, value in (
@@ -142,7 +148,7 @@ class DDiTConfig(PretrainedConfig):
         elif mask_token_id is not None:
             raise ValueError(f"the uniform process has no MASK state; got mask_token_id={mask_token_id!r}")
         if time_conditioning is None:
-            time_conditioning = parameterization == "score"
+            time_conditioning = parameterization != "subs"
         if scale_by_sigma is None:
             scale_by_sigma = parameterization == "score" and process == "absorbing"
         if scale_by_sigma and not (parameterization == "score" and process == "absorbing"):
@@ -542,6 +548,7 @@ class DDiTModel(DDiTPreTrainedModel):
         score_mask: Tensor | None = None,
         attention_pattern: Tensor | None = None,
         return_dict: bool | None = None,
+        input_weights: Tensor | None = None,
         **kwargs,
     ) -> MaskedLMOutput | tuple[Tensor]:
         """Denoise a batch.
@@ -561,6 +568,9 @@ class DDiTModel(DDiTPreTrainedModel):
             score_mask: optional ``BoolTensor[B, L]``: compute outputs only where True.  Every position still
                 attends to every other; only the output head and the parameterisation are restricted, which
                 is what a loss or a sampler step that reads a few positions (the masked ones) needs.
+            input_weights: optional ``[B, L, vocab_size]`` weights over the states per position (a relaxed x_t, e.g.
+                Duo's tempered softmax of the Gaussian latent): the input embedding is ``input_weights @ E`` instead
+                of the rows of ``input_ids``, which still give the tokens the output parameterisation reads.
 
         Returns:
             ``MaskedLMOutput`` (``DDiTOutput`` with ``use_cache``) whose ``logits [B, L, vocab_size]`` (float32)
@@ -584,7 +594,13 @@ class DDiTModel(DDiTPreTrainedModel):
         if positions is None:
             positions = torch.arange(length, device=input_ids.device)
 
-        x = self.embed_tokens(input_ids)  # (B, L, H)
+        if input_weights is None:
+            x = self.embed_tokens(input_ids)  # (B, L, H)
+        elif input_weights.shape != (batch, length, self.config.vocab_size):
+            raise ValueError(f"input_weights must be [batch, length, vocab_size] = {(batch, length, self.config.vocab_size)}"
+                             f", got {tuple(input_weights.shape)}")
+        else:
+            x = input_weights.to(self.embed_tokens.weight.dtype) @ self.embed_tokens.weight
         cond = F.silu(self.noise_embed(sigma_bar)) if self.noise_embed is not None else None
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         cos, sin = _rotary_tables(positions, head_dim, self.config.rope_theta)
@@ -660,7 +676,9 @@ class DDiTModel(DDiTPreTrainedModel):
         return raw - offset.reshape(offset.shape + (1,) * (raw.dim() - offset.dim()))
 
     def _parameterize(self, raw: Tensor, input_ids: Tensor, sigma_bar: Tensor | None) -> Tensor:
-        """Turn raw head outputs ``[..., S]`` into log-probabilities (subs) or log-scores (score)."""
+        """Turn raw head outputs ``[..., S]`` into log-probabilities (subs, x0) or log-scores (score)."""
         if self.config.parameterization == "subs":
             return subs_log_probs(raw, input_ids, self.config.mask_token_id)
+        if self.config.parameterization == "x0":
+            return raw.float().log_softmax(-1)
         return self._scale_scores(raw, sigma_bar).scatter(-1, input_ids.unsqueeze(-1), 0.0)

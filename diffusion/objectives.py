@@ -56,13 +56,16 @@ class DiffusionObjective:
         process: the forward process (its ``vocab_size`` is the number of real tokens N).
         schedule: the noise schedule.
         objective: ``score_entropy`` (SEDD; absorbing or uniform) or ``masked_elbo`` (MDLM/RADD; absorbing).
-        parameterization: what the model outputs: ``score`` (log-scores) or ``subs`` (log p(x0 | x_t)).
-            A ``subs`` model trained with ``score_entropy`` uses RADD's identity
-            ``log s = log p - log(e^sigma_bar - 1)``.
+        parameterization: what the model outputs: ``score`` (log-scores), ``subs`` (log p(x0 | x_t), absorbing) or
+            ``x0`` (log p(x0 | x_t), uniform).  A ``subs`` model trained with ``score_entropy`` uses RADD's identity
+            ``log s = log p - log(e^sigma_bar - 1)``; an ``x0`` model is trained with ``score_entropy`` through the
+            uniform mixture identity (:meth:`~diffusion.processes.UniformProcess.log_score_from_log_probs`), which
+            makes the loss the uniform process's continuous-time ELBO for an x0 model (UDLM's and Duo's loss).
         t_min: smallest diffusion time drawn (t ~ U(t_min, 1)).
         antithetic: stratified (low-discrepancy) draws of t across the batch.
-        discrete_time: D3PM's T (``masked_elbo`` only): t is drawn on the grid ``k / T``, ``k ~ U{1..T}``, and the
-            loss is the T-step bound ``L_vb`` of :class:`~diffusion.d3pm.DiscreteTime` (None: continuous time).
+        discrete_time: D3PM's T for a model that predicts x0 (``masked_elbo``, or an ``x0`` model): t is drawn on
+            the grid ``k / T``, ``k ~ U{1..T}``, and the loss is the T-step bound ``L_vb`` of
+            :class:`~diffusion.d3pm.DiscreteTime` in place of the continuous one (None: continuous time).
         hybrid: D3PM's lambda, the weight of ``-log p~(x0 | x_t)`` added to ``L_vb`` (with ``discrete_time``).
     """
 
@@ -78,8 +81,8 @@ class DiffusionObjective:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got objective={self.objective!r}")
-        if self.parameterization not in ("score", "subs"):
-            raise ValueError(f"parameterization must be 'score' or 'subs', got {self.parameterization!r}")
+        if self.parameterization not in ("score", "subs", "x0"):
+            raise ValueError(f"parameterization must be 'score', 'subs' or 'x0', got {self.parameterization!r}")
         absorbing = isinstance(self.process, AbsorbingProcess)
         if self.objective in MASKED_OBJECTIVES and not (absorbing and self.parameterization == "subs"):
             raise ValueError(
@@ -88,6 +91,8 @@ class DiffusionObjective:
             )
         if self.parameterization == "subs" and not absorbing:
             raise ValueError(f"parameterization='subs' needs the absorbing process, got {self.process.name!r}")
+        if self.parameterization == "x0" and absorbing:
+            raise ValueError(f"parameterization='x0' needs the uniform process, got {self.process.name!r}")
         if absorbing and self.process.mask_id != self.process.num_tokens and self.objective not in MASKED_OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} needs MASK as the last state; this model's mask id is "
                              f"{self.process.mask_id}: train it with masked_elbo")
@@ -95,9 +100,11 @@ class DiffusionObjective:
             raise ValueError(f"t_min must be in (0, 1), got t_min={self.t_min!r}")
         if self.discrete_time is not None:
             DiscreteTime(self.process, self.schedule, self.discrete_time)  # T >= 1
-            if self.objective != "masked_elbo":
-                raise ValueError(f"discrete_time (D3PM) trains an x0-parameterised absorbing model: objective must "
-                                 f"be 'masked_elbo', got objective={self.objective!r}")
+            if not (self.objective == "masked_elbo" or (self.parameterization == "x0" and self.objective ==
+                                                         "score_entropy")):
+                raise ValueError(f"discrete_time (D3PM) trains a model that predicts x0: objective='masked_elbo' "
+                                 f"(absorbing) or parameterization='x0' (uniform), got objective={self.objective!r}, "
+                                 f"parameterization={self.parameterization!r}")
         if not (self.hybrid >= 0 and (self.hybrid == 0 or self.discrete_time is not None)):
             raise ValueError(f"hybrid (D3PM's lambda) must be >= 0 and needs discrete_time, got hybrid={self.hybrid!r}")
 
@@ -171,6 +178,8 @@ class DiffusionObjective:
         average); the loss is the same sum, see :meth:`_score_masked_positions`.
         """
         sigma_bar = self.schedule.total_noise(t)
+        if self.discrete_time is not None and self.parameterization == "x0":  # D3PM's general L_vb
+            return self._discrete_time_loss(model, x0, xt, t, sigma_bar, attention_mask)
         if self.discrete_time is not None:  # D3PM: the masked sum with the T-step weight, plus the prior term
             out = self._masked_loss(model, x0, xt, t, sigma_bar, attention_mask)
             chain = DiscreteTime(self.process, self.schedule, self.discrete_time)
@@ -191,9 +200,22 @@ class DiffusionObjective:
                 masked = masked & attention_mask.bool()
             per_sequence = masked_elbo(output, x0, masked, self.elbo_weight(t))
         else:
-            if self.parameterization == "subs":
+            if self.parameterization in ("subs", "x0"):
                 output = self.process.log_score_from_log_probs(output, sigma_bar, xt)
             per_sequence = score_entropy_loss(output, x0, xt, t, self.process, self.schedule, attention_mask)
+        num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
+        return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)
+
+    def _discrete_time_loss(self, model: torch.nn.Module, x0: Tensor, xt: Tensor, t: Tensor, sigma_bar: Tensor,
+                            attention_mask: Tensor | None) -> ObjectiveOutput:
+        """D3PM's ``L_vb`` (plus ``hybrid`` times the cross-entropy) of an ``x0`` model at the steps ``k = t T``:
+        every position carries a KL term (under the uniform process any position may have moved), computed in
+        float64 by :meth:`~diffusion.d3pm.DiscreteTime.loss`."""
+        output = model(input_ids=xt, total_noise=sigma_bar, attention_mask=attention_mask).logits
+        chain = DiscreteTime(self.process, self.schedule, self.discrete_time)
+        k = (t.double() * self.discrete_time).round().long()
+        keep = attention_mask.bool() if attention_mask is not None else None
+        per_sequence = chain.loss(x0, xt, k, output, hybrid=self.hybrid, keep=keep).to(output.dtype)
         num_tokens = int(attention_mask.sum()) if attention_mask is not None else x0.numel()
         return ObjectiveOutput(per_sequence.sum() / max(num_tokens, 1), per_sequence, t, num_tokens)
 

@@ -386,6 +386,33 @@ class UniformProcess(Process):
         differ = (pos - log_s_x0.exp()) - (n - 2) - (neg - log_s_x0) + x0_term
         return torch.where(x_t == x0, same, differ) / n
 
+    def log_score_from_log_probs(self, log_probs: Tensor, sigma_bar: Tensor | float, x_t: Tensor) -> Tensor:
+        """The log-score of an x0-parameterised uniform model (``parameterization="x0"``) from its log-probabilities.
+
+        Per position the concrete score is a mixture over the model's ``p(x0 | x_t)`` (the other positions' factors
+        cancel because the forward process acts on each position alone):
+        ``s_y = sum_x0 p(x0 | x_t) q_t(y | x0) / q_t(x_t | x0)``.  With ``q_t(y | x0) = b + a [y = x0]``, ``a =
+        e^{-sigma_bar}``, ``b = (1 - a) / N`` the three kinds of x0 (``x_t``, ``y``, any other) give
+
+            s_y = 1 + N p_y / (e^sigma_bar - 1) - N p_{x_t} / (N + e^sigma_bar - 1)      (y != x_t),
+
+        and ``log s_{x_t} = 0``.  Both corrections keep ``s_y >= 0``: ``N p_{x_t} / (N + e^sigma_bar - 1) <= 1``.
+        Score entropy on these scores is the uniform process's continuous-time ELBO for an x0 model (UDLM, Schiff
+        et al., ICLR 2025; Duo, Sahoo et al., ICML 2025), and the SEDD samplers read them as they read a score model's.
+
+        Args:
+            log_probs: ``[..., N]`` log p_theta(x0 | x_t) (float32 or float64; lower precisions are promoted).
+        """
+        self._check_states("log_probs", log_probs)
+        if log_probs.dtype in (torch.float16, torch.bfloat16):
+            log_probs = log_probs.float()
+        n = self.num_tokens
+        esigm1 = torch.expm1(_broadcast_noise(sigma_bar, x_t).to(log_probs.dtype)).unsqueeze(-1)
+        probs = log_probs.exp()
+        stay = 1.0 - n * probs.gather(-1, x_t.unsqueeze(-1)) / (n + esigm1)
+        log_score = torch.log((stay + n * probs / esigm1).clamp_min(torch.finfo(probs.dtype).tiny))
+        return log_score.scatter(-1, x_t.unsqueeze(-1), 0.0)
+
 
 PROCESSES: dict[str, type[Process]] = {cls.name: cls for cls in (AbsorbingProcess, UniformProcess)}
 

@@ -28,7 +28,8 @@ class DiffusionSpec:
     Args:
         process_name: ``absorbing`` or ``uniform``.
         schedule: the noise schedule.
-        parameterization: ``subs`` (log p(x0 | x_t)) or ``score`` (log-scores).
+        parameterization: ``subs`` (log p(x0 | x_t), absorbing), ``x0`` (log p(x0 | x_t), uniform) or ``score``
+            (log-scores).
         time_conditioning: whether the network reads the noise level (no exact sampler cache if so).
         num_states: token states the model predicts (``config.vocab_size``).
         mask_id: the MASK state (absorbing), anywhere in ``[0, num_states)`` for outside models; None (uniform).
@@ -49,8 +50,8 @@ class DiffusionSpec:
     def __post_init__(self) -> None:
         if self.process_name not in PROCESSES:
             raise ValueError(f"process must be one of {sorted(PROCESSES)}, got process={self.process_name!r}")
-        if self.parameterization not in ("subs", "score"):
-            raise ValueError(f"parameterization must be 'subs' or 'score', got {self.parameterization!r}")
+        if self.parameterization not in ("subs", "score", "x0"):
+            raise ValueError(f"parameterization must be 'subs', 'score' or 'x0', got {self.parameterization!r}")
         absorbing = self.process_name == "absorbing"
         if absorbing and not (isinstance(self.mask_id, int) and 0 <= self.mask_id < self.num_states):
             raise ValueError(f"the absorbing process needs a mask id in [0, {self.num_states}), got mask_id={self.mask_id!r}")
@@ -58,6 +59,9 @@ class DiffusionSpec:
             raise ValueError(f"the uniform process has no MASK state, got mask_id={self.mask_id!r}")
         if self.parameterization == "subs" and not absorbing:
             raise ValueError(f"parameterization='subs' needs the absorbing process, got {self.process_name!r}")
+        if self.parameterization == "x0" and absorbing:
+            raise ValueError("parameterization='x0' needs the uniform process (an absorbing x0 model is 'subs'), got "
+                             f"{self.process_name!r}")
         if self.block_size is not None and not (self.masked and isinstance(self.block_size, int) and self.block_size >= 1):
             raise ValueError(f"block_size needs a masked (absorbing, subs) model and a positive int, got "
                              f"block_size={self.block_size!r}")
@@ -87,6 +91,12 @@ class DiffusionSpec:
         return self.absorbing and self.parameterization == "subs"
 
     @property
+    def predicts_x0(self) -> bool:
+        """The network returns ``log p(x0 | x_t)`` (``subs`` or ``x0``), which the score-based code turns into
+        log-scores with the process's ``log_score_from_log_probs``."""
+        return self.parameterization in ("subs", "x0")
+
+    @property
     def time_free_masked(self) -> bool:
         """A masked denoiser that ignores time: exact caching and RADD's lambda form apply."""
         return self.masked and not self.time_conditioning
@@ -94,7 +104,8 @@ class DiffusionSpec:
     @property
     def default_sampler(self) -> str:
         """The sampler a command uses when none is named: block diffusion for block models, the heat bath for
-        Glauber models, masked ancestral for other subs models, SEDD's analytic (Tweedie) step for score models."""
+        Glauber models, masked ancestral for other subs models, SEDD's analytic (Tweedie) step for score and x0 models
+        (for x0 models the analytic step is D3PM's x0-parameterised reverse step, :mod:`diffusion.d3pm`)."""
         if self.block_size is not None:
             return "block"
         if self.glauber_sweeps is not None:

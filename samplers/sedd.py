@@ -8,7 +8,8 @@ From t = 1 to t = t_final in ``num_steps`` steps of size dt, then a final denois
   ``dsigma = sigma_bar(t) - sigma_bar(t - dt)``, exact for one token with the exact score;
 * denoise: the analytic step with ``dsigma = sigma_bar(t_final)`` (all remaining noise); MASK excluded.
 
-A ``subs`` model is used through RADD's identity ``log s = log p(x0 | x_t) - log(exp(sigma_bar) - 1)``.
+A ``subs`` model is used through RADD's identity ``log s = log p(x0 | x_t) - log(exp(sigma_bar) - 1)``, a uniform
+``x0`` model through its own mixture identity (:meth:`diffusion.processes.UniformProcess.log_score_from_log_probs`).
 Fixed (prompt) positions are never moved; with the absorbing process only masked positions are computed.
 """
 
@@ -33,7 +34,7 @@ from .base import (
     uniforms,
 )
 
-__all__ = ["AnalyticSampler", "EulerSampler"]
+__all__ = ["AnalyticSampler", "D3PMSampler", "EulerSampler"]
 
 
 class _SEDDSampler(Sampler):
@@ -52,7 +53,7 @@ class _SEDDSampler(Sampler):
         process = spec.process
         total_noise = sigma_bar.float().expand(x.shape[0]).to(x.device)
         out = outputs_at(model, where, x, total_noise=total_noise).logits.double()
-        if spec.parameterization == "subs":
+        if spec.predicts_x0:
             out = process.log_score_from_log_probs(out, sigma_bar.double(), x[where])
         return out
 
@@ -129,3 +130,24 @@ class AnalyticSampler(_SEDDSampler):
 
     def _step_probs(self, process, x, score, schedule, t, s):
         return process.analytic_transition(x, score, schedule.total_noise(t) - schedule.total_noise(s))
+
+
+@register_sampler
+class D3PMSampler(Sampler):
+    """D3PM's ancestral sampler (Austin et al. 2021) over ``T = num_steps`` steps on the grid ``t_k = k / T``.
+
+    Step k -> k - 1 is the analytic step from ``t_k`` to ``t_{k-1}``; for a model that predicts x0 that step is the
+    x0-parameterised reverse step ``p_theta(x_{k-1} | x_k) = sum_x0 p~(x0 | x_k) q(x_{k-1} | x_k, x0)`` of
+    :class:`diffusion.d3pm.DiscreteTime` (tested), and the last one (k = 1) lands at sigma = 0, the data.  Exactly
+    T network calls; the model's training T need not match (any grid of its schedule is a valid chain).
+    """
+
+    name = "d3pm"
+
+    def _generate(self, model: Any, spec: DiffusionSpec, canvas: Tensor, num_steps: int,
+                  generator: torch.Generator | None, return_trajectory: bool, callback: Any) -> SampleOutput:
+        if num_steps < 2:
+            raise ValueError(f"the d3pm sampler needs T = num_steps >= 2 (the last step is the one from t = 1 / T to "
+                             f"the data), got num_steps={num_steps}")
+        return AnalyticSampler(t_final=1.0 / num_steps)._generate(model, spec, canvas, num_steps - 1, generator,
+                                                                  return_trajectory, callback)

@@ -45,8 +45,8 @@ def default_entries(spec: DiffusionSpec, curve: list[float] | None = None) -> li
     """The samplers compared for a model: for time-free masked (``subs``) models ancestral, ReMDM's loop, low-confidence
     remasking, threshold decoding, entropy-bounded acceptance and ARDM's planned budget (over ``curve``, the model's
     stored loss curve, else even groups); for masked models with time ancestral and ReMDM; for score models the
-    analytic and Euler samplers."""
-    if spec.parameterization == "score":
+    analytic and Euler samplers (also for uniform x0 models)."""
+    if not spec.masked:
         return [SweepEntry("analytic", "analytic"), SweepEntry("euler", "euler")]
     entries = [SweepEntry("ancestral", "ancestral"),
                SweepEntry("ReMDM loop (eta 0.02)", "remdm", {"schedule": "loop", "eta": 0.02})]

@@ -52,10 +52,11 @@ def test_the_posterior_is_bayes_with_scipys_kernels(name):
                                                                                  process.num_states).double(),
                                   torch.tensor(k))
             assert torch.allclose(got, bayes, atol=1e-10) and got.sum() == pytest.approx(1.0, abs=1e-12)
-        # the x0-parameterised step: the same Bayes rule with x0 averaged under a model's distribution
+        # the x0-parameterised step: the posteriors of every x0 mixed with a model's distribution as weights
         p_x0 = torch.tensor([0.2, 0.5, 0.3] + [0.0] * (process.num_states - N), dtype=torch.float64)
         for x_k in range(process.num_states):
-            mixed = sum(p_x0[x0] * step[x_k, :] * before[:, x0] for x0 in range(N))
+            mixed = sum(p_x0[x0] * step[x_k, :] * before[:, x0] / now[x_k, x0] for x0 in range(N)
+                        if now[x_k, x0] > 1e-12)
             if mixed.sum() < 1e-12:
                 continue
             got = chain.posterior(torch.tensor(x_k), p_x0, torch.tensor(k))

@@ -185,7 +185,7 @@ def test_bad_arguments_are_named():
                                  cond_dim=8, parameterization="score", time_conditioning=True))
     with pytest.raises(ValueError, match="time-free absorbing subs"):
         any_order_nll(score, blocks)
-    with pytest.raises(ValueError, match="objective must"):  # D3PM's bound needs an x0-parameterised model
+    with pytest.raises(ValueError, match="trains a model that predicts x0"):  # D3PM's bound needs an x0-parameterised model
         evaluate_likelihood(score, blocks, discrete_time=8)
     with pytest.raises(ValueError, match="discrete_time=0"):
         evaluate_likelihood(model, blocks, discrete_time=0)

@@ -49,6 +49,8 @@ MASKED = _ddit()
 SCORE_ABSORBING = _ddit(parameterization="score")
 SCORE_UNIFORM = _ddit(parameterization="score", process="uniform", vocab_size=V, schedule="geometric",
                       schedule_kwargs={"sigma_min": 1e-4, "sigma_max": 20.0})
+X0_UNIFORM = _ddit(parameterization="x0", process="uniform", vocab_size=V, schedule="geometric",
+                   schedule_kwargs={"sigma_min": 1e-4, "sigma_max": 20.0})
 CASES = [
     ("ancestral", {}, MASKED),
     ("ancestral", {"cache": False, "temperature": 0.8, "top_k": 5}, MASKED),
@@ -68,6 +70,10 @@ CASES = [
     ("analytic", {}, MASKED),  # a subs model through RADD's identity
     ("euler", {}, SCORE_UNIFORM),
     ("analytic", {}, SCORE_UNIFORM),
+    ("analytic", {}, X0_UNIFORM),  # an x0 model through the uniform mixture identity
+    ("euler", {}, X0_UNIFORM),
+    ("d3pm", {}, X0_UNIFORM),
+    ("d3pm", {}, MASKED),
 ]
 
 

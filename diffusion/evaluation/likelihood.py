@@ -9,7 +9,8 @@ Two forms of the bound, both in nats per sequence ``x0 [B, L]``:
 - **block diffusion** (BD3-LM models, ``attention_block_size``): ``-log p(x0) = sum_b -log p(x0^b | x0^{<b})``,
   each term bounded by the lambda form with the earlier blocks clean; one lambda per node serves every block, and
   all blocks are scored in one pass over ``x_lambda (+) x0`` (:class:`~diffusion.block_diffusion.BlockDiffusionObjective`).
-- **discrete time** (``discrete_time=T``, absorbing ``subs`` models, D3PM's bound, Austin et al. 2021):
+- **discrete time** (``discrete_time=T``, models that predict x0: absorbing ``subs``, uniform ``x0``; D3PM's bound,
+  Austin et al. 2021):
   ``L_vb = sum_i KL(q(x_T^i | x0^i) || p(x_T)) + sum_{k=1}^T E_{q(x_k | x0)} L_{k-1}`` on the grid ``t_k = k / T`` of
   the model's schedule (:mod:`diffusion.d3pm`).  Every k is visited once per sequence with one draw of x_k, and
   the training objective's one-step estimate ``prior + T L_{k-1}`` (:class:`~diffusion.objectives.
@@ -152,9 +153,9 @@ def _discrete_time_nelbo(model: Any, spec: DiffusionSpec, x0: Tensor, steps: int
     """``L_vb`` per sequence ``[B]``: the mean over k = 1..T of the one-step estimate ``prior + T L_{k-1}``."""
     _check_discrete_time(steps)
     if spec.block_size is not None or spec.glauber_sweeps is not None:
-        raise ValueError("the discrete-time bound is for absorbing subs denoisers, not block-diffusion or Glauber "
-                         "models")
-    # hybrid = 0: the bound itself; the objective refuses models that are not absorbing subs, naming why
+        raise ValueError("the discrete-time bound is for denoisers that predict x0 (absorbing subs, uniform x0), not "
+                         "block-diffusion or Glauber models")
+    # hybrid = 0: the bound itself; the objective refuses models that do not predict x0, naming why
     chain = replace(objective or DiffusionObjective.from_spec(spec), discrete_time=steps, hybrid=0.0)
     device = next(model.parameters()).device
     rows = x0.shape[0]

@@ -10,7 +10,7 @@ __all__ = ["converted_card", "model_card", "usage_snippet"]
 
 def usage_snippet(location: str, parameterization: str) -> str:
     """Python that loads the model with plain transformers and fills masked positions once."""
-    noise = ", total_noise=torch.tensor([1.0])" if parameterization == "score" else ""
+    noise = ", total_noise=torch.tensor([1.0])" if parameterization != "subs" else ""
     return f'''import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -70,8 +70,9 @@ def model_card(config: Any, *, location: str, train_config: dict | None, evaluat
                license: str = "mit", datasets: list[str] | None = None) -> str:
     """The README.md of a Hub folder: YAML metadata, what the model is, how to use it."""
     meta = _meta(license, datasets, [f"{config.process}-diffusion"])
-    kind = "masked (absorbing) diffusion, MDLM/RADD ELBO" if config.parameterization == "subs" else \
-        f"score-entropy discrete diffusion (SEDD), {config.process} process"
+    kind = {"subs": "masked (absorbing) diffusion, MDLM/RADD ELBO",
+            "x0": f"an x0-parameterised {config.process} process (the continuous ELBO, or D3PM's discrete-time L_vb)",
+            }.get(config.parameterization, f"score-entropy discrete diffusion (SEDD), {config.process} process")
     lines = [
         "# A discrete diffusion language model (ddlm)", "",
         f"A DDiT denoiser trained with {kind}: {config.num_hidden_layers} blocks, width {config.hidden_size}, "

@@ -18,7 +18,7 @@ from ..processes import PROCESSES
 from ..schedules import SCHEDULES, get_schedule
 from .distributed import DISTRIBUTED
 
-TRAIN_OBJECTIVES = (*OBJECTIVES, "glauber", "autoregressive")  # autoregressive: the causal-LM baseline of the same size
+TRAIN_OBJECTIVES = (*OBJECTIVES, "duo", "glauber", "autoregressive")  # autoregressive: the causal-LM baseline of the same size
 
 __all__ = ["PRECISIONS", "RESUMABLE_CHANGES", "TRAIN_OBJECTIVES", "TrainConfig"]
 
@@ -86,12 +86,15 @@ class TrainConfig:
     # diffusion
     process: str = _f("absorbing", "forward process", choices=sorted(PROCESSES))
     objective: str = _f("masked_elbo", "loss: masked_elbo (MDLM/RADD), ardm (order-agnostic ARDM: exactly m of D "
-                                       "positions masked, weight D/m), score_entropy (SEDD); autoregressive trains the "
-                                       "LLaMA-style causal-LM baseline of the same width and depth",
+                                       "positions masked, weight D/m), score_entropy (SEDD), duo (Duo's curriculum for a "
+                                       "uniform x0 model); autoregressive trains the LLaMA-style causal-LM baseline of "
+                                       "the same width and depth",
                         choices=list(TRAIN_OBJECTIVES))
-    parameterization: str = _f("auto", "model output: subs (log p(x0|x_t)), score (log-scores) or auto (subs for "
-                                       "masked_elbo and ardm)", choices=["auto", "subs", "score"])
-    time_conditioning: str = _f("auto", "adaLN noise conditioning: on, off or auto (on for score, off for subs)",
+    parameterization: str = _f("auto", "model output: subs (log p(x0|x_t), absorbing), x0 (log p(x0|x_t), uniform: "
+                                       "D3PM's uniform chain, UDLM/Duo's ELBO with score_entropy), score (log-scores) "
+                                       "or auto (subs for masked_elbo and ardm, else score)",
+                               choices=["auto", "subs", "x0", "score"])
+    time_conditioning: str = _f("auto", "adaLN noise conditioning: on, off or auto (on for score and x0, off for subs)",
                                 choices=["auto", "on", "off"])
     schedule: str = _f("auto", "noise schedule, or auto (loglinear absorbing, geometric uniform)",
                        choices=["auto", *sorted(SCHEDULES)])
@@ -103,10 +106,15 @@ class TrainConfig:
     block_size: int | None = _f(None, "block diffusion (BD3-LM): tokens per block, dividing seq_len; each block is "
                                       "denoised given the clean blocks before it (None: one block, MDLM)")
     antithetic: bool = _f(True, "stratified (low-discrepancy) draws of t across the global batch")
+    duo_curriculum_steps: int | None = _f(None, "with objective duo: steps of Duo's curriculum (the tempered softmax "
+                                                "of the Gaussian latent as input; its temperature falls from 0.1 to "
+                                                "0.01 over the second half), then the x0 model's plain ELBO (None: "
+                                                "half of max_steps)")
     glauber_sweeps: int = _f(4, "with objective glauber: sweeps R of the round-robin noising (R x seq_len steps, "
                                 "the sampler's network calls)")
-    discrete_time: int | None = _f(None, "D3PM: train on T discrete steps (the T-step bound L_vb of an absorbing "
-                                         "subs model, objective masked_elbo; None: continuous time)")
+    discrete_time: int | None = _f(None, "D3PM: train on T discrete steps (the T-step bound L_vb of a model that "
+                                         "predicts x0: absorbing with masked_elbo, or uniform with parameterization "
+                                         "x0; None: continuous time)")
     hybrid_lambda: float = _f(0.0, "D3PM's hybrid loss: weight of -log p(x0 | x_t) added to L_vb (needs "
                                    "discrete_time; the paper used 0.01 for text)")
     # optimisation
@@ -198,7 +206,13 @@ class TrainConfig:
         if self.resolved_parameterization == "subs" and self.process != "absorbing":
             raise ValueError(f"parameterization='subs' needs process='absorbing', got process={self.process!r}")
         if self.objective in MASKED_OBJECTIVES and self.resolved_parameterization != "subs":
-            raise ValueError(f"objective={self.objective!r} needs parameterization='subs' (or auto), got 'score'")
+            raise ValueError(f"objective={self.objective!r} needs parameterization='subs' (or auto), got "
+                             f"{self.resolved_parameterization!r}")
+        if self.resolved_parameterization == "x0" and (self.process != "uniform"
+                                                       or self.objective not in ("score_entropy", "duo")):
+            raise ValueError(f"parameterization='x0' is a uniform model trained with objective='score_entropy' (the "
+                             f"continuous ELBO, or with discrete_time D3PM's L_vb) or 'duo', got process={self.process!r}, "
+                             f"objective={self.objective!r}")
         if self.objective == "glauber":
             if self.process != "absorbing" or self.parameterization == "subs" or self.time_conditioning == "off":
                 raise ValueError("objective='glauber' trains a classifier over the absorbing vocabulary (its MASK id "
@@ -211,12 +225,28 @@ class TrainConfig:
                 raise ValueError(f"glauber_sweeps must be an int >= 1, got glauber_sweeps={self.glauber_sweeps!r}")
             if self.block_size is not None or self.init_from is not None:
                 raise ValueError("objective='glauber' trains a fresh DDiT on full blocks: no block_size or init_from")
+        if self.objective == "duo":
+            if self.process != "uniform" or self.resolved_parameterization != "x0":
+                raise ValueError(f"objective='duo' trains a uniform x0 model: use process='uniform' and "
+                                 f"parameterization 'x0' or auto, got process={self.process!r}, parameterization="
+                                 f"{self.parameterization!r}")
+            steps = self.duo_curriculum_steps
+            if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                      or not 2 <= steps <= self.max_steps):
+                raise ValueError(f"duo_curriculum_steps must be an int in [2, max_steps={self.max_steps}] or None, got "
+                                 f"duo_curriculum_steps={steps!r}")
+            if self.block_size is not None or self.init_from is not None or self.discrete_time is not None:
+                raise ValueError("objective='duo' trains a fresh DDiT in continuous time: no block_size, init_from "
+                                 "or discrete_time")
         if self.discrete_time is not None:
             if isinstance(self.discrete_time, bool) or not isinstance(self.discrete_time, int) or self.discrete_time < 1:
                 raise ValueError(f"discrete_time must be an int T >= 1 (or None), got discrete_time={self.discrete_time!r}")
-            if self.objective != "masked_elbo" or self.block_size is not None:
-                raise ValueError(f"discrete_time (D3PM) trains an absorbing subs model with objective='masked_elbo' "
-                                 f"and no block_size, got objective={self.objective!r}, block_size={self.block_size!r}")
+            x0_model = self.objective == "masked_elbo" or self.resolved_parameterization == "x0"
+            if not x0_model or self.block_size is not None:
+                raise ValueError(f"discrete_time (D3PM) trains a model that predicts x0 (objective='masked_elbo', or "
+                                 f"parameterization='x0' with the uniform process) and no block_size, got objective="
+                                 f"{self.objective!r}, parameterization={self.parameterization!r}, block_size="
+                                 f"{self.block_size!r}")
         if not (isinstance(self.hybrid_lambda, (int, float)) and self.hybrid_lambda >= 0):
             raise ValueError(f"hybrid_lambda must be a number >= 0, got hybrid_lambda={self.hybrid_lambda!r}")
         if self.hybrid_lambda and self.discrete_time is None:
@@ -293,13 +323,15 @@ class TrainConfig:
     def resolved_parameterization(self) -> str:
         if self.parameterization != "auto":
             return self.parameterization
+        if self.objective == "duo":
+            return "x0"
         return "subs" if self.objective in MASKED_OBJECTIVES else "score"
 
     @property
     def resolved_time_conditioning(self) -> bool:
         if self.time_conditioning != "auto":
             return self.time_conditioning == "on"
-        return self.resolved_parameterization == "score"
+        return self.resolved_parameterization != "subs"
 
     @property
     def resolved_schedule(self) -> tuple[str, dict]:
