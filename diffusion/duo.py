@@ -20,8 +20,11 @@ uniform process at ``sigma_bar = -log T(a)`` (tested by a chi-square test of sam
 the one-hot of the argmax as ``tau -> 0``: at the curriculum's end the model sees exactly the uniform process's
 ``x_t``, and its loss is that process's bound.
 
-Only these pieces exist so far: the curriculum training on the relaxation, the x0-parameterised uniform-state
-model it needs, discrete consistency distillation and the Psi-samplers are not built yet.
+Duo's Gaussian schedule is linear in the log-SNR ``gamma(t) = gamma_min + t (gamma_max - gamma_min)`` with
+``a(t)^2 = sigmoid(-gamma(t))``; :class:`DuoSchedule` is the uniform process it induces, ``sigma_bar(t) = -log
+T(a(t))``, with the rate from ``T'`` by a central difference in float64.  The curriculum objective that trains on
+the relaxation is :mod:`diffusion.duo_curriculum`; discrete consistency distillation and the Psi-samplers are not
+built yet.
 ``P(x_t = x0)`` is computed by the trapezoid rule over ``z`` in [-12, 12] (``grid`` points), in float64 and log
 space (``(K - 1) log Phi``), accurate to about 1e-10 for any K.
 """
@@ -29,11 +32,14 @@ space (``(K - 1) log Phi``), accurate to about 1e-10 for any K.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_latent", "tempered_softmax", "uniform_alpha"]
+from .schedules import Schedule
+
+__all__ = ["DuoSchedule", "gaussian_latent", "gaussian_signal", "tempered_softmax", "uniform_alpha"]
 
 
 def uniform_alpha(gaussian_signal: Tensor | float, num_states: int, *, grid: int = 20001) -> Tensor:
@@ -72,3 +78,46 @@ def tempered_softmax(latent: Tensor, tau: float) -> Tensor:
     if tau == 0:
         return torch.nn.functional.one_hot(latent.argmax(-1), latent.shape[-1]).to(latent.dtype)
     return torch.softmax(latent / tau, dim=-1)
+
+
+def gaussian_signal(gamma: Tensor | float) -> Tensor:
+    """The Gaussian signal level ``a = sqrt(sigmoid(-gamma))`` at log-SNR-like ``gamma`` (float64)."""
+    return torch.sqrt(torch.sigmoid(-torch.as_tensor(gamma, dtype=torch.float64)))
+
+
+class DuoSchedule(Schedule):
+    """The uniform process of Duo's Gaussian schedule over ``num_states`` states (see the module docstring):
+    ``sigma_bar(t) = -log T(a(t))``, ``a(t) = sqrt(sigmoid(-gamma_min - t (gamma_max - gamma_min)))``.
+
+    Duo's curriculum uses ``gamma`` in [-3.5, -1.75] (its defaults), a narrow band of the Gaussian path; the rate
+    ``d sigma_bar / dt = -T'(a) a'(t) / T(a)`` takes ``T'`` by a central difference (step 1e-5 in ``a``)."""
+
+    name = "duo"
+
+    def __init__(self, num_states: int, gamma_min: float = -3.5, gamma_max: float = -1.75) -> None:
+        if isinstance(num_states, bool) or not isinstance(num_states, int) or num_states < 2:
+            raise ValueError(f"num_states must be an int >= 2, got num_states={num_states!r}")
+        if not (math.isfinite(gamma_min) and math.isfinite(gamma_max) and gamma_min < gamma_max):
+            raise ValueError(f"Duo's schedule needs finite gamma_min < gamma_max, got gamma_min={gamma_min!r}, "
+                             f"gamma_max={gamma_max!r}")
+        self.num_states, self.gamma_min, self.gamma_max = num_states, float(gamma_min), float(gamma_max)
+
+    def _signal(self, t: Tensor | float) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return gaussian_signal(self.gamma_min + t * (self.gamma_max - self.gamma_min))
+
+    def total_noise(self, t: Tensor | float) -> Tensor:
+        return -torch.log(uniform_alpha(self._signal(t), self.num_states))
+
+    def rate(self, t: Tensor | float) -> Tensor:
+        a = self._signal(t)
+        h = 1e-5
+        slope = (uniform_alpha((a + h).clamp(max=1.0), self.num_states)
+                 - uniform_alpha((a - h).clamp(min=0.0), self.num_states)) / ((a + h).clamp(max=1.0)
+                                                                              - (a - h).clamp(min=0.0))
+        da_dt = -0.5 * a * (1.0 - a * a) * (self.gamma_max - self.gamma_min)  # a^2 = sigmoid(-gamma)
+        return -slope * da_dt / uniform_alpha(a, self.num_states)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_states": self.num_states, "gamma_min": self.gamma_min,
+                "gamma_max": self.gamma_max}

@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..block_diffusion import BlockDiffusionObjective
+from ..duo_curriculum import DuoCurriculum
 from ..data import load_tokenizer
 from ..data.split_record import check_unchanged, write_record
 from ..data.tokenizer import parse_trained_vocab
@@ -136,6 +137,10 @@ def build_model_and_objective(config: TrainConfig, tokenizer: Any, model: torch.
 def _diffusion_objective(config: TrainConfig, spec: DiffusionSpec) -> Any:
     if config.objective == "glauber":
         return GlauberObjective(GlauberProcess(spec.num_tokens, config.seq_len, config.glauber_sweeps), spec.mask_id)
+    if config.objective == "duo":
+        base = DiffusionObjective.from_spec(spec, "score_entropy", t_min=config.t_min, antithetic=config.antithetic)
+        end = config.duo_curriculum_steps or max(2, config.max_steps // 2)
+        return DuoCurriculum(base, end=end, anneal_from=end // 2)
     if config.block_size is not None:
         return BlockDiffusionObjective.from_spec(spec, config.block_size, t_low=config.t_min, t_high=config.t_max,
                                                  antithetic=config.antithetic)
@@ -147,6 +152,8 @@ def held_out_objective(objective: Any) -> Any:
     """The objective held-out evaluation uses: block diffusion's clipped range widened to the bound's ``t_high = 1``."""
     if isinstance(objective, BlockDiffusionObjective) and objective.t_high < 1.0:
         return dataclasses.replace(objective, t_high=1.0)
+    if isinstance(objective, DuoCurriculum):  # the curriculum's band is not the bound: the x0 model's ELBO is
+        return objective.base
     return objective
 
 
@@ -292,10 +299,11 @@ def _resume(path: Path, state: _State, config: TrainConfig, acc: Any) -> None:
 
 # ----- one step, evaluation, export ----------------------------------------------------------------------
 
-def _optimizer_step(state: _State, x0_global: Tensor, xt_global: Tensor, t_global: Tensor, config: TrainConfig,
-                    acc: Any) -> tuple[Tensor, Tensor, bool]:
-    """Forward/backward over this rank's micro-batches of the global batch, then an optimizer step unless the
-    loss or the gradient norm is non-finite on any rank.  Returns ``(loss, grad_norm, skipped)``."""
+def _optimizer_step(state: _State, objective: Any, x0_global: Tensor, xt_global: Tensor, t_global: Tensor,
+                    config: TrainConfig, acc: Any) -> tuple[Tensor, Tensor, bool]:
+    """Forward/backward of ``objective`` (the run's objective at this step) over this rank's micro-batches of the
+    global batch, then an optimizer step unless the loss or the gradient norm is non-finite on any rank.  Returns
+    ``(loss, grad_norm, skipped)``."""
     world, micro = acc.num_processes, config.batch_size
     step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
     fsdp = state.mode == "fsdp"
@@ -309,7 +317,7 @@ def _optimizer_step(state: _State, x0_global: Tensor, xt_global: Tensor, t_globa
         else:
             sync_context = acc.no_sync(state.wrapped) if not last else nullcontext()
         with sync_context, acc.autocast():
-            out = state.objective.loss(state.wrapped, x0, xt, t)
+            out = objective.loss(state.wrapped, x0, xt, t)
             acc.backward(out.loss / config.grad_accum_steps)
         step_loss += out.loss.detach().double() / config.grad_accum_steps
     # The norm is always computed (max_norm=inf clips nothing) so that non-finite gradients are caught.
@@ -435,11 +443,11 @@ def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, r
         while state.step < stop:
             x0_global = data.global_batch(state.counters["blocks_consumed"], global_batch, acc)
             state.counters["blocks_consumed"] += global_batch
-            t_global, xt_global = state.objective.corrupt(x0_global,
-                                                          generator=derive_generator(config.seed, state.step, "batch"))
+            objective = state.objective.at_step(state.step) if hasattr(state.objective, "at_step") else state.objective
+            t_global, xt_global = objective.corrupt(x0_global, generator=derive_generator(config.seed, state.step, "batch"))
             if config.anneal_steps:
                 state.model.set_step(state.step)
-            step_loss, grad_norm, skipped = _optimizer_step(state, x0_global, xt_global, t_global, config, acc)
+            step_loss, grad_norm, skipped = _optimizer_step(state, objective, x0_global, xt_global, t_global, config, acc)
             state.step += 1
             done = state.step
             if skipped:
