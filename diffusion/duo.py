@@ -23,8 +23,8 @@ the one-hot of the argmax as ``tau -> 0``: at the curriculum's end the model see
 Duo's Gaussian schedule is linear in the log-SNR ``gamma(t) = gamma_min + t (gamma_max - gamma_min)`` with
 ``a(t)^2 = sigmoid(-gamma(t))``; :class:`DuoSchedule` is the uniform process it induces, ``sigma_bar(t) = -log
 T(a(t))``, with the rate from ``T'`` by a central difference in float64.  The curriculum objective that trains on
-the relaxation is :mod:`diffusion.duo_curriculum`; discrete consistency distillation and the Psi-samplers are not
-built yet.
+the relaxation is :mod:`diffusion.duo_curriculum`; the Psi-samplers are ``samplers/psi.py``; discrete consistency
+distillation is not built yet.
 ``P(x_t = x0)`` is computed by the trapezoid rule over ``z`` in [-12, 12] (``grid`` points), in float64 and log
 space (``(K - 1) log Phi``), accurate to about 1e-10 for any K.
 """

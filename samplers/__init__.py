@@ -10,9 +10,10 @@ from .base import FREE, SAMPLERS, SampleOutput, Sampler, get_sampler, register_s
 from .block import BlockDiffusionSampler
 from .glauber import GlauberSampler
 from .posterior import SplitGibbsPosteriorSampler
+from .psi import PsiSampler
 from .remasking import ConfidenceRemaskingSampler
 from .remdm import RemaskingAncestralSampler
-from .sedd import AnalyticSampler, EulerSampler
+from .sedd import AnalyticSampler, D3PMSampler, EulerSampler
 from .threshold import ThresholdSampler
 
 __all__ = [
@@ -22,9 +23,11 @@ __all__ = [
     "AnalyticSampler",
     "BlockDiffusionSampler",
     "ConfidenceRemaskingSampler",
+    "D3PMSampler",
     "EulerSampler",
     "GlauberSampler",
     "MaskedAncestralSampler",
+    "PsiSampler",
     "RemaskingAncestralSampler",
     "SampleOutput",
     "SplitGibbsPosteriorSampler",

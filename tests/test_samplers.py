@@ -74,6 +74,8 @@ CASES = [
     ("euler", {}, X0_UNIFORM),
     ("d3pm", {}, X0_UNIFORM),
     ("d3pm", {}, MASKED),
+    ("psi", {}, X0_UNIFORM),
+    ("psi", {"mode": "constant", "eta": 0.5}, SCORE_UNIFORM),
 ]
 
 

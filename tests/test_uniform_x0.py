@@ -227,3 +227,46 @@ def test_ddlm_train_trains_a_uniform_x0_model_in_continuous_and_discrete_time(tm
         out = get_sampler("d3pm").generate(model, batch_size=2, length=32, num_steps=8,
                                            generator=torch.Generator().manual_seed(0))
         assert out.nfe == 8 and out.tokens.shape == (2, 32) and int(out.tokens.max()) < model.config.vocab_size
+
+
+def test_the_psi_samplers_kappa_follows_its_definitions_and_kappa_one_is_the_analytic_sampler():
+    from samplers.psi import psi_kappa
+
+    alpha_t, alpha_s = torch.tensor([0.1, 0.5, 0.98]), torch.tensor([0.2, 0.9, 0.999])
+    budget = (1 - alpha_s) / alpha_t
+    cap = (1 - torch.minimum(torch.full_like(budget, 0.05), budget) / (1 - alpha_s)).clamp(0, 1)
+    rescale = (1 - 0.5 * budget.clamp(max=1) / (1 - alpha_s)).clamp(0, 1)
+    assert torch.allclose(psi_kappa("cap", 0.05, alpha_t, alpha_s), cap)
+    assert torch.allclose(psi_kappa("rescale", 0.5, alpha_t, alpha_s), rescale)
+    assert torch.equal(psi_kappa("constant", 0.3, alpha_t, alpha_s), torch.full((3,), 0.3))
+
+    model = DDiTModel(DDiTConfig(vocab_size=11, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 cond_dim=8, process="uniform", parameterization="x0", schedule="geometric",
+                                 schedule_kwargs={"sigma_min": 1e-4, "sigma_max": 20.0})).eval()
+    runs = {name: sampler.generate(model, batch_size=4, length=10, num_steps=12,
+                                   generator=torch.Generator().manual_seed(5)).tokens
+            for name, sampler in (("analytic", get_sampler("analytic")),
+                                  ("psi-1", get_sampler("psi", mode="constant", eta=1.0)),
+                                  ("psi-cap", get_sampler("psi")))}
+    assert torch.equal(runs["psi-1"], runs["analytic"])
+    assert not torch.equal(runs["psi-cap"], runs["analytic"])
+    for bad, match in (({"mode": "loop"}, "mode must be one of"), ({"eta": 1.5}, "eta must be in")):
+        with pytest.raises(ValueError, match=match):
+            get_sampler("psi", **bad)
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.5])
+def test_every_psi_mixture_keeps_the_marginal_so_an_exact_model_samples_the_data(kappa):
+    """One position, exact posteriors: the posterior step and the predict-then-renoise step both have the forward
+    marginal p_s, so any mixture of them ends at the data (chi-square)."""
+    joint = enumerate_joint(N, 1, seed=8)
+    model = ExactUniformDenoiser(joint)
+    out = get_sampler("psi", mode="constant", eta=kappa).generate(model, batch_size=3000, length=1, num_steps=6,
+                                                                  generator=torch.Generator().manual_seed(2))
+    assert out.nfe == 7  # six steps and the final denoising step
+    observed = torch.bincount(out.tokens[:, 0], minlength=N).numpy()
+    assert chisquare(observed, np.array(list(joint.values())) * 3000).pvalue > 1e-3
+    with pytest.raises(ValueError, match="uniform-process models"):
+        get_sampler("psi").generate(
+            DDiTModel(DDiTConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 cond_dim=8)), batch_size=1, length=4, num_steps=2)
