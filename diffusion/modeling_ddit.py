@@ -13,7 +13,10 @@ embedding).  Three output parameterisations:
   ``log p_theta(x0 | x_t)``; the MASK state gets probability 0 and every unmasked
   position carries its token through (log-prob 0 on x_t, -1e6 elsewhere).
 * ``"x0"`` (uniform only: D3PM's uniform chain, UDLM, Duo): log-probabilities ``log p_theta(x0 | x_t)`` over all
-  states; nothing is carried over, since under the uniform process any position of x_t may differ from x0.
+  states; nothing is carried over, since under the uniform process any position of x_t may differ from x0.  The
+  head adds ``log(1 + N / (e^sigma_bar - 1))`` to x_t's logit, which is the posterior of x0 under uniform data: an
+  untrained network starts at the forward process's own posterior (keep x_t unless the noise is high) and learns
+  the data's part; without it a 4096-token model spends its first hundreds of steps learning to copy its input.
 * ``"score"`` (SEDD): log-scores ``log s_theta(x_t)_y``; the entry of the current state is
   0 (ratio 1); with ``scale_by_sigma`` (absorbing) the raw output is shifted by
   ``-log(exp(sigma_bar) - 1) - log(N)``.
@@ -229,6 +232,16 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: 
     if dropout_p > 0:
         probs = dropout(probs, dropout_p)
     return torch.matmul(probs, v)
+
+
+def _x0_log_probs(raw: Tensor, input_ids: Tensor, sigma_bar: Tensor | None) -> Tensor:
+    """The ``x0`` head: ``log_softmax(raw + log(1 + N / (e^sigma_bar - 1)) e_{x_t})`` in float32 (module docstring)."""
+    if sigma_bar is None:
+        raise ValueError("an x0 model needs total_noise: its output depends on the noise level")
+    sigma = sigma_bar.float().reshape(sigma_bar.shape + (1,) * (input_ids.dim() - sigma_bar.dim()))
+    bonus = torch.log1p(raw.shape[-1] / torch.expm1(sigma.clamp_min(1e-12)))
+    logits = raw.float().scatter_add(-1, input_ids.unsqueeze(-1), bonus.expand(input_ids.shape).unsqueeze(-1))
+    return logits.log_softmax(-1)
 
 
 def subs_log_probs(raw: Tensor, input_ids: Tensor, mask_id: int) -> Tensor:
@@ -680,5 +693,5 @@ class DDiTModel(DDiTPreTrainedModel):
         if self.config.parameterization == "subs":
             return subs_log_probs(raw, input_ids, self.config.mask_token_id)
         if self.config.parameterization == "x0":
-            return raw.float().log_softmax(-1)
+            return _x0_log_probs(raw, input_ids, sigma_bar)
         return self._scale_scores(raw, sigma_bar).scatter(-1, input_ids.unsqueeze(-1), 0.0)

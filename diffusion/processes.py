@@ -408,9 +408,11 @@ class UniformProcess(Process):
             log_probs = log_probs.float()
         n = self.num_tokens
         esigm1 = torch.expm1(_broadcast_noise(sigma_bar, x_t).to(log_probs.dtype)).unsqueeze(-1)
-        probs = log_probs.exp()
-        stay = 1.0 - n * probs.gather(-1, x_t.unsqueeze(-1)) / (n + esigm1)
-        log_score = torch.log((stay + n * probs / esigm1).clamp_min(torch.finfo(probs.dtype).tiny))
+        # 1 - N p_xt / (N + E) = (N (1 - p_xt) + E) / (N + E), with 1 - p_xt = -expm1(log p_xt): at small sigma_bar
+        # the true ratios are ~sigma_bar / N and p_xt ~ 1 - 1e-8, below float32's resolution of 1 - p_xt itself.
+        rest = -torch.expm1(log_probs.gather(-1, x_t.unsqueeze(-1)))
+        stay = (n * rest + esigm1) / (n + esigm1)
+        log_score = torch.log((stay + n * log_probs.exp() / esigm1).clamp_min(torch.finfo(log_probs.dtype).tiny))
         return log_score.scatter(-1, x_t.unsqueeze(-1), 0.0)
 
 
