@@ -18,7 +18,7 @@ from ..processes import PROCESSES
 from ..schedules import SCHEDULES, get_schedule
 from .distributed import DISTRIBUTED
 
-TRAIN_OBJECTIVES = (*OBJECTIVES, "duo", "glauber", "autoregressive")  # autoregressive: the causal-LM baseline of the same size
+TRAIN_OBJECTIVES = (*OBJECTIVES, "duo", "duo_distill", "glauber", "autoregressive")  # autoregressive: the causal-LM baseline of the same size
 
 __all__ = ["PRECISIONS", "RESUMABLE_CHANGES", "TRAIN_OBJECTIVES", "TrainConfig"]
 
@@ -87,7 +87,8 @@ class TrainConfig:
     process: str = _f("absorbing", "forward process", choices=sorted(PROCESSES))
     objective: str = _f("masked_elbo", "loss: masked_elbo (MDLM/RADD), ardm (order-agnostic ARDM: exactly m of D "
                                        "positions masked, weight D/m), score_entropy (SEDD), duo (Duo's curriculum for a "
-                                       "uniform x0 model); autoregressive trains the LLaMA-style causal-LM baseline of "
+                                       "uniform x0 model), duo_distill (a round of Duo's consistency distillation of --init-from); "
+                                       "autoregressive trains the LLaMA-style causal-LM baseline of "
                                        "the same width and depth",
                         choices=list(TRAIN_OBJECTIVES))
     parameterization: str = _f("auto", "model output: subs (log p(x0|x_t), absorbing), x0 (log p(x0|x_t), uniform: "
@@ -110,6 +111,8 @@ class TrainConfig:
                                                 "of the Gaussian latent as input; its temperature falls from 0.1 to "
                                                 "0.01 over the second half), then the x0 model's plain ELBO (None: "
                                                 "half of max_steps)")
+    distill_dt: float | None = _f(None, "with objective duo_distill: the round's time step dt in (0, 1] (Duo doubles "
+                                        "it each round from 1/64); the teacher is the --init-from model")
     glauber_sweeps: int = _f(4, "with objective glauber: sweeps R of the round-robin noising (R x seq_len steps, "
                                 "the sampler's network calls)")
     discrete_time: int | None = _f(None, "D3PM: train on T discrete steps (the T-step bound L_vb of a model that "
@@ -208,8 +211,8 @@ class TrainConfig:
         if self.objective in MASKED_OBJECTIVES and self.resolved_parameterization != "subs":
             raise ValueError(f"objective={self.objective!r} needs parameterization='subs' (or auto), got "
                              f"{self.resolved_parameterization!r}")
-        if self.resolved_parameterization == "x0" and (self.process != "uniform"
-                                                       or self.objective not in ("score_entropy", "duo")):
+        if self.resolved_parameterization == "x0" and self.objective != "duo_distill" and (
+                self.process != "uniform" or self.objective not in ("score_entropy", "duo")):
             raise ValueError(f"parameterization='x0' is a uniform model trained with objective='score_entropy' (the "
                              f"continuous ELBO, or with discrete_time D3PM's L_vb) or 'duo', got process={self.process!r}, "
                              f"objective={self.objective!r}")
@@ -287,10 +290,22 @@ class TrainConfig:
         if self.anneal_steps and self.block_size is not None:
             raise ValueError("anneal_steps anneals towards bidirectional attention; block diffusion (block_size) keeps "
                              "its block-causal attention from the start")
+        if self.objective == "duo_distill":
+            if self.init_from is None or self.distill_dt is None:
+                raise ValueError("objective='duo_distill' distils the --init-from model (the teacher, a uniform x0 "
+                                 f"model) with step --distill-dt: give both, got init_from={self.init_from!r}, "
+                                 f"distill_dt={self.distill_dt!r}")
+            if not (isinstance(self.distill_dt, (int, float)) and 0 < self.distill_dt <= 1):
+                raise ValueError(f"distill_dt must be in (0, 1], got distill_dt={self.distill_dt!r}")
+            if self.block_size is not None or self.discrete_time is not None:
+                raise ValueError("objective='duo_distill' takes no block_size or discrete_time")
+        elif self.distill_dt is not None:
+            raise ValueError(f"distill_dt is for objective='duo_distill', got distill_dt={self.distill_dt!r} with "
+                             f"objective={self.objective!r}")
         if self.init_from is not None:
-            if self.objective != "masked_elbo":
-                raise ValueError(f"init_from trains a masked-diffusion model: objective must be 'masked_elbo', got "
-                                 f"{self.objective!r}")
+            if self.objective not in ("masked_elbo", "duo_distill"):
+                raise ValueError(f"init_from trains a masked-diffusion model (objective 'masked_elbo') or distils a "
+                                 f"Duo model (objective 'duo_distill'), got {self.objective!r}")
             if self.tokenizer != "auto":
                 raise ValueError(f"init_from brings its own tokenizer: leave tokenizer at 'auto', got "
                                  f"tokenizer={self.tokenizer!r}")
@@ -323,7 +338,7 @@ class TrainConfig:
     def resolved_parameterization(self) -> str:
         if self.parameterization != "auto":
             return self.parameterization
-        if self.objective == "duo":
+        if self.objective in ("duo", "duo_distill"):
             return "x0"
         return "subs" if self.objective in MASKED_OBJECTIVES else "score"
 

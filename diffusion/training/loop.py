@@ -12,6 +12,7 @@ weights, optimizer, LR schedule, EMA and the global torch RNG (dropout) travel t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..block_diffusion import BlockDiffusionObjective
 from ..duo_curriculum import DuoCurriculum
+from ..duo_distill import DuoDistillation
 from ..data import load_tokenizer
 from ..data.split_record import check_unchanged, write_record
 from ..data.tokenizer import parse_trained_vocab
@@ -117,6 +119,13 @@ def build_model_and_objective(config: TrainConfig, tokenizer: Any, model: torch.
                               ) -> tuple[torch.nn.Module, Any]:
     """The model a run trains (freshly initialised, or ``model``: the ``init_from`` one) and the objective that
     scores it: block diffusion with ``block_size``, else ``config.objective``."""
+    if model is not None and config.objective == "duo_distill":
+        spec = DiffusionSpec.from_config(model.config)
+        if (spec.process_name, spec.parameterization) != ("uniform", "x0"):
+            raise ValueError(f"--init-from must be a uniform x0 model (a Duo model) to distil, got process="
+                             f"{spec.process_name!r}, parameterization={spec.parameterization!r}")
+        base = DiffusionObjective.from_spec(spec, "score_entropy", t_min=config.t_min, antithetic=config.antithetic)
+        return model, DuoDistillation(base, copy.deepcopy(model), float(config.distill_dt))
     if model is not None:
         spec = DiffusionSpec.from_config(model.config)
         if not spec.masked:
@@ -152,7 +161,7 @@ def held_out_objective(objective: Any) -> Any:
     """The objective held-out evaluation uses: block diffusion's clipped range widened to the bound's ``t_high = 1``."""
     if isinstance(objective, BlockDiffusionObjective) and objective.t_high < 1.0:
         return dataclasses.replace(objective, t_high=1.0)
-    if isinstance(objective, DuoCurriculum):  # the curriculum's band is not the bound: the x0 model's ELBO is
+    if isinstance(objective, (DuoCurriculum, DuoDistillation)):  # the x0 model's own ELBO is the bound
         return objective.base
     return objective
 
@@ -183,6 +192,8 @@ def _build(config: TrainConfig, tokenizer: Any, mode: str, acc: Any, init_model:
     the EMA are made, so that both hold shards too.  ``init_model``: the model ``init_from`` gave."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model, objective = build_model_and_objective(config, tokenizer, init_model)
+    if isinstance(objective, DuoDistillation):
+        objective.teacher.to(acc.device)
     if config.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
