@@ -112,7 +112,7 @@ class TrainConfig:
                                                 "0.01 over the second half), then the x0 model's plain ELBO (None: "
                                                 "half of max_steps)")
     distill_dt: float | None = _f(None, "with objective duo_distill: the round's time step dt in (0, 1] (Duo doubles "
-                                        "it each round from 1/64); the teacher is the --init-from model")
+                                        "it each round from 1/64); the teacher is the --init-from model (None: no distillation)")
     glauber_sweeps: int = _f(4, "with objective glauber: sweeps R of the round-robin noising (R x seq_len steps, "
                                 "the sampler's network calls)")
     discrete_time: int | None = _f(None, "D3PM: train on T discrete steps (the T-step bound L_vb of a model that "
