@@ -61,12 +61,14 @@ def uniform_alpha(gaussian_signal: Tensor | float, num_states: int, *, grid: int
 
 
 def gaussian_latent(x0: Tensor, gaussian_signal: Tensor, num_states: int,
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
     """``w = a e_{x0} + sqrt(1 - a^2) eps`` ``[..., K]`` (float32) for ids ``x0 [...]`` and levels ``a``
-    broadcasting against ``x0`` from the left (``[B]`` for ``[B, L]``)."""
+    broadcasting against ``x0`` from the left (``[B]`` for ``[B, L]``); ``noise`` (``[..., K]``) is ``eps`` when
+    given (two times of one path share it), else it is drawn."""
     a = torch.as_tensor(gaussian_signal, dtype=torch.float32, device=x0.device)
     a = a.reshape(a.shape + (1,) * (x0.dim() - a.dim()))
-    noise = torch.randn(*x0.shape, num_states, generator=generator, device=x0.device)
+    if noise is None:
+        noise = torch.randn(*x0.shape, num_states, generator=generator, device=x0.device)
     one_hot = torch.nn.functional.one_hot(x0, num_states).float()
     return a.unsqueeze(-1) * one_hot + torch.sqrt(1.0 - a * a).unsqueeze(-1) * noise
 

@@ -19,8 +19,7 @@ continuous ELBO under its own schedule with discrete ``x_t``, which is also the 
 The check that can be made exactly (tested): at ``tau = 0`` the relaxed input is the one-hot of ``x_t``, and the
 curriculum's loss equals the base score-entropy loss under :class:`~diffusion.duo.DuoSchedule` at the same ``t``
 and ``x_t``; so the curriculum's limit is the uniform process's ELBO restricted to Duo's band of noise levels.
-Choices: Duo tabulates ``T`` once; here it is computed by quadrature for the batch's B levels at every step (a few
-milliseconds).  The latent is drawn with the step's generator, so a resumed run draws the same batches.
+Choices: Duo tabulates ``T`` once; here it is computed by quadrature for the batch's B levels at every step.  The latent is drawn with the step's generator, so a resumed run draws the same batches.
 """
 
 from __future__ import annotations

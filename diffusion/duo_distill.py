@@ -27,7 +27,7 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
-from .duo import DuoSchedule, gaussian_signal
+from .duo import DuoSchedule, gaussian_latent, gaussian_signal
 from .objectives import DiffusionObjective, ObjectiveOutput
 from .processes import UniformProcess
 from .time_nodes import sample_t
@@ -84,12 +84,10 @@ class DuoDistillation:
             t = (t + self.dt).clamp(max=1.0)
         num_states = self.base.process.num_states
         noise = torch.randn(*x0.shape, num_states, generator=generator, device=x0.device)
-        one_hot = nn.functional.one_hot(x0, num_states).float()
 
         def argmax_at(time: Tensor) -> Tensor:
-            a = gaussian_signal(self.gamma_min + time.double() * (self.gamma_max - self.gamma_min)).float()
-            a = a.to(x0.device)[:, None, None]
-            return (a * one_hot + torch.sqrt(1.0 - a * a) * noise).argmax(-1)
+            signal = gaussian_signal(self.gamma_min + time.double() * (self.gamma_max - self.gamma_min))
+            return gaussian_latent(x0, signal.to(x0.device), num_states, noise=noise).argmax(-1)
 
         return t, torch.stack([argmax_at(t), argmax_at((t - self.dt).clamp(min=0.0))], dim=-1)
 

@@ -191,7 +191,7 @@ class DDiTConfig(PretrainedConfig):
     @property
     def needs_sigma(self) -> bool:
         """Whether the forward pass reads the noise level sigma_bar."""
-        return self.time_conditioning or self.scale_by_sigma
+        return self.time_conditioning or self.scale_by_sigma or self.parameterization == "x0"  # x0: the head's prior
 
 
 def _rotary_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -236,8 +236,6 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: 
 
 def _x0_log_probs(raw: Tensor, input_ids: Tensor, sigma_bar: Tensor | None) -> Tensor:
     """The ``x0`` head: ``log_softmax(raw + log(1 + N / (e^sigma_bar - 1)) e_{x_t})`` in float32 (module docstring)."""
-    if sigma_bar is None:
-        raise ValueError("an x0 model needs total_noise: its output depends on the noise level")
     sigma = sigma_bar.float().reshape(sigma_bar.shape + (1,) * (input_ids.dim() - sigma_bar.dim()))
     bonus = torch.log1p(raw.shape[-1] / torch.expm1(sigma.clamp_min(1e-12)))
     logits = raw.float().scatter_add(-1, input_ids.unsqueeze(-1), bonus.expand(input_ids.shape).unsqueeze(-1))

@@ -5,7 +5,8 @@ the likelihood code and the tests share one definition of "the loss of this batc
 
 The objectives:
 
-- ``score_entropy`` (SEDD, Lou et al. 2024): denoising score entropy, absorbing or uniform.
+- ``score_entropy`` (SEDD, Lou et al. 2024): denoising score entropy, absorbing or uniform; for a uniform ``x0`` model
+  (through its score identity) the uniform process's continuous ELBO, UDLM's and Duo's loss.
 - ``masked_elbo`` (MDLM / RADD): ``w(t) sum_{i masked} -log p_theta(x0^i | x_t)`` with Bernoulli masks at the
   schedule's masking probability and the schedule's ELBO weight ``w(t)``.
 - ``ardm`` (order-agnostic ARDM, Hoogeboom et al. 2022): a count ``m`` uniform on ``{1, ..., D}`` (the paper's
@@ -13,6 +14,9 @@ The objectives:
   ``L = (D / m) sum_{i masked} -log p_theta(x0^i | x_visible)``.  Its expectation over m and the masks is the
   any-order autoregressive NLL ``E_sigma sum_k -log p(x_sigma(k) | x_sigma(<k))``, which equals ``-log p(x0)`` for
   exact conditionals.  The row's time is ``t = m / D`` (the fraction masked), so the weight is ``1 / t``.
+
+With ``discrete_time=T`` a model that predicts x0 (``masked_elbo``, or a uniform ``x0`` model) is trained on D3PM's
+T-step bound instead (:mod:`diffusion.d3pm`).
 """
 
 from __future__ import annotations

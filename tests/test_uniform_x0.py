@@ -204,6 +204,17 @@ def test_the_x0_model_is_time_conditioned_and_outputs_log_probabilities():
     ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(0))
     logits = model(input_ids=ids, total_noise=torch.tensor([0.5, 2.0])).logits
     assert torch.allclose(logits.exp().sum(-1), torch.ones(2, 6), atol=1e-5)
+    # the head's prior: with zero raw logits the model is the posterior of uniform data, keeping x_t with
+    # probability alpha + (1 - alpha) / N and spreading the rest evenly
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    for sigma_bar in (1e-3, 0.5, 20.0):
+        probs = model(input_ids=ids, total_noise=torch.tensor(sigma_bar)).logits.exp()
+        alpha = math.exp(-sigma_bar)
+        expected = torch.full_like(probs, (1 - alpha) / 11).scatter(-1, ids[..., None], alpha + (1 - alpha) / 11)
+        assert torch.allclose(probs, expected, rtol=1e-4, atol=1e-7), sigma_bar
+    with pytest.raises(ValueError, match="pass total_noise"):
+        model(input_ids=ids)
 
 
 def test_ddlm_train_trains_a_uniform_x0_model_in_continuous_and_discrete_time(tmp_path):
