@@ -295,7 +295,7 @@ class Sepo(LikelihoodEstimator):
                     completion=completion)
 
     def view_log_probs(self, model: Any, draw: Draw) -> tuple[Tensor, Tensor]:
-        spec = DiffusionSpec.from_config(model.config)
+        spec = DiffusionSpec.of(model)
         device = next(model.parameters()).device
         x = draw.views[0].to(device)
         total_noise = spec.schedule.total_noise(draw.t[0]).to(device=device, dtype=torch.float32)
@@ -320,7 +320,7 @@ def check_policy(spec: DiffusionSpec, estimator: str) -> None:
         raise ValueError("a Glauber model (--objective glauber) is a classifier with no likelihood estimate: it cannot "
                          f"be scored with estimator={estimator!r}")
     if estimator == "sepo":
-        if spec.parameterization != "score" or spec.absorbing:
+        if spec.parameterization != "score" or spec.process_name != "uniform":
             raise ValueError(f"estimator='sepo' needs a uniform-process score model (SEDD), got process="
                              f"{spec.process_name!r}, parameterization={spec.parameterization!r}; an absorbing "
                              "model takes the masked estimators")

@@ -12,14 +12,19 @@ embedding).  Three output parameterisations:
 * ``"subs"`` (MDLM/RADD, absorbing only, usually time-free): log-probabilities
   ``log p_theta(x0 | x_t)``; the MASK state gets probability 0 and every unmasked
   position carries its token through (log-prob 0 on x_t, -1e6 elsewhere).
-* ``"x0"`` (uniform only: D3PM's uniform chain, UDLM, Duo): log-probabilities ``log p_theta(x0 | x_t)`` over all
+* ``"x0"`` (uniform: D3PM's uniform chain, UDLM, Duo; or nearest-neighbour D3PM, whose head adds ``log q_t(x_t |
+  x0)``, :class:`NeighbourGraph`): log-probabilities ``log p_theta(x0 | x_t)`` over all
   states; nothing is carried over, since under the uniform process any position of x_t may differ from x0.  The
   head adds ``log(1 + N / (e^sigma_bar - 1))`` to x_t's logit, which is the posterior of x0 under uniform data: an
   untrained network starts at the forward process's own posterior (keep x_t unless the noise is high) and learns
   the data's part; without it a 4096-token model spends its first hundreds of steps learning to copy its input.
 * ``"score"`` (SEDD): log-scores ``log s_theta(x_t)_y``; the entry of the current state is
-  0 (ratio 1); with ``scale_by_sigma`` (absorbing) the raw output is shifted by
+  0 (ratio 1); with ``scale_by_sigma`` (absorbing, bridge) the raw output is shifted by
   ``-log(exp(sigma_bar) - 1) - log(N)``.
+
+A ``"bridge"`` model (the Discrete Markov Bridge, a score model) also owns its learnable rate matrix as
+:class:`BridgeRates` (``bridge_rates``), so that the weights file carries the process; ``diffusion/markov_bridge.py``
+holds its maths.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from .dropout import Dropout, dropout
 
 NEG_INF = -1.0e6  # a finite "log 0": exp() underflows to exactly 0 and no inf - inf NaNs appear
 
-_PROCESSES = ("absorbing", "uniform")
+_PROCESSES = ("absorbing", "uniform", "bridge", "nearest_neighbour")
+_WITH_MASK = ("absorbing", "bridge")  # MASK is the last state
 _PARAMETERIZATIONS = ("subs", "score", "x0")
 
 
@@ -60,15 +66,18 @@ class DDiTConfig(PretrainedConfig):
         rope_theta: rotary base.
         layer_norm_eps: LayerNorm epsilon.
         initializer_range: std of the normal initialisation.
-        process: ``"absorbing"`` or ``"uniform"``.
+        process: ``"absorbing"``, ``"uniform"``, ``"bridge"`` (the Discrete Markov Bridge: a score model whose
+            learnable rate matrix, MASK last, lives in its weights) or ``"nearest_neighbour"`` (D3PM's nearest-neighbour
+            transitions over the real tokens, no MASK: the neighbour lists live in its weights and their number in
+            ``transition_neighbours``, a keyword argument).
         schedule, schedule_kwargs: the noise schedule's name and arguments.
-        parameterization: ``"subs"`` (log p(x0 | x_t), absorbing only), ``"x0"`` (log p(x0 | x_t), uniform only) or
+        parameterization: ``"subs"`` (log p(x0 | x_t), absorbing only), ``"x0"`` (log p(x0 | x_t), uniform or nearest_neighbour) or
             ``"score"`` (log-scores).
         time_conditioning: adaLN-zero conditioning on sigma_bar; defaults to on for ``score`` and ``x0`` and off
             for ``subs`` (a time-free network, which makes exact sampler caching possible).
-        scale_by_sigma: shift score outputs by ``-log(e^sigma_bar - 1) - log N`` (absorbing ``score`` only;
-            default on there).
-        mask_token_id: id of MASK (absorbing: must be ``vocab_size - 1``; uniform: None).
+        scale_by_sigma: shift score outputs by ``-log(e^sigma_bar - 1) - log N`` (``score`` models of the absorbing
+            and bridge processes only; default on there).
+        mask_token_id: id of MASK (absorbing, bridge: must be ``vocab_size - 1``; uniform: None).
         tie_word_embeddings: share the output head with the token embedding.
         attention_block_size: when set, attention is block-causal (BD3-LM): position i sees position j
             iff ``j // size <= i // size``; block KV caches are then exact. None: fully bidirectional.
@@ -109,11 +118,17 @@ class DDiTConfig(PretrainedConfig):
             raise ValueError(
                 f"parameterization must be one of {_PARAMETERIZATIONS}, got parameterization={parameterization!r}"
             )
+        if process == "bridge" and parameterization != "score":
+            raise ValueError(f"process='bridge' is a score model, got parameterization={parameterization!r}")
         if parameterization == "subs" and process != "absorbing":
             raise ValueError(f"parameterization='subs' needs process='absorbing', got process={process!r}")
-        if parameterization == "x0" and process != "uniform":
-            raise ValueError(f"parameterization='x0' needs process='uniform' (an absorbing model predicting x0 is "
-                             f"'subs'), got process={process!r}")
+        if parameterization == "x0" and process not in ("uniform", "nearest_neighbour"):
+            raise ValueError(f"parameterization='x0' needs process='uniform' or 'nearest_neighbour' (an absorbing model "
+                             f"predicting x0 is 'subs'), got process={process!r}")
+        neighbours = kwargs.get("transition_neighbours")
+        if process == "nearest_neighbour" and not (isinstance(neighbours, int) and 1 <= neighbours < vocab_size):
+            raise ValueError(f"process='nearest_neighbour' needs transition_neighbours, an int in 1..{vocab_size - 1}, "
+                             f"got transition_neighbours={neighbours!r}")
         if not (isinstance(vocab_size, int) and vocab_size >= 3):
             raise ValueError(f"vocab_size must be an int >= 3, got vocab_size={vocab_size!r}")
         for name, value in (
@@ -140,23 +155,23 @@ class DDiTConfig(PretrainedConfig):
             raise ValueError(f"attention_dropout must be in [0, 1) or None, got attention_dropout={attention_dropout!r}")
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got mlp_ratio={mlp_ratio!r}")
-        if process == "absorbing":
+        if process in _WITH_MASK:
             if mask_token_id is None:
                 mask_token_id = vocab_size - 1
             if mask_token_id != vocab_size - 1:
                 raise ValueError(
-                    f"mask_token_id must be the last state (vocab_size - 1 = {vocab_size - 1}) for the absorbing "
+                    f"mask_token_id must be the last state (vocab_size - 1 = {vocab_size - 1}) for the {process} "
                     f"process, got mask_token_id={mask_token_id!r}"
                 )
         elif mask_token_id is not None:
-            raise ValueError(f"the uniform process has no MASK state; got mask_token_id={mask_token_id!r}")
+            raise ValueError(f"the {process} process has no MASK state; got mask_token_id={mask_token_id!r}")
         if time_conditioning is None:
             time_conditioning = parameterization != "subs"
         if scale_by_sigma is None:
-            scale_by_sigma = parameterization == "score" and process == "absorbing"
-        if scale_by_sigma and not (parameterization == "score" and process == "absorbing"):
+            scale_by_sigma = parameterization == "score" and process in _WITH_MASK
+        if scale_by_sigma and not (parameterization == "score" and process in _WITH_MASK):
             raise ValueError(
-                "scale_by_sigma=True needs parameterization='score' and process='absorbing', got "
+                "scale_by_sigma=True needs parameterization='score' and process 'absorbing' or 'bridge', got "
                 f"parameterization={parameterization!r}, process={process!r}"
             )
 
@@ -186,7 +201,7 @@ class DDiTConfig(PretrainedConfig):
     @property
     def num_tokens(self) -> int:
         """N, the number of real (non-MASK) token states (``vocab_size`` counts MASK too, for the absorbing process)."""
-        return self.vocab_size - 1 if self.process == "absorbing" else self.vocab_size
+        return self.vocab_size - 1 if self.process in _WITH_MASK else self.vocab_size
 
     @property
     def needs_sigma(self) -> bool:
@@ -474,6 +489,98 @@ class DDiTPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, BridgeRates):
+            module.reset_parameters()
+
+
+class BridgeRates(nn.Module):
+    """The Discrete Markov Bridge's learnable rates over ``num_states`` states (MASK last): ``weights [K-1]`` with
+    ``theta_i = -softplus(w_i)`` (``theta_K = 0``), and ``data_marginal [K]`` (float64), the training data's token
+    frequencies that the prior ``p_T`` starts from.  ``diffusion/markov_bridge.py`` holds the maths.
+
+    The start is the absorbing process plus a ``leak``: ``theta = (-leak, ..., -leak, -1, 0)`` (rate 1 into MASK,
+    ``leak`` into every later token), so that the rates between tokens receive gradients; the data marginal starts
+    uniform until the training run counts its tokens.
+    """
+
+    def __init__(self, num_states: int, leak: float = 1e-4) -> None:
+        super().__init__()
+        if not 0 < leak < 1:
+            raise ValueError(f"leak must be in (0, 1), got leak={leak!r}")
+        self.num_states, self.leak = num_states, leak
+        self.weights = nn.Parameter(torch.empty(num_states - 1))
+        self.register_buffer("data_marginal", torch.empty(num_states, dtype=torch.float64))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weights.fill_(math.log(math.expm1(self.leak)))
+            self.weights[-1] = math.log(math.expm1(1.0))
+            self.data_marginal.fill_(1.0 / self.num_states)
+
+
+NOISE_FLOOR = 1e-12  # below this a row entry of exp(sigma A) is eigendecomposition rounding, not probability
+
+
+def neighbour_rate(nearest: Tensor) -> Tensor:
+    """The symmetric rate matrix ``[K, K]`` (float64) of neighbour lists ``nearest [K, k]``: ``A_ij = 1`` when j is
+    among i's neighbours or i among j's, rows summing to 0."""
+    count = nearest.shape[0]
+    if nearest.dim() != 2 or bool((nearest < 0).any()) or bool((nearest >= count).any()):
+        raise ValueError(f"neighbour lists must be [K, k] ids in 0..K-1, got shape {tuple(nearest.shape)}")
+    adjacency = torch.zeros(count, count, dtype=torch.float64)
+    adjacency.scatter_(1, nearest.long().cpu(), 1.0)
+    adjacency.fill_diagonal_(0.0)
+    adjacency = torch.maximum(adjacency, adjacency.T)
+    return adjacency - torch.diag(adjacency.sum(-1))
+
+
+def symmetric_kernel_rows(coefficients: Tensor, sigma_bar: Tensor, eigenvalues: Tensor, vectors: Tensor) -> Tensor:
+    """Rows of ``exp(sigma A)`` for a symmetric ``A = U diag(lambda) U^T``: ``coefficients [..., K]`` (rows of ``U``,
+    or ``p U`` for a distribution p) times ``diag(e^{sigma lambda}) U^T``, float64, ``sigma_bar`` broadcasting
+    against ``coefficients[..., 0]``.  Entries below ``NOISE_FLOOR`` are set to 0: the product with the eigenvectors
+    is accurate to about ``K * 1e-16``, so a smaller entry is rounding noise of either sign, and a ratio of two such
+    entries (a posterior weight, a score) would be noise too; zeroed, they are unreachable states for every caller
+    alike."""
+    decay = torch.exp(sigma_bar.double().unsqueeze(-1) * eigenvalues.to(coefficients.device))
+    out = (coefficients.double() * decay) @ vectors.T.to(coefficients.device)
+    return torch.where(out > NOISE_FLOOR, out, torch.zeros_like(out))
+
+
+class NeighbourGraph(nn.Module):
+    """A nearest-neighbour model's transition graph: ``neighbours [K, k]``, each token's k nearest tokens (by the
+    cosine similarity of the embeddings the training run was given); the rate matrix ``A`` has ``A_ij = 1`` for
+    neighbours either way (:func:`neighbour_rate`).  All zeros until the training run sets it.
+
+    :meth:`spectrum` is the eigendecomposition of ``A`` (O(K^3)), kept while the lists are unchanged;
+    :meth:`log_prior` is ``log q_t(x_t | x0 = .)``, the x0 head's start (as ``log(1 + N / (e^sigma - 1))`` on x_t
+    is the uniform process's): an untrained network is the forward process's posterior under uniform data.
+    """
+
+    def __init__(self, num_states: int, neighbours: int) -> None:
+        super().__init__()
+        self.register_buffer("neighbours", torch.zeros(num_states, neighbours, dtype=torch.long))
+
+    def spectrum(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(A, lambda, U)`` with ``A = U diag(lambda) U^T`` (float64, on the CPU)."""
+        if not bool(self.neighbours.any()):
+            raise ValueError("this nearest_neighbour model's neighbour lists were never set (all zeros): it was not "
+                             "made by a training run")
+        key = (self.neighbours.data_ptr(), self.neighbours._version)
+        cached = self.__dict__.get("_spectrum")
+        if cached is None or cached[0] != key:
+            rate = neighbour_rate(self.neighbours)
+            cached = (key, (rate, *torch.linalg.eigh(rate)))
+            self.__dict__["_spectrum"] = cached
+        return cached[1]
+
+    def log_prior(self, input_ids: Tensor, sigma_bar: Tensor) -> Tensor:
+        """``log q_t(x_t | x0 = .)`` ``[..., K]`` (float32, floored at ``log NOISE_FLOOR``) for tokens ``input_ids
+        [...]`` and noise ``sigma_bar`` broadcasting from the left: row x_t of the symmetric kernel."""
+        _, eigenvalues, vectors = self.spectrum()
+        sigma = sigma_bar.double().reshape(sigma_bar.shape + (1,) * (input_ids.dim() - sigma_bar.dim()))
+        rows = symmetric_kernel_rows(vectors.to(input_ids.device)[input_ids], sigma, eigenvalues, vectors)
+        return torch.log(rows.clamp_min(NOISE_FLOOR)).float()
 
 
 class DDiTModel(DDiTPreTrainedModel):
@@ -497,6 +604,9 @@ class DDiTModel(DDiTPreTrainedModel):
         self.final_modulation = nn.Linear(config.cond_dim, 2 * hidden) if config.time_conditioning else None
         _tag(self.final_modulation, "zero")
         self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+        self.bridge_rates = BridgeRates(config.vocab_size) if config.process == "bridge" else None
+        self.neighbour_graph = NeighbourGraph(config.vocab_size, config.transition_neighbours) \
+            if config.process == "nearest_neighbour" else None
         self.post_init()
 
     @classmethod
@@ -690,6 +800,8 @@ class DDiTModel(DDiTPreTrainedModel):
         """Turn raw head outputs ``[..., S]`` into log-probabilities (subs, x0) or log-scores (score)."""
         if self.config.parameterization == "subs":
             return subs_log_probs(raw, input_ids, self.config.mask_token_id)
-        if self.config.parameterization == "x0":
+        if self.config.parameterization == "x0" and self.config.process == "uniform":
             return _x0_log_probs(raw, input_ids, sigma_bar)
+        if self.config.parameterization == "x0":  # nearest_neighbour: the kernel's row of x_t as the start
+            return (raw.float() + self.neighbour_graph.log_prior(input_ids, sigma_bar)).log_softmax(-1)
         return self._scale_scores(raw, sigma_bar).scatter(-1, input_ids.unsqueeze(-1), 0.0)

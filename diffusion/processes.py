@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PROCESSES", "AbsorbingProcess", "Process", "UniformProcess", "draw_moves", "get_process", "mask_tokens"]
+__all__ = ["MODEL_PROCESSES", "PROCESSES", "AbsorbingProcess", "Process", "UniformProcess", "draw_moves",
+           "general_score_entropy", "get_process", "mask_tokens"]
 
 
 def _broadcast_noise(sigma_bar: Tensor | float, tokens: Tensor) -> Tensor:
@@ -82,6 +83,24 @@ def mask_tokens(x0: Tensor, probability: Tensor | float, mask_id: int, *, genera
 def _phi(u: Tensor) -> Tensor:
     """phi(u) = e^u - 1 - u >= 0, accurate near u = 0 (where the score entropy terms vanish)."""
     return torch.expm1(u) - u
+
+
+def general_score_entropy(log_score: Tensor, probs: Tensor, x_t: Tensor, rates: Tensor) -> Tensor:
+    """Denoising score entropy for any rate matrix (Lou et al. 2024), per position ``[...]``.
+
+    ``SE = sum_{y != x_t} Q(x_t, y) [s_y - r_y log s_y + K(r_y)]`` with ``r_y = q_t(y | x0) / q_t(x_t | x0)``;
+    ``s - r log s + K(r) = r phi(log s - log r)`` for ``r > 0`` and ``s`` for ``r = 0`` (``K(0) = 0``).
+
+    Args:
+        log_score: ``[..., K]`` model log-scores; probs: ``[..., K]`` the rows ``q_t(. | x0)``; x_t: ``[...]``;
+        rates: ``[..., K]`` the rates ``Q(x_t, y)`` into x_t.  All in one floating dtype, which the sum keeps.
+    """
+    tiny = torch.finfo(log_score.dtype).tiny
+    ratio = probs / probs.gather(-1, x_t.unsqueeze(-1)).clamp_min(tiny)
+    log_ratio = torch.log(ratio.clamp_min(tiny))
+    terms = torch.where(ratio > 0, ratio * _phi(log_score - log_ratio), log_score.exp())
+    others = ~F.one_hot(x_t, log_score.shape[-1]).bool()
+    return (rates * torch.where(others, terms, torch.zeros_like(terms))).sum(-1)
 
 
 class Process(ABC):
@@ -417,6 +436,10 @@ class UniformProcess(Process):
 
 
 PROCESSES: dict[str, type[Process]] = {cls.name: cls for cls in (AbsorbingProcess, UniformProcess)}
+# What a model may name: the two above; "bridge", the Discrete Markov Bridge, whose process is built from the model's
+# own learnt rates (diffusion/markov_bridge.py); "nearest_neighbour", D3PM's nearest-neighbour transitions, from the
+# model's own neighbour lists (diffusion/structured.py); both through DiffusionSpec.of(model)
+MODEL_PROCESSES = (*PROCESSES, "bridge", "nearest_neighbour")
 
 
 def get_process(name: str, num_tokens: int) -> Process:

@@ -11,11 +11,13 @@ Vocabulary: ``num_states`` is the number of token states the model embeds and pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
-from .processes import PROCESSES, Process, get_process
+import torch
+
+from .processes import MODEL_PROCESSES, Process, get_process
 from .schedules import Schedule, get_schedule
 
 __all__ = ["DiffusionSpec"]
@@ -36,6 +38,9 @@ class DiffusionSpec:
         block_size: a block-diffusion model's block (its attention is block-causal); None for one block.
         glauber_sweeps: a Glauber model's sweeps (``--objective glauber``, :mod:`diffusion.glauber`): a classifier,
             not a denoiser, which only its own sampler reads; None for every other model.
+        rates: the tensors a model's process is built from when its weights carry it (:meth:`of` passes them,
+            shared): a ``bridge`` model's :class:`~diffusion.modeling_ddit.BridgeRates`, a ``nearest_neighbour``
+            model's :class:`~diffusion.modeling_ddit.NeighbourGraph`; None otherwise.
     """
 
     process_name: str
@@ -46,22 +51,27 @@ class DiffusionSpec:
     mask_id: int | None
     block_size: int | None = None
     glauber_sweeps: int | None = None
+    rates: Any = None
 
     def __post_init__(self) -> None:
-        if self.process_name not in PROCESSES:
-            raise ValueError(f"process must be one of {sorted(PROCESSES)}, got process={self.process_name!r}")
+        if self.process_name not in MODEL_PROCESSES:
+            raise ValueError(f"process must be one of {list(MODEL_PROCESSES)}, got process={self.process_name!r}")
+        if self.process_name == "bridge" and self.parameterization != "score":
+            raise ValueError(f"the bridge process is a score model, got parameterization={self.parameterization!r}")
+        if self.process_name == "bridge" and self.mask_id != self.num_states - 1:
+            raise ValueError(f"the bridge process needs MASK last (id {self.num_states - 1}), got mask_id={self.mask_id!r}")
         if self.parameterization not in ("subs", "score", "x0"):
             raise ValueError(f"parameterization must be 'subs', 'score' or 'x0', got {self.parameterization!r}")
         absorbing = self.process_name == "absorbing"
         if absorbing and not (isinstance(self.mask_id, int) and 0 <= self.mask_id < self.num_states):
             raise ValueError(f"the absorbing process needs a mask id in [0, {self.num_states}), got mask_id={self.mask_id!r}")
-        if not absorbing and self.mask_id is not None:
+        if self.process_name in ("uniform", "nearest_neighbour") and self.mask_id is not None:
             raise ValueError(f"the uniform process has no MASK state, got mask_id={self.mask_id!r}")
         if self.parameterization == "subs" and not absorbing:
             raise ValueError(f"parameterization='subs' needs the absorbing process, got {self.process_name!r}")
-        if self.parameterization == "x0" and absorbing:
-            raise ValueError("parameterization='x0' needs the uniform process (an absorbing x0 model is 'subs'), got "
-                             f"{self.process_name!r}")
+        if self.parameterization == "x0" and self.process_name not in ("uniform", "nearest_neighbour"):
+            raise ValueError("parameterization='x0' needs the uniform or nearest_neighbour process (an absorbing x0 "
+                             f"model is 'subs'), got {self.process_name!r}")
         if self.block_size is not None and not (self.masked and isinstance(self.block_size, int) and self.block_size >= 1):
             raise ValueError(f"block_size needs a masked (absorbing, subs) model and a positive int, got "
                              f"block_size={self.block_size!r}")
@@ -76,6 +86,14 @@ class DiffusionSpec:
                    block_size=getattr(config, "attention_block_size", None),
                    glauber_sweeps=getattr(config, "glauber_sweeps", None))
 
+    @classmethod
+    def of(cls, model: Any) -> DiffusionSpec:
+        """The spec of ``model``: :meth:`from_config` of its config, with the tensors of a process that lives in
+        the model's weights (``bridge``, ``nearest_neighbour``)."""
+        spec = cls.from_config(model.config)
+        owner = {"bridge": "bridge_rates", "nearest_neighbour": "neighbour_graph"}.get(spec.process_name)
+        return spec if owner is None else replace(spec, rates=getattr(model, owner, None))
+
     @property
     def absorbing(self) -> bool:
         return self.process_name == "absorbing"
@@ -83,7 +101,7 @@ class DiffusionSpec:
     @property
     def num_tokens(self) -> int:
         """N, the real (non-MASK) tokens."""
-        return self.num_states - 1 if self.absorbing else self.num_states
+        return self.num_states - 1 if self.mask_id is not None else self.num_states
 
     @property
     def masked(self) -> bool:
@@ -132,4 +150,27 @@ class DiffusionSpec:
         if self.absorbing and self.mask_id != self.num_states - 1:
             raise ValueError(f"this needs MASK as the last state (id {self.num_states - 1}), but the model's mask id "
                              f"is {self.mask_id}: only the masked-diffusion (subs) samplers and estimators take it")
+        if self.process_name in ("bridge", "nearest_neighbour") and self.rates is None:
+            raise ValueError(f"a {self.process_name} model's process lives in its weights: build its spec with "
+                             f"DiffusionSpec.of(model), not from the config alone")
+        if self.process_name == "bridge":
+            from .markov_bridge import BridgeProcess, BridgeRate
+
+            sigma_end = float(self.schedule.total_noise(torch.ones((), dtype=torch.float64)))
+            return BridgeProcess(BridgeRate(self.num_states, tensors=self.rates), sigma_end)
+        if self.process_name == "nearest_neighbour":
+            return _neighbour_process(self.rates)
         return get_process(self.process_name, self.num_tokens)
+
+
+def _neighbour_process(graph: Any) -> Process:
+    """The :class:`~diffusion.structured.SymmetricRateProcess` of a model's neighbour lists, kept on the graph module
+    while its spectrum is unchanged (:meth:`~diffusion.modeling_ddit.NeighbourGraph.spectrum`)."""
+    from .structured import SymmetricRateProcess
+
+    rate, eigenvalues, vectors = graph.spectrum()
+    cached = graph.__dict__.get("_process")
+    if cached is None or cached[0] is not vectors:
+        cached = (vectors, SymmetricRateProcess(rate, spectrum=(eigenvalues, vectors)))
+        graph.__dict__["_process"] = cached
+    return cached[1]

@@ -28,13 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .processes import Process, _broadcast_noise, _phi
+from .modeling_ddit import NOISE_FLOOR, neighbour_rate, symmetric_kernel_rows
+from .processes import Process, _broadcast_noise, general_score_entropy
 
-__all__ = ["SymmetricRateProcess", "gaussian_band_rate", "nearest_neighbour_rate"]
+__all__ = ["NOISE_FLOOR", "SymmetricRateProcess", "gaussian_band_rate", "nearest_neighbour_rate", "nearest_neighbours",
+           "neighbour_rate"]
 
 
-def nearest_neighbour_rate(embeddings: Tensor, neighbours: int) -> Tensor:
-    """The symmetric kNN rate matrix ``[K, K]`` (float64) of token ``embeddings [K, d]`` by cosine similarity."""
+def nearest_neighbours(embeddings: Tensor, neighbours: int) -> Tensor:
+    """The ``neighbours`` nearest tokens of every token by cosine similarity of ``embeddings [K, d]``: ``[K, k]``."""
     if embeddings.dim() != 2 or embeddings.shape[0] < 2:
         raise ValueError(f"embeddings must be [tokens >= 2, dim], got shape {tuple(embeddings.shape)}")
     count = embeddings.shape[0]
@@ -43,11 +45,12 @@ def nearest_neighbour_rate(embeddings: Tensor, neighbours: int) -> Tensor:
     unit = F.normalize(embeddings.double(), dim=-1)
     similarity = unit @ unit.T
     similarity.fill_diagonal_(-float("inf"))
-    nearest = similarity.topk(neighbours, dim=-1).indices
-    adjacency = torch.zeros(count, count, dtype=torch.float64)
-    adjacency.scatter_(1, nearest, 1.0)
-    adjacency = torch.maximum(adjacency, adjacency.T)
-    return adjacency - torch.diag(adjacency.sum(-1))
+    return similarity.topk(neighbours, dim=-1).indices
+
+
+def nearest_neighbour_rate(embeddings: Tensor, neighbours: int) -> Tensor:
+    """The symmetric kNN rate matrix ``[K, K]`` (float64) of token ``embeddings [K, d]`` by cosine similarity."""
+    return neighbour_rate(nearest_neighbours(embeddings, neighbours))
 
 
 def gaussian_band_rate(num_states: int, bandwidth: float = 0.1, band: int | None = None) -> Tensor:
@@ -77,7 +80,8 @@ class SymmetricRateProcess(Process):
 
     name = "structured"
 
-    def __init__(self, rate: Tensor, *, max_states: int = 8192) -> None:
+    def __init__(self, rate: Tensor, *, max_states: int = 8192,
+                 spectrum: tuple[Tensor, Tensor] | None = None) -> None:
         if rate.dim() != 2 or rate.shape[0] != rate.shape[1]:
             raise ValueError(f"the rate matrix must be square [K, K], got shape {tuple(rate.shape)}")
         count = rate.shape[0]
@@ -91,7 +95,7 @@ class SymmetricRateProcess(Process):
             raise ValueError("the rate matrix must be symmetric with non-negative off-diagonal entries")
         if not torch.allclose(rate.sum(-1), torch.zeros(count, dtype=torch.float64), atol=1e-9):
             raise ValueError("the rate matrix's rows must sum to 0")
-        eigenvalues, vectors = torch.linalg.eigh(rate)
+        eigenvalues, vectors = torch.linalg.eigh(rate) if spectrum is None else spectrum
         if count > 1 and float(eigenvalues[-2]) > -1e-10:
             raise ValueError("the rate matrix's graph is not connected: the chain would never reach the uniform "
                              "distribution (add neighbours or widen the band)")
@@ -99,10 +103,9 @@ class SymmetricRateProcess(Process):
         self.rate, self.eigenvalues, self.vectors = rate, eigenvalues, vectors
 
     def _rows(self, coefficients: Tensor, sigma_bar: Tensor) -> Tensor:
-        """``coefficients [..., K]`` (rows of ``U`` or ``p U``) times ``diag(e^{sigma lambda}) U^T``."""
-        decay = torch.exp(sigma_bar.double().unsqueeze(-1) * self.eigenvalues.to(coefficients.device))
-        out = (coefficients.double() * decay) @ self.vectors.T.to(coefficients.device)
-        return out.clamp_min(0.0)
+        """``coefficients [..., K]`` (rows of ``U`` or ``p U``) times ``diag(e^{sigma lambda}) U^T``, with rounding
+        noise below ``NOISE_FLOOR`` set to 0 (:func:`~diffusion.modeling_ddit.symmetric_kernel_rows`)."""
+        return symmetric_kernel_rows(coefficients, sigma_bar, self.eigenvalues, self.vectors)
 
     def transition_probs(self, x0: Tensor, sigma_bar: Tensor | float) -> Tensor:
         sigma_bar = _broadcast_noise(sigma_bar, x0)
@@ -119,6 +122,20 @@ class SymmetricRateProcess(Process):
 
     def reverse_transition(self, x_t: Tensor, dsigma: Tensor | float) -> Tensor:
         return self.transition_probs(x_t, dsigma)  # exp(s A) is symmetric: row x_t = column x_t
+
+    def log_score_from_log_probs(self, log_probs: Tensor, sigma_bar: Tensor | float, x_t: Tensor) -> Tensor:
+        """The log-score of an x0-parameterised model from its ``log p(x0 | x_t) [..., K]``: the mixture ``s_y =
+        sum_x0 p(x0 | x_t) q_t(y | x0) / q_t(x_t | x0)`` (the other positions' factors cancel), i.e. the push of
+        ``p / q_t(x_t | .)`` through ``exp(sigma_bar A)``; ``q_t(x_t | .)`` is row x_t (the kernel is symmetric).
+        float64; ``log s_{x_t} = 0``."""
+        self._check_states("log_probs", log_probs)
+        sigma_bar = _broadcast_noise(sigma_bar, x_t)
+        reach = self.transition_probs(x_t, sigma_bar)  # q_t(x_t | x0 = .); 0 where x0 cannot reach x_t
+        weights = torch.where(reach > 0, log_probs.double().exp() / reach.clamp_min(NOISE_FLOOR),
+                              torch.zeros_like(reach))
+        score = self.push_probs(weights, sigma_bar)
+        log_score = torch.log(score.clamp_min(torch.finfo(torch.float64).tiny))
+        return log_score.scatter(-1, x_t.unsqueeze(-1), 0.0)
 
     def sample_xt(self, x0: Tensor, sigma_bar: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
         probs = self.transition_probs(x0, sigma_bar)
@@ -145,11 +162,4 @@ class SymmetricRateProcess(Process):
         self._check_states("log_score", log_score)
         log_score = log_score.float() if log_score.dtype in (torch.float16, torch.bfloat16) else log_score
         probs = self.transition_probs(x0, sigma_bar).to(log_score.dtype)  # q_t(. | x0)
-        at_xt = probs.gather(-1, x_t.unsqueeze(-1))
-        ratio = probs / at_xt.clamp_min(1e-30)
-        rates = self.rate_into(x_t, log_score.dtype)
-        others = F.one_hot(x_t, self.num_states).to(torch.bool).logical_not()
-        # s - r log s + K(r) = r phi(log s - log r) for r > 0, and s for r = 0 (K(0) = 0)
-        log_ratio = torch.log(ratio.clamp_min(1e-30))
-        terms = torch.where(ratio > 0, ratio * _phi(log_score - log_ratio), log_score.exp())
-        return (rates * torch.where(others, terms, torch.zeros_like(terms))).sum(-1)
+        return general_score_entropy(log_score, probs, x_t, self.rate_into(x_t, log_score.dtype))

@@ -47,7 +47,7 @@ class DPOTrainer(PolicyRun):
     run_name = "dpo"
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: DPOConfig, rows: Sequence[dict[str, Any]]) -> None:
-        spec = DiffusionSpec.from_config(model.config)
+        spec = DiffusionSpec.of(model)
         check_policy(spec, config.estimator)  # absorbing: subs, or score read as a denoiser (RADD)
         if tokenizer.eos_token_id is None:
             raise ValueError("DPO pads answers with EOS, and this tokenizer has no eos_token")

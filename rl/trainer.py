@@ -68,7 +68,7 @@ class GRPOTrainer(PolicyRun):
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: GRPOConfig, reward_functions: Sequence[RewardFunction],
                  records: Sequence[dict[str, Any]], reward_weights: Sequence[float] | None = None) -> None:
-        spec = DiffusionSpec.from_config(model.config)
+        spec = DiffusionSpec.of(model)
         check_policy(spec, config.estimator)
         if not reward_functions:
             raise ValueError("reward_functions is empty: GRPO needs at least one reward")

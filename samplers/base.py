@@ -304,7 +304,7 @@ class Sampler(ABC):
     ) -> SampleOutput:
         """Generate tokens. ``callback(step, x)`` (optional) sees the canvas after every step."""
         check_positive_int("num_steps", num_steps)
-        spec = DiffusionSpec.from_config(model.config)
+        spec = DiffusionSpec.of(model)
         if spec.glauber_sweeps is not None and self.name != "glauber":
             raise ValueError(f"a Glauber model (--objective glauber) is a classifier that only the glauber sampler "
                              f"reads, not the {self.name} sampler")

@@ -102,7 +102,7 @@ class DiffusionHarnessLM(LM):
         self.model = model.to(device).eval() if device else model.eval()
         self.tokenizer, self.seed, self.greedy, self.sampler_name, self.steps = (
             tokenizer, int(seed), bool(greedy), sampler, steps)
-        self.spec = DiffusionSpec.from_config(model.config)
+        self.spec = DiffusionSpec.of(model)
         check_policy(self.spec, estimator)
         if self.greedy and not self.spec.masked:
             print("ddlm lm-eval: the greedy check decodes with a masked (subs) model and this one is a score model: "

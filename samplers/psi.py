@@ -63,9 +63,9 @@ class PsiSampler(_SEDDSampler):
         self.mode, self.eta = mode, float(eta)
 
     def check_model(self, spec: DiffusionSpec) -> None:
-        if spec.absorbing:
-            raise ValueError("the psi sampler is for uniform-process models (x0 or score); a masked model's "
-                             "remasking corrector is the remdm sampler")
+        if spec.process_name != "uniform":
+            raise ValueError(f"the psi sampler is for uniform-process models (x0 or score), got process="
+                             f"{spec.process_name!r}; a masked model's remasking corrector is the remdm sampler")
 
     def _step_probs(self, process: Any, x: Tensor, score: Tensor, schedule: Any, t: Tensor, s: Tensor) -> Tensor:
         sigma_t, sigma_s = schedule.total_noise(t), schedule.total_noise(s)

@@ -92,7 +92,7 @@ class _SEDDSampler(Sampler):
             nfe += 1
             if s is None:
                 probs = process.analytic_transition(x[where], score, sigma_bar).clamp_min(0.0)
-                if absorbing:
+                if process.mask_id is not None:  # the last step ends on real tokens (absorbing, bridge)
                     probs[..., process.mask_id] = 0.0
             else:
                 probs = self._step_probs(process, x[where], score, schedule, t, s).clamp_min(0.0)

@@ -181,7 +181,7 @@ def test_the_d3pm_samplers_step_is_the_x0_posterior_and_it_samples_the_data_on_o
 
 
 def test_parameterization_x0_is_refused_where_it_does_not_fit():
-    with pytest.raises(ValueError, match="parameterization='x0' needs process='uniform'"):
+    with pytest.raises(ValueError, match="parameterization='x0' needs process='uniform' or 'nearest_neighbour'"):
         DDiTConfig(vocab_size=8, process="absorbing", parameterization="x0")
     schedule = LogLinearSchedule()
     with pytest.raises(ValueError, match="objective='masked_elbo'"):
@@ -190,7 +190,7 @@ def test_parameterization_x0_is_refused_where_it_does_not_fit():
         DiffusionObjective(UniformProcess(N), schedule, "score_entropy", "score", discrete_time=8)
     from diffusion.training import TrainConfig
 
-    with pytest.raises(ValueError, match="parameterization='x0' is a uniform model"):
+    with pytest.raises(ValueError, match="parameterization='x0' is a uniform or nearest-neighbour model"):
         TrainConfig(parameterization="x0", process="absorbing", objective="score_entropy")
     with pytest.raises(ValueError, match="discrete_time"):
         TrainConfig(parameterization="score", process="uniform", objective="score_entropy", discrete_time=8)

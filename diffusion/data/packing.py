@@ -101,6 +101,15 @@ class BlockBatches:
         """The ``size`` blocks of global step ``step`` when every step takes ``size`` blocks."""
         return self.batch_at(step * size, size)
 
+    def token_counts(self, num_states: int, chunk: int = 4096) -> Tensor:
+        """How often each id ``0..num_states-1`` occurs in the blocks: ``LongTensor[num_states]`` (read in chunks of
+        ``chunk`` blocks, so memory-mapped blocks stay on disk)."""
+        counts = torch.zeros(num_states, dtype=torch.long)
+        for start in range(0, len(self.blocks), chunk):
+            ids = torch.as_tensor(self.blocks[start : start + chunk], dtype=torch.long).reshape(-1)
+            counts += torch.bincount(ids, minlength=num_states)[:num_states]
+        return counts
+
 
 def _shard(stream: Any, index: int, count: int) -> Iterator[Any]:
     """Shard ``index`` of ``count`` of a stream: ``datasets.distributed.split_dataset_by_node`` for a

@@ -18,10 +18,12 @@ Two forms of the bound, both in nats per sequence ``x0 [B, L]``:
   network calls.  For exact conditionals it sits above the continuous bound and falls to it as T grows.
 - **t form** (every other model): ``int_0^1 E_{x_t}[L(x0, t)] dt`` with the training objective's
   per-sequence loss (masked ELBO or DWDSE, weights included) plus the terminal term: for the uniform
-  process ``KL(q(x_1 | x0) || uniform)`` exactly; for absorbing ``subs`` models the mass the schedule
+  process ``KL(q(x_1 | x0) || uniform)`` exactly (likewise for the nearest-neighbour one, whose symmetric kernel
+  also tends to uniform); for absorbing ``subs`` models the mass the schedule
   leaves unmasked at t = 1 (``e^{-sigma_bar(1)}``, eps for log-linear) as ``e^{-sigma_bar(1)} * sum_i
-  -log p(x0^i | all MASK)``.  For absorbing ``score`` models that last term is not added (a bias below
-  ``eps`` relative), which is said in the result.
+  -log p(x0^i | all MASK)``; for the Discrete Markov Bridge its learnt prior term ``KL(q(x_1 | x0) || p_hat_0
+  exp(sigma_bar(1) Q))`` (:mod:`diffusion.markov_bridge`).  For absorbing ``score`` models that last term is not
+  added (a bias below ``eps`` relative), which is said in the result.
 
 The integral over lambda or t is estimated per sequence with the nodes of one rule of
 :mod:`diffusion.time_nodes` (``monte_carlo``, ``stratified`` or ``quadrature``), one mask draw per node;
@@ -45,10 +47,12 @@ from tqdm.auto import tqdm
 
 from ..block_diffusion import BlockDiffusionObjective
 from ..losses import masked_elbo
+from ..markov_bridge import BridgeProcess
 from ..modeling_ddit import accepts_score_mask
 from ..objectives import DiffusionObjective
 from ..processes import UniformProcess, mask_tokens
 from ..schedules import LINEAR_MASKING
+from ..structured import SymmetricRateProcess
 from ..spec import DiffusionSpec
 from ..time_nodes import TIME_RULES, time_nodes
 
@@ -101,7 +105,7 @@ def sequence_nelbo(model: Any, x0: Tensor, *, method: str = "quadrature", num_po
 
     ``discrete_time=T``: D3PM's T-step bound instead (T calls; ``method`` and ``num_points`` are not used)."""
     _check(method, num_points)
-    spec = DiffusionSpec.from_config(model.config)
+    spec = DiffusionSpec.of(model)
     if discrete_time is not None:
         return _discrete_time_nelbo(model, spec, x0, discrete_time, generator, objective)
     if spec.glauber_sweeps is not None:
@@ -177,6 +181,12 @@ def _terminal_term(model: Any, objective: DiffusionObjective, x0: Tensor) -> Ten
         q_self, q_other = stay + (1 - stay) / n, (1 - stay) / n
         kl = q_self * torch.log(q_self * n) + (n - 1) * q_other * torch.log(q_other * n)
         return torch.full((x0.shape[0],), float(kl) * x0.shape[1], dtype=torch.float64, device=x0.device)
+    if isinstance(process, BridgeProcess):  # its learnt prior p_T = p_hat_0 exp(sigma_T Q)
+        return process.prior_kl(x0).sum(-1)
+    if isinstance(process, SymmetricRateProcess):  # doubly stochastic: its limit is uniform
+        rows = process.transition_probs(x0, sigma_end.to(x0.device))
+        terms = rows * torch.log((rows * process.num_states).clamp_min(1e-300))
+        return torch.where(rows > 0, terms, torch.zeros_like(terms)).sum((-1, -2))
     if model.config.parameterization != "subs":
         return torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
     all_masked = torch.full_like(x0, model.config.mask_token_id)

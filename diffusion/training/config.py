@@ -14,7 +14,7 @@ from ..data.loading import TEXT_SPLITS
 from ..data.prepare import is_prepared
 from ..data.tokenizer import parse_trained_vocab
 from ..objectives import MASKED_OBJECTIVES, OBJECTIVES
-from ..processes import PROCESSES
+from ..processes import MODEL_PROCESSES
 from ..schedules import SCHEDULES, get_schedule
 from .distributed import DISTRIBUTED
 
@@ -84,7 +84,17 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass: same loss and "
                                              "gradients, less memory, about a third more compute")
     # diffusion
-    process: str = _f("absorbing", "forward process", choices=sorted(PROCESSES))
+    process: str = _f("absorbing", "forward process: absorbing, uniform, bridge (the Discrete Markov Bridge: a "
+                                   "score model trained with score_entropy while it learns its rate matrix, which "
+                                   "starts as the absorbing process) or nearest_neighbour (D3PM's nearest-neighbour "
+                                   "transitions between the real tokens, from --transition-embeddings)",
+                      choices=list(MODEL_PROCESSES))
+    transition_embeddings: str | None = _f(None, "with process nearest_neighbour: a model (a ddit folder or a causal "
+                                                 "LM, e.g. the autoregressive baseline, with this run's tokenizer) "
+                                                 "whose input embeddings define each token's neighbours by cosine "
+                                                 "similarity (None: no nearest-neighbour process)")
+    neighbours: int = _f(8, "with process nearest_neighbour: neighbours per token (the rate is 1 between neighbours "
+                            "either way)")
     objective: str = _f("masked_elbo", "loss: masked_elbo (MDLM/RADD), ardm (order-agnostic ARDM: exactly m of D "
                                        "positions masked, weight D/m), score_entropy (SEDD), duo (Duo's curriculum for a "
                                        "uniform x0 model), duo_distill (a round of Duo's consistency distillation of --init-from); "
@@ -212,10 +222,10 @@ class TrainConfig:
             raise ValueError(f"objective={self.objective!r} needs parameterization='subs' (or auto), got "
                              f"{self.resolved_parameterization!r}")
         if self.resolved_parameterization == "x0" and self.objective != "duo_distill" and (
-                self.process != "uniform" or self.objective not in ("score_entropy", "duo")):
-            raise ValueError(f"parameterization='x0' is a uniform model trained with objective='score_entropy' (the "
-                             f"continuous ELBO, or with discrete_time D3PM's L_vb) or 'duo', got process={self.process!r}, "
-                             f"objective={self.objective!r}")
+                self.process not in ("uniform", "nearest_neighbour") or self.objective not in ("score_entropy", "duo")):
+            raise ValueError(f"parameterization='x0' is a uniform or nearest-neighbour model trained with objective="
+                             f"'score_entropy' (the continuous ELBO, or with discrete_time D3PM's L_vb) or 'duo' "
+                             f"(uniform), got process={self.process!r}, objective={self.objective!r}")
         if self.objective == "glauber":
             if self.process != "absorbing" or self.parameterization == "subs" or self.time_conditioning == "off":
                 raise ValueError("objective='glauber' trains a classifier over the absorbing vocabulary (its MASK id "
@@ -228,6 +238,29 @@ class TrainConfig:
                 raise ValueError(f"glauber_sweeps must be an int >= 1, got glauber_sweeps={self.glauber_sweeps!r}")
             if self.block_size is not None or self.init_from is not None:
                 raise ValueError("objective='glauber' trains a fresh DDiT on full blocks: no block_size or init_from")
+        if (self.process == "nearest_neighbour") != (self.transition_embeddings is not None):
+            raise ValueError(f"process='nearest_neighbour' and transition_embeddings go together, got process="
+                             f"{self.process!r}, transition_embeddings={self.transition_embeddings!r}")
+        if self.process == "nearest_neighbour":
+            if self.objective != "score_entropy":
+                raise ValueError(f"process='nearest_neighbour' trains with objective='score_entropy' (parameterization "
+                                 f"score, or x0 with discrete_time for D3PM), got objective={self.objective!r}")
+            if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 1:
+                raise ValueError(f"neighbours must be an int >= 1, got neighbours={self.neighbours!r}")
+            if self.block_size is not None or self.init_from is not None:
+                raise ValueError("process='nearest_neighbour' trains a fresh DDiT on full blocks: no block_size or "
+                                 "init_from")
+        if self.process == "bridge":
+            if self.objective != "score_entropy" or self.resolved_parameterization != "score":
+                raise ValueError(f"process='bridge' trains a score model with objective='score_entropy', got "
+                                 f"objective={self.objective!r}, parameterization={self.parameterization!r}")
+            if self.block_size is not None or self.init_from is not None or self.discrete_time is not None:
+                raise ValueError("process='bridge' trains a fresh DDiT in continuous time: no block_size, init_from "
+                                 "or discrete_time")
+            if self.streaming or self.distributed == "fsdp":
+                raise ValueError(f"process='bridge' counts the training tokens for its prior and keeps its rates "
+                                 f"whole: no streaming and no fsdp, got streaming={self.streaming!r}, distributed="
+                                 f"{self.distributed!r}")
         if self.objective == "duo":
             if self.process != "uniform" or self.resolved_parameterization != "x0":
                 raise ValueError(f"objective='duo' trains a uniform x0 model: use process='uniform' and "
@@ -352,7 +385,7 @@ class TrainConfig:
     def resolved_schedule(self) -> tuple[str, dict]:
         if self.schedule != "auto":
             return self.schedule, dict(self.schedule_kwargs or {})
-        if self.process == "uniform":
+        if self.process in ("uniform", "nearest_neighbour"):
             return "geometric", dict(self.schedule_kwargs or {"sigma_min": 1e-4, "sigma_max": 20.0})
         return "loglinear", dict(self.schedule_kwargs or {"eps": 1e-3})
 

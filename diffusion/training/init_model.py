@@ -24,7 +24,7 @@ from ..modeling_ddit import DDiTConfig, DDiTModel
 from ..weights import load_weights_checked
 from .config import TrainConfig
 
-__all__ = ["load_init_model"]
+__all__ = ["load_init_model", "load_token_embeddings"]
 
 
 def load_init_model(config: TrainConfig) -> tuple[nn.Module, Any]:
@@ -82,3 +82,25 @@ def _load(config: TrainConfig) -> tuple[nn.Module, Any]:
     return convert_causal_lm(model, tokenizer, shift_logits=config.shift_logits,
                              attention="block" if block else "bidirectional", block_size=block,
                              anneal_steps=config.anneal_steps)
+
+
+def load_token_embeddings(location: str, num_tokens: int, *, trust_remote_code: bool = False) -> Any:
+    """The input embeddings ``[num_tokens, d]`` of the model at ``location`` (a ddit folder or a causal LM such as the
+    autoregressive baseline; its first ``num_tokens`` rows, which must be this run's tokenizer's real tokens):
+    what ``--transition-embeddings`` gives a nearest-neighbour process."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    found = locate_model(location, flag="--transition-embeddings")
+    model_config = AutoConfig.from_pretrained(found, trust_remote_code=trust_remote_code)
+    if model_config.model_type == "ddit":
+        model = load_weights_checked(DDiTModel, found)
+    elif is_causal_lm_config(model_config):
+        model = load_weights_checked(AutoModelForCausalLM, found, trust_remote_code=trust_remote_code)
+    else:
+        raise ValueError(f"--transition-embeddings {location!r} is a {model_config.model_type} model: it needs a ddit "
+                         "model or a causal LM")
+    weight = model.get_input_embeddings().weight.detach()
+    if weight.shape[0] < num_tokens:
+        raise ValueError(f"--transition-embeddings {location!r} embeds {weight.shape[0]} tokens, fewer than this run's "
+                         f"{num_tokens}: it must share the run's tokenizer")
+    return weight[:num_tokens].float().clone()

@@ -36,6 +36,8 @@ from ..data.tokenizer import parse_trained_vocab
 from ..evaluation.autoregressive import AutoregressiveObjective, build_causal_lm
 from ..modeling_ddit import DDiTConfig, DDiTModel
 from ..glauber import GlauberObjective, GlauberProcess
+from ..markov_bridge import BridgeObjective, BridgeRate
+from ..structured import nearest_neighbours
 from ..objectives import DiffusionObjective
 from ..spec import DiffusionSpec
 from .checkpoint import (
@@ -50,7 +52,7 @@ from .checkpoint import (
 )
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .distributed import clip_gradients, end_distributed, resolve_distributed, shard_model
-from .init_model import load_init_model
+from .init_model import load_init_model, load_token_embeddings
 from .run_data import RunData, load_run_data
 from .run_folder import claim_run_folder
 from .run_output import Preemption, RunOutput, export_final, log_eval, shared_run_id, stop_diverged
@@ -88,9 +90,9 @@ def build_model_config(config: TrainConfig, tokenizer: Any) -> DDiTConfig:
     """The model a run trains: the absorbing process uses every tokenizer id (MASK last); the uniform
     process leaves the MASK id out of its state space."""
     schedule, schedule_kwargs = config.resolved_schedule
-    absorbing = config.process == "absorbing"
+    with_mask = config.process in ("absorbing", "bridge")  # MASK is the last state
     return DDiTConfig(
-        vocab_size=len(tokenizer) if absorbing else len(tokenizer) - 1,
+        vocab_size=len(tokenizer) if with_mask else len(tokenizer) - 1,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads,
@@ -104,7 +106,7 @@ def build_model_config(config: TrainConfig, tokenizer: Any) -> DDiTConfig:
         schedule_kwargs=schedule_kwargs,
         parameterization=config.resolved_parameterization,
         time_conditioning=config.resolved_time_conditioning,
-        mask_token_id=tokenizer.mask_token_id if absorbing else None,
+        mask_token_id=tokenizer.mask_token_id if with_mask else None,
         tie_word_embeddings=config.tie_embeddings,
         pad_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
@@ -112,6 +114,7 @@ def build_model_config(config: TrainConfig, tokenizer: Any) -> DDiTConfig:
         trained_length=config.seq_len,
         attention_block_size=config.block_size,
         **({"scale_by_sigma": False, "glauber_sweeps": config.glauber_sweeps} if config.objective == "glauber" else {}),
+        **({"transition_neighbours": config.neighbours} if config.process == "nearest_neighbour" else {}),
     )
 
 
@@ -120,14 +123,14 @@ def build_model_and_objective(config: TrainConfig, tokenizer: Any, model: torch.
     """The model a run trains (freshly initialised, or ``model``: the ``init_from`` one) and the objective that
     scores it: block diffusion with ``block_size``, else ``config.objective``."""
     if model is not None and config.objective == "duo_distill":
-        spec = DiffusionSpec.from_config(model.config)
+        spec = DiffusionSpec.of(model)
         if (spec.process_name, spec.parameterization) != ("uniform", "x0"):
             raise ValueError(f"--init-from must be a uniform x0 model (a Duo model) to distil, got process="
                              f"{spec.process_name!r}, parameterization={spec.parameterization!r}")
         base = DiffusionObjective.from_spec(spec, "score_entropy", t_min=config.t_min, antithetic=config.antithetic)
         return model, DuoDistillation(base, copy.deepcopy(model), float(config.distill_dt))
     if model is not None:
-        spec = DiffusionSpec.from_config(model.config)
+        spec = DiffusionSpec.of(model)
         if not spec.masked:
             raise ValueError(f"init_from must be a masked-diffusion model, got process={spec.process_name!r}, "
                              f"parameterization={spec.parameterization!r}")
@@ -139,11 +142,18 @@ def build_model_and_objective(config: TrainConfig, tokenizer: Any, model: torch.
                                 tie_word_embeddings=config.tie_embeddings, eos_token_id=tokenizer.eos_token_id,
                                 attn_implementation=config.attention, trained_length=config.seq_len)
         return model, AutoregressiveObjective(len(tokenizer))
-    model_config = build_model_config(config, tokenizer)
-    return DDiTModel(model_config), _diffusion_objective(config, DiffusionSpec.from_config(model_config))
+    model = DDiTModel(build_model_config(config, tokenizer))
+    if config.process == "nearest_neighbour":  # the graph is part of the model: it is set before the objective reads it
+        embeddings = load_token_embeddings(config.transition_embeddings, model.config.num_tokens,
+                                           trust_remote_code=config.trust_remote_code)
+        model.neighbour_graph.neighbours.copy_(nearest_neighbours(embeddings, config.neighbours))
+    return model, _diffusion_objective(config, DiffusionSpec.of(model))
 
 
 def _diffusion_objective(config: TrainConfig, spec: DiffusionSpec) -> Any:
+    if spec.process_name == "bridge":  # score learning and matrix learning in one loss (diffusion/markov_bridge.py)
+        return BridgeObjective(DiffusionObjective.from_spec(spec, config.objective, t_min=config.t_min,
+                                                            antithetic=config.antithetic))
     if config.objective == "glauber":
         return GlauberObjective(GlauberProcess(spec.num_tokens, config.seq_len, config.glauber_sweeps), spec.mask_id)
     if config.objective == "duo":
@@ -423,6 +433,10 @@ def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, r
         if acc.is_main_process:
             write_record(run.root, data.split_record)
     state = _build(config, data.tokenizer, mode, acc, init_model)
+    if config.process == "bridge":  # its prior starts from the training data's token frequencies, plus one for every
+        counts = data.batches.token_counts(state.model.config.vocab_size)  # real token (a held-out token unseen in
+        counts[:-1] += 1  # training keeps a finite prior term); MASK (last) has none
+        BridgeRate.of_model(state.model).set_data_marginal(counts)
     if resume_path is not None:
         _resume(resume_path, state, config, acc)
         acc.print(f"resumed from {resume_path} at step {state.step}")

@@ -45,7 +45,19 @@ def consolidated(state: _State) -> tuple[dict[str, Tensor], dict[str, Tensor] | 
     model_state = full_state(state.model.state_dict()) if state.mode == "fsdp" else None
     ema_state = (full_state(state.ema.shadow) if state.mode == "fsdp" else state.ema.state_dict()) \
         if state.ema is not None else None
+    if ema_state is not None:  # EMA shadows the parameters only: the persistent buffers go with them as they are
+        ema_state = {**persistent_buffers(state.model), **ema_state}
     return model_state, ema_state
+
+
+def persistent_buffers(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The buffers a model's ``state_dict`` holds (a bridge model's data marginal, say), by state-dict name."""
+    found = {}
+    for prefix, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                found[f"{prefix}.{name}" if prefix else name] = buffer.detach()
+    return found
 
 
 def save_model_folder(folder: Path, state: _State, weights: dict[str, Tensor] | None) -> None:

@@ -181,7 +181,7 @@ def train_sft(config: SFTConfig, model: Any = None, tokenizer: Any = None) -> SF
     ``model`` and ``tokenizer``: ``config.model`` already loaded (:func:`~diffusion.adapters.load_denoiser`)."""
     if model is None or tokenizer is None:
         model, tokenizer = load_denoiser(config.model, trust_remote_code=config.trust_remote_code)
-    spec = DiffusionSpec.from_config(model.config)
+    spec = DiffusionSpec.of(model)
     if not spec.masked:
         raise ValueError(f"SFT needs a masked-diffusion (absorbing, subs) model, got process={spec.process_name!r}, "
                          f"parameterization={spec.parameterization!r}")

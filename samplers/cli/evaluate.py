@@ -227,7 +227,7 @@ def _genppl(args: argparse.Namespace) -> dict[str, Any]:
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise ValueError(f"unknown --sampler {args.sampler!r}; valid: {sorted(SAMPLERS)}")
     model, tokenizer, reference, reference_tokenizer = _model_and_reference(args)
-    name = args.sampler or DiffusionSpec.from_config(model.config).default_sampler
+    name = args.sampler or DiffusionSpec.of(model).default_sampler
     length = args.length or _default_length(args.model, model)
     rows = []
     for steps in args.sampling_steps:
@@ -256,7 +256,7 @@ def _calls(args: argparse.Namespace) -> dict[str, Any]:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {args.out!r}: the folder {str(out.parent)!r} does not exist")
     model, tokenizer, reference, reference_tokenizer = _model_and_reference(args)
-    spec = DiffusionSpec.from_config(model.config)
+    spec = DiffusionSpec.of(model)
     local = Path(args.model).expanduser().is_dir()
     entries = default_entries(spec, curve=read_curve(args.model) if local else None)
     if args.samplers is not None:

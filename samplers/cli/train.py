@@ -52,7 +52,7 @@ def print_samples(result: Any, args: argparse.Namespace, config: Any) -> int:
         from .. import get_sampler
 
         model, tokenizer = load_denoiser(str(final_dir))
-        spec = DiffusionSpec.from_config(model.config)
+        spec = DiffusionSpec.of(model)
         name = spec.default_sampler
         steps = spec.chain_steps(length) or args.sampling_steps
         out = get_sampler(name).generate(model, batch_size=args.num_samples, length=length, num_steps=steps,
