@@ -108,3 +108,16 @@ def profile_calls(step: Callable[[], None], steps: int, warmup: int = 3, top: in
             for e in events]
     total = sum(r["self_ms_per_call"] for r in rows)
     return rows[:top] + [{"op": "total", "self_ms_per_call": total, "calls_per_call": sum(e.count for e in events) / steps}]
+
+
+def sample_record(sampler: str, model: Any, reference: Any, num_samples: int, length: int, steps: int) -> dict:
+    """Draw ``num_samples`` samples of ``length`` tokens with ``sampler`` at ``steps`` (seed 0) and score them:
+    network calls, generative perplexity under the causal LM ``reference``, unigram entropy and seconds."""
+    from diffusion.evaluation.sample_quality import generative_perplexity, unigram_entropy
+    from samplers import get_sampler
+
+    start = time.perf_counter()
+    out = get_sampler(sampler).generate(model, batch_size=num_samples, length=length, num_steps=steps,
+                                        generator=torch.Generator().manual_seed(0))
+    return {"sampler": sampler, "steps": steps, "nfe": out.nfe, **generative_perplexity(out.tokens, reference),
+            "unigram_entropy": unigram_entropy(out.tokens), "seconds": round(time.perf_counter() - start, 2)}

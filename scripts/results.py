@@ -11,6 +11,7 @@ Trains on the built-in Shakespeare corpus, with the same data, width, depth, bat
 - a uniform x0 model with its continuous ELBO (UDLM's and Duo's loss), and Duo (its curriculum for half the steps,
   then that ELBO),
 - a Glauber model (4 sweeps; a classifier with no likelihood bound, sampled by its heat-bath chain),
+- a Discrete Markov Bridge (a score model that learns its rate matrix from the absorbing start),
 - the autoregressive baseline (LLaMA-style).
 
 It then prints one table and writes JSON. The table holds:
@@ -32,10 +33,10 @@ import torch
 from diffusion import DDiTModel
 from diffusion.data import build_blocks, load_texts, load_tokenizer
 from diffusion.evaluation.likelihood import evaluate_causal_likelihood, evaluate_likelihood
-from diffusion.evaluation.sample_quality import generative_perplexity, unigram_entropy
 from diffusion.training.config import TrainConfig
 from diffusion.training import train
-from samplers import get_sampler
+
+from bench_common import sample_record
 
 MODELS = {  # label: (run folder, TrainConfig overrides)
     "absorbing, score entropy": ("absorbing-score_entropy", {"objective": "score_entropy", "process": "absorbing"}),
@@ -50,6 +51,7 @@ MODELS = {  # label: (run folder, TrainConfig overrides)
     "Duo (curriculum for half the steps, then the ELBO)": ("duo", {"objective": "duo", "process": "uniform",
                                                                   "lr": 1e-3}),
     "Glauber, 4 sweeps": ("glauber", {"objective": "glauber", "glauber_sweeps": 4}),
+    "Discrete Markov Bridge (learnt rates)": ("bridge", {"objective": "score_entropy", "process": "bridge"}),
     "autoregressive baseline": ("autoregressive", {"objective": "autoregressive"}),
 }
 
@@ -102,6 +104,12 @@ def main() -> None:
         sweeps = getattr(model.config, "glauber_sweeps", None)
         row["likelihood"] = None if sweeps else evaluate_likelihood(
             model, blocks, method="quadrature", num_points=8, batch_size=32, progress=False).to_dict()
+        if model.config.process == "bridge":  # what matrix learning made of the absorbing start
+            rates = torch.nn.functional.softplus(model.bridge_rates.weights.detach().double())
+            leak = rates[:-1]
+            row["learnt_rates"] = {"into_mask": float(rates[-1]),
+                                   "leak_mean": float(leak.mean()), "leak_max": float(leak.max()),
+                                   "leak_start": model.bridge_rates.leak}
         steps_trained = MODELS[label][1].get("discrete_time")
         if steps_trained:  # a D3PM model: also its own T-step bound L_vb (T calls per block; --smoke: T = 4)
             row["discrete_time_likelihood"] = evaluate_likelihood(
@@ -109,13 +117,7 @@ def main() -> None:
         name = "glauber" if sweeps else "ancestral" if model.config.parameterization == "subs" else "analytic"
         row["samples"] = []
         for steps in ([sweeps * seq_len] if sweeps else args.sampling_steps):  # a Glauber chain has its own steps
-            start = time.perf_counter()
-            out = get_sampler(name).generate(model, batch_size=args.num_samples, length=seq_len, num_steps=steps,
-                                             generator=torch.Generator().manual_seed(0))
-            quality = generative_perplexity(out.tokens, reference)
-            row["samples"].append({"sampler": name, "steps": steps, "nfe": out.nfe, **quality,
-                                   "unigram_entropy": unigram_entropy(out.tokens),
-                                   "seconds": round(time.perf_counter() - start, 2)})
+            row["samples"].append(sample_record(name, model, reference, args.num_samples, seq_len, steps))
         rows.append(row)
         print(f"evaluated {label}", flush=True)
 
