@@ -29,6 +29,7 @@ objectives and the samplers: its values are detached from Q except :meth:`Bridge
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 
 from .modeling_ddit import BridgeRates
 from .objectives import DiffusionObjective, ObjectiveOutput
-from .processes import Process, _broadcast_noise
+from .processes import Process, _broadcast_noise, _phi
 
 __all__ = ["BridgeObjective", "BridgeProcess", "BridgeRate"]
 
@@ -97,6 +98,11 @@ class BridgeRate(nn.Module):
         with torch.no_grad():
             self.data_marginal.copy_(counts.to(self.data_marginal.device) / counts.sum())
 
+    def _order(self) -> Tensor:
+        """``order`` where the rates live (a model moved to a GPU after this view was made takes its tensors along,
+        not this buffer)."""
+        return self.order.to(self.weights.device)
+
     def theta(self) -> Tensor:
         """``theta = (-softplus(w), 0)`` ``[K]`` (float64)."""
         return torch.cat([-F.softplus(self.weights.double()), self.weights.new_zeros(1, dtype=torch.float64)])
@@ -122,25 +128,26 @@ class BridgeRate(nn.Module):
         """``q(x_t = . | x0)`` rows ``[..., K]`` (float64) in closed form; ``sigma_bar`` broadcasts from the left."""
         decay = self._decay(sigma_bar, x0.shape)
         previous = torch.cat([torch.zeros_like(decay[..., :1]), decay[..., :-1]], dim=-1)
-        start = self.order[x0].unsqueeze(-1)  # pi(x0)
+        start = self._order()[x0.to(decay.device)].unsqueeze(-1)  # pi(x0)
         j = torch.arange(self.num_states, device=decay.device)
         by_position = torch.where(j == start, decay, torch.where(j > start, decay - previous, torch.zeros_like(decay)))
-        return by_position[..., self.order]  # entry y sits at order position pi(y)
+        return by_position[..., self._order()]  # entry y sits at order position pi(y)
 
     def push_probs(self, probs: Tensor, sigma_bar: Tensor | float) -> Tensor:
         """``probs exp(sigma_bar Q)`` for row vectors ``probs [..., K]`` (float64; distributions, or any vector: it is
         linear), in ``O(K)``: at order position
         j, ``p_j e^{s Lambda_j} + (e^{s Lambda_j} - e^{s Lambda_{j-1}}) sum_{i < j} p_i``."""
-        by_position = probs.double()[..., torch.argsort(self.order)]
+        by_position = probs.double()[..., torch.argsort(self._order()).to(probs.device)]
         decay = self._decay(sigma_bar, probs.shape[:-1])
         previous = torch.cat([torch.zeros_like(decay[..., :1]), decay[..., :-1]], dim=-1)
         before = by_position.cumsum(-1) - by_position
-        return (by_position * decay + (decay - previous) * before)[..., self.order]
+        return (by_position * decay + (decay - previous) * before)[..., self._order().to(probs.device)]
 
     def log_steps(self, sigma_bar: Tensor | float) -> Tensor:
         """``log q(y | x0)`` for ``y`` past ``x0`` in the order, by order position j ``[..., K]`` (float64): ``sigma
         Lambda_j + log(-expm1(sigma theta_{j-1}))``, the row's step ``e^{sigma Lambda_j} - e^{sigma Lambda_{j-1}}``
-        without cancellation; it does not depend on x0 (-inf at j = 0, which nothing steps into)."""
+        without cancellation; it does not depend on x0.  Nothing steps into j = 0: its entry (``sigma Lambda_0``) is
+        never read."""
         sigma = torch.as_tensor(sigma_bar, dtype=torch.float64, device=self.weights.device).unsqueeze(-1)
         theta = self.theta()
         previous = torch.cat([theta.new_full((1,), -float("inf")), theta[:-1]])
@@ -150,13 +157,14 @@ class BridgeRate(nn.Module):
         """``KL(q(x_T | x0) || p_hat_0 exp(sigma_T Q))`` per token ``[...]``: the ELBO's prior term, for every x0 from
         one suffix sum over the order, ``KL(j) = e^{s Lambda_j} (s Lambda_j - log p_j) + sum_{i > j} e^{a_i} (a_i -
         log p_i)`` with ``a = log_steps(s)`` and ``p`` the prior by order position (O(K) in all)."""
-        prior = self.push_probs(self.data_marginal, sigma_end)[torch.argsort(self.order)].clamp_min(1e-300)
+        order = self._order()
+        prior = self.push_probs(self.data_marginal, sigma_end)[torch.argsort(order)].clamp_min(1e-300)
         stay = torch.as_tensor(sigma_end, dtype=torch.float64) * self.eigenvalues()
         steps = self.log_steps(sigma_end)
         moved = torch.where(torch.isfinite(steps), steps.exp() * (steps - prior.log()), torch.zeros_like(steps))
         after = moved.flip(0).cumsum(0).flip(0) - moved
         by_position = stay.exp() * (stay - prior.log()) + after
-        return by_position[self.order[x0]]
+        return by_position[order[x0.to(order.device)]].to(x0.device)
 
 
 class BridgeProcess(Process):
@@ -172,8 +180,9 @@ class BridgeProcess(Process):
         if not torch.equal(rate.order.cpu(), torch.arange(rate.num_states)):
             raise ValueError("BridgeProcess needs the identity order (MASK, the last state, absorbs), got a permuted "
                              "BridgeRate")
-        if not sigma_end > 0:
-            raise ValueError(f"sigma_end must be > 0, got sigma_end={sigma_end!r}")
+        if not (sigma_end > 0 and math.isfinite(sigma_end)):
+            raise ValueError(f"the bridge's prior term is taken at the schedule's total noise at t = 1, which must be "
+                             f"finite and > 0 (a loglinear schedule needs eps > 0), got sigma_end={sigma_end!r}")
         super().__init__(rate.num_states - 1)
         self.rate, self.sigma_end = rate, float(sigma_end)
         self.num_states = rate.num_states
@@ -248,13 +257,14 @@ class BridgeProcess(Process):
         form.  The rates into x_t are ``c = -theta_{x_t - 1}`` from every earlier state and 0 from later ones; ``r_y =
         0`` below x0; so with ``r phi(log s - log r) = s - r (1 - log r) - r log s``::
 
-            SE = c [ sum_{y < x_t} s_y - sum_{x0 <= y < x_t} r_y (1 - log r_y) - sum_{x0 <= y < x_t} r_y log s_y ].
+            SE = c [ sum_{y < x_t, y != x0} s_y - sum_{x0 < y < x_t} r_y (1 - log r_y + log s_y)
+                     + r_{x0} phi(log s_{x0} - log r_{x0}) [x0 < x_t] ].
 
         Past x0, ``log q(y | x0) = a_y`` (:meth:`BridgeRate.log_steps`, the same for every x0) and ``r_y = e^{a_y - L}``
         with ``L = log q(x_t | x0)``, so the middle sum over ``x0 < y < x_t`` is ``e^{-L} (A_1 + L A_0)`` from prefix
         sums ``A_1`` of ``e^a (1 - a)`` and ``A_0`` of ``e^a``, formed once per noise level; only the two sums that read
         the scores run over all states at every position (in float32, float64 for float64 scores).  The ``y = x0``
-        term has ``log q = sigma Lambda_{x0}``."""
+        term has ``log q = sigma Lambda_{x0}`` and keeps the phi form (its ratio can be large)."""
         self._check_states("log_score", log_score)
         dtype = torch.float64 if log_score.dtype == torch.float64 else torch.float32
         log_score = log_score.to(dtype)
@@ -276,16 +286,17 @@ class BridgeProcess(Process):
         sum_0 = torch.where(moved, at(prefix_0, before) - at(prefix_0, x0), torch.zeros_like(log_stay))
         sum_1 = torch.where(moved, at(prefix_1, before) - at(prefix_1, x0), torch.zeros_like(log_stay))
         log_r0 = log_stay - log_at_xt
-        x0_term = torch.exp(log_r0) * (1.0 - log_r0)
-        middle = torch.exp(-log_at_xt) * (sum_1 + log_at_xt * sum_0) + torch.where(moved, x0_term, torch.zeros_like(x0_term))
+        middle = torch.exp(-log_at_xt) * (sum_1 + log_at_xt * sum_0)
         j = torch.arange(self.num_states, device=x_t.device)
-        scores = torch.where(j < x_t.unsqueeze(-1), log_score.exp(), 0.0).sum(-1)
+        scores = torch.where((j < x_t.unsqueeze(-1)) & (j != x0.unsqueeze(-1)), log_score.exp(), 0.0).sum(-1)
         window = (j > x0.unsqueeze(-1)) & (j < x_t.unsqueeze(-1))
         with_log_s = torch.where(window, weight.to(dtype) * log_score, 0.0).sum(-1) * torch.exp(-log_at_xt).to(dtype)
-        with_log_s = with_log_s + torch.where(moved, torch.exp(log_r0) * log_score.gather(-1, x0.unsqueeze(-1)).squeeze(-1),
-                                              torch.zeros_like(log_r0)).to(dtype)
+        # y = x0 in the cancellation-free form r phi(log s - log r): r can be ~1 / (sigma leak), far beyond float32's
+        # resolution of s - r (1 - log r) - r log s
+        log_s_x0 = log_score.gather(-1, x0.unsqueeze(-1)).squeeze(-1).double()
+        at_x0 = torch.where(moved, torch.exp(log_r0) * _phi(log_s_x0 - log_r0), torch.zeros_like(log_r0))
         into = torch.where(x_t > 0, -theta[before], torch.zeros_like(log_stay))
-        return (into * (scores.double() - middle - with_log_s.double())).to(dtype)
+        return (into * (scores.double() - middle - with_log_s.double() + at_x0)).to(dtype)
 
     def prior_kl(self, x0: Tensor) -> Tensor:
         """``KL(q(x_T | x0) || p_T)`` per token ``[...]`` (float64), with the rate's gradient."""
