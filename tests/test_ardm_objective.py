@@ -118,3 +118,82 @@ def test_ddlm_train_with_ardm_checkpoints_resumes_and_is_scored_by_ddlm_eval(tmp
                           "--json"]) == 0
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["form"] == "lambda" and math.isfinite(scored["nats_per_token"])  # the masked ELBO's bound
+
+
+@pytest.fixture(scope="module")
+def time_free_model():
+    """A random time-free subs DDiT in float64: conditionals that belong to no joint, so that no identity of exact
+    conditionals makes the two estimators below agree by accident."""
+    from diffusion.modeling_ddit import DDiTConfig, DDiTModel
+
+    torch.manual_seed(5)
+    model = DDiTModel(DDiTConfig(vocab_size=V + 1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 cond_dim=8, parameterization="subs", max_position_embeddings=D)).double().eval()
+    for parameter in model.parameters():  # adaLN-zero and zero-initialised heads would make every output uniform
+        torch.nn.init.normal_(parameter, std=0.5)
+    assert not model.config.needs_sigma
+    return model
+
+
+def _exact_masked_elbo(model, x0, objective):
+    """int_0^1 w(t) E_{Bernoulli masks}[sum_masked -log p] dt in float64: every mask enumerated with its probability
+    at each node of a Gauss-Legendre rule (the integrand is a polynomial of degree D - 1 in t for eps = 0)."""
+    from diffusion.time_nodes import gauss_legendre_01
+
+    nodes, weights = gauss_legendre_01(D + 2)
+    total = 0.0
+    for t, w in zip(nodes.tolist(), weights.tolist()):
+        p = float(objective.schedule.mask_probability(t))
+        for mask in itertools.product((False, True), repeat=D):
+            xt = x0.clone()
+            xt[0, list(i for i in range(D) if mask[i])] = MASK
+            probability = math.prod(p if m else 1 - p for m in mask)
+            out = objective.loss(model, x0, xt, torch.tensor([t], dtype=torch.float64))
+            total += w * probability * out.per_sequence[0].item()
+    return total
+
+
+def _exact_ardm(model, x0, objective):
+    total = 0.0
+    for m in range(1, D + 1):
+        subsets = list(itertools.combinations(range(D), m))
+        for subset in subsets:
+            xt = x0.clone()
+            xt[0, list(subset)] = MASK
+            out = objective.loss(model, x0, xt, torch.tensor([m / D], dtype=torch.float64))
+            total += out.per_sequence[0].item() / (D * len(subsets))
+    return total
+
+
+def test_for_a_time_free_model_the_exact_count_estimator_has_the_continuous_bounds_expectation(time_free_model):
+    """The held-out evaluation of a time-free masked model (diffusion/training/loop.py, held_out_objective) swaps the
+    continuous masked ELBO's Bernoulli masks for exact counts: both must have the same expectation, float64."""
+    from diffusion.schedules import LogLinearSchedule
+    from diffusion.training.loop import held_out_objective
+
+    spec = DiffusionSpec.from_config(time_free_model.config)
+    continuous = DiffusionObjective(spec.process, LogLinearSchedule(eps=0.0), "masked_elbo", "subs")
+    counted = held_out_objective(continuous, time_free=True)
+    assert counted.objective == "ardm" and held_out_objective(continuous, time_free=False) is continuous
+    for x in [(0, 1, 2), (2, 2, 0), (1, 0, 1)]:
+        x0 = torch.tensor([x])
+        bound = _exact_masked_elbo(time_free_model, x0, continuous)
+        # the model's outputs are float32 (DDiTModel.forward), the sums float64
+        assert _exact_ardm(time_free_model, x0, counted) == pytest.approx(bound, rel=1e-6)
+        assert bound > 1.0  # a random model: far from any exact conditional
+
+
+def test_the_exact_count_draws_average_to_the_bound(time_free_model):
+    """Monte Carlo over the training/evaluation sampler itself (stratified counts across the batch): the mean of
+    20000 draws lies within 4 standard errors of the exact expectation, float64."""
+    spec = DiffusionSpec.from_config(time_free_model.config)
+    objective = DiffusionObjective.from_spec(spec, "ardm")
+    x0 = torch.tensor([[2, 0, 1]]).expand(20000, D).contiguous()
+    t, xt = objective.corrupt(x0, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        draws = objective.loss(time_free_model, x0, xt, t.double()).per_sequence.double()
+    exact = _exact_ardm(time_free_model, x0[:1], objective)
+    assert abs(draws.mean().item() - exact) < 4 * draws.std().item() / math.sqrt(len(draws))
+    # stratified counts: the batch holds every count 1..D equally often (up to one)
+    counts = torch.bincount((xt == MASK).sum(-1), minlength=D + 1)[1:]
+    assert counts.sum() == 20000 and counts.max() - counts.min() <= 1

@@ -167,8 +167,22 @@ def _diffusion_objective(config: TrainConfig, spec: DiffusionSpec) -> Any:
                                         discrete_time=config.discrete_time, hybrid=float(config.hybrid_lambda))
 
 
-def held_out_objective(objective: Any) -> Any:
-    """The objective held-out evaluation uses: block diffusion's clipped range widened to the bound's ``t_high = 1``."""
+def held_out_objective(objective: Any, time_free: bool = False) -> Any:
+    """The objective held-out evaluation uses: block diffusion's clipped range widened to the bound's ``t_high = 1``;
+    for a time-free masked model (``time_free``) trained with the continuous ``masked_elbo``, the exact-count
+    (``ardm``) estimator of the same bound.
+
+    Why the exact count: a time-free model's continuous bound ``int_0^1 (1/t) E_{x_t ~ Bernoulli(t) masks}
+    [sum_{i masked} -log p(x0^i | x_t)] dt`` puts weight ``int_0^1 t^{m-1} (1-t)^{D-m} dt = 1 / (m C(D, m))`` on
+    each set of m masked positions out of D, which is what drawing m uniform on ``1..D``, a uniform set of that
+    size and the weight ``D / m`` gives: the same expectation (tested in float64 on an enumerated toy), without
+    the heavy tail of ``1/t`` at a small t with one masked token.  On the main job's 256 held-out blocks, four
+    evaluation seeds of one model spread over 0.66 nats with Bernoulli masks and 0.11 with exact counts.
+    (The loglinear schedule's ``eps`` and ``t_min`` leave out two slivers of the continuous bound, of order
+    1e-3 of it; the exact count has neither.)"""
+    if time_free and isinstance(objective, DiffusionObjective) and objective.objective == "masked_elbo" \
+            and objective.discrete_time is None:
+        return dataclasses.replace(objective, objective="ardm")
     if isinstance(objective, BlockDiffusionObjective) and objective.t_high < 1.0:
         return dataclasses.replace(objective, t_high=1.0)
     if isinstance(objective, (DuoCurriculum, DuoDistillation)):  # the x0 model's own ELBO is the bound
@@ -214,7 +228,9 @@ def _build(config: TrainConfig, tokenizer: Any, mode: str, acc: Any, init_model:
                                   eps=config.adam_eps, weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
-    return _State(model, model, objective, held_out_objective(objective), optimizer, optimizer, scheduler, ema, mode)
+    time_free = not getattr(model.config, "needs_sigma", True)
+    return _State(model, model, objective, held_out_objective(objective, time_free), optimizer, optimizer, scheduler,
+                  ema, mode)
 
 
 def _prepare(state: _State, acc: Any) -> None:
