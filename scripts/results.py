@@ -60,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/results")
     parser.add_argument("--max-steps", type=int, default=1000)
+    parser.add_argument("--warmup-steps", type=int, default=50, help="linear LR warm-up steps of every model")
     parser.add_argument("--sampling-steps", type=int, nargs="+", default=[64, 256], help="sampling steps for gen-ppl")
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS), metavar="MODEL",
                         help=f"train and score only these (the AR baseline is always trained: it scores the "
@@ -75,7 +76,7 @@ def main() -> None:
         size = dict(hidden_size=32, num_layers=1, num_heads=2, seq_len=32, batch_size=4)
         args.max_steps, args.sampling_steps, args.num_samples, args.eval_blocks = 4, [2], 2, 8
     seq_len = size["seq_len"]
-    common = dict(**size, overwrite=True, lr=2e-3, max_steps=args.max_steps, warmup_steps=min(50, args.max_steps),
+    common = dict(**size, overwrite=True, lr=2e-3, max_steps=args.max_steps, warmup_steps=min(args.warmup_steps, args.max_steps),
                   eval_every=args.max_steps, eval_blocks=min(256, args.eval_blocks), attention="eager",
                   progress=False, save_every=args.max_steps)
     finals, seconds = {}, {}
@@ -143,7 +144,8 @@ def main() -> None:
             cells.append("-" if s is None else f"{s['gen_ppl']:.0f} / {s['unigram_entropy']:.2f} ({s['nfe']} calls)")
         print(f"| {row['model']} | " + " | ".join(cells) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"max_steps": args.max_steps, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"max_steps": args.max_steps, "warmup_steps": args.warmup_steps,
+                                               "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The training loop: learning happens, resume is bit-exact, checkpoints are safe, config errors are clear."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,6 +38,14 @@ def test_short_run_lowers_held_out_loss_and_changes_every_parameter(tmp_path):
     records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1] < evals[0] - 1.0, evals  # step 0 vs step 60
+    # each held-out loss also in bits per byte: nats/token x scored tokens / (UTF-8 bytes of those blocks x ln 2)
+    from diffusion.data import build_blocks, load_texts, load_tokenizer as _tokenizer
+
+    held_out = build_blocks(load_texts("builtin:shakespeare")["validation"], _tokenizer("builtin"), 32)[:8]
+    num_bytes = sum(len(_tokenizer("builtin").decode(row, skip_special_tokens=True,
+                                                     clean_up_tokenization_spaces=False).encode()) for row in held_out.tolist())
+    for r in (r for r in records if "eval_loss" in r):
+        assert r["eval_bits_per_byte"] == pytest.approx(r["eval_loss"] * 8 * 32 / (num_bytes * math.log(2)), rel=1e-12)
     from diffusion import DDiTConfig, DDiTModel
     from diffusion.data import load_tokenizer
     from diffusion.training import build_model_config
@@ -165,6 +174,7 @@ import sys
 from diffusion.training.config import TrainConfig
 from diffusion.training import train
 import json
+import math
 overrides = json.loads(sys.argv[1])
 train(TrainConfig(**overrides))
 """

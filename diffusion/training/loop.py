@@ -34,6 +34,7 @@ from ..data import load_tokenizer
 from ..data.split_record import check_unchanged, write_record
 from ..data.tokenizer import parse_trained_vocab
 from ..evaluation.autoregressive import AutoregressiveObjective, build_causal_lm
+from ..evaluation.held_out import scored_bytes
 from ..modeling_ddit import DDiTConfig, DDiTModel
 from ..glauber import GlauberObjective, GlauberProcess
 from ..markov_bridge import BridgeObjective, BridgeRate
@@ -471,9 +472,10 @@ def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, r
               f"held-out blocks {len(data.valid_blocks)} | precision {precision} | processes {world} ({mode})")
 
     eval_loss = None
+    held_out_bytes = scored_bytes(data.valid_blocks, data.tokenizer, skip_first=config.objective == "autoregressive")
     if state.step == 0 and config.eval_every:
         eval_loss = _evaluate(state, data.valid_blocks, config, acc)
-        log_eval(run, 0, eval_loss, config)
+        log_eval(run, 0, eval_loss, config, held_out_bytes)
     bar = tqdm(total=config.max_steps, initial=state.step, disable=not (acc.is_main_process and config.progress),
                desc="train", dynamic_ncols=True)
     window_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
@@ -518,7 +520,7 @@ def _train(config: TrainConfig, resume_path: Path | None, acc: Any, mode: str, r
 
             if (config.eval_every and done % config.eval_every == 0) or done == stop:
                 eval_loss = _evaluate(state, data.valid_blocks, config, acc)
-                log_eval(run, done, eval_loss, config)
+                log_eval(run, done, eval_loss, config, held_out_bytes)
             saved = (config.save_every and done % config.save_every == 0) or done == stop
             if saved:
                 run.save(state, data.tokenizer, data)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..adapters import DiffusionLMAdapter
 from ..data.split_record import write_record
+from ..evaluation.held_out import bits_per_byte
 from .checkpoint import (
     atomic_directory,
     checkpoint_name,
@@ -212,10 +213,20 @@ def stop_diverged(run: RunOutput, consecutive: int, done: int) -> FloatingPointE
     )
 
 
-def log_eval(run: RunOutput, step: int, loss: float, config: TrainConfig) -> None:
-    run.log({"step": step, "eval_loss": loss, "eval_ppl_bound": math.exp(min(loss, 50.0))})
+def log_eval(run: RunOutput, step: int, loss: float, config: TrainConfig,
+             tokens_and_bytes: tuple[int, int] | None = None) -> None:
+    """Record and print a held-out loss; with ``tokens_and_bytes`` (the scored tokens of the held-out blocks and
+    their UTF-8 bytes, :func:`~diffusion.evaluation.held_out.scored_bytes`) also in bits per byte, which compares
+    across tokenizers."""
+    record = {"step": step, "eval_loss": loss, "eval_ppl_bound": math.exp(min(loss, 50.0))}
     label = "perplexity" if config.objective == "autoregressive" else "perplexity bound"
-    run.acc.print(f"\nstep {step}: held-out loss {loss:.4f} nats/token ({label} {math.exp(min(loss, 50)):.1f})")
+    per_byte = ""
+    if tokens_and_bytes is not None:
+        record["eval_bits_per_byte"] = bits_per_byte(loss, *tokens_and_bytes)
+        per_byte = f", {record['eval_bits_per_byte']:.3f} bits/byte"
+    run.log(record)
+    run.acc.print(f"\nstep {step}: held-out loss {loss:.4f} nats/token ({label} {math.exp(min(loss, 50)):.1f}"
+                  f"{per_byte})")
 
 
 def shared_run_id(acc: Any) -> str:
