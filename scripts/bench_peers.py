@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.machinery
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -126,8 +127,9 @@ def _placeholder_attribute(attribute: str) -> type:
     return type(attribute, (), {})
 
 
-def _sedd(checkout: str, same: bool) -> tuple[Any, Any, Any, dict]:
-    """SEDD's model, graph and noise at the shared configuration, and its modules by name."""
+def _sedd(checkout: str, same: bool, model_config: dict | None = None) -> tuple[Any, Any, Any, dict]:
+    """SEDD's model, graph and noise at the shared configuration (``model_config``: SEDD's ``model`` section
+    instead of this benchmark's), and its modules by name."""
     _flash_attn_stand_in(rotary=False, matmul_training=same)
     sys.path.insert(0, checkout)
     import graph_lib
@@ -138,12 +140,15 @@ def _sedd(checkout: str, same: bool) -> tuple[Any, Any, Any, dict]:
     from omegaconf import OmegaConf
 
     torch.manual_seed(0)
-    model = SEDD(OmegaConf.create(SEDD_CONFIG))
+    config = {**SEDD_CONFIG, "model": model_config or SEDD_CONFIG["model"]}
+    model = SEDD(OmegaConf.create(config))
     return model, graph_lib.Absorbing(TOKENS), noise_lib.LogLinearNoise(), {"losses": losses, "sampling": sampling}
 
 
-def _mdlm(checkout: str, same: bool) -> Any:
-    """MDLM's ``Diffusion`` (subs, time-free, its defaults) with a DIT backbone at the shared configuration."""
+def _mdlm(checkout: str, same: bool, shape: dict | None = None) -> Any:
+    """MDLM's ``Diffusion`` (subs, time-free, its defaults) with a DIT backbone at the shared configuration
+    (``shape``: MDLM ``model`` overrides instead, e.g. ``{"hidden_size": 128, "n_blocks": 2, ...}``).  MDLM's
+    ``diffusion.py`` is imported as ``mdlm_diffusion``, so ddlm's own ``diffusion`` package can live beside it."""
     _flash_attn_stand_in(rotary=True, matmul_training=same)
     _placeholders("causal_conv1d", "mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface",
                   "mamba_ssm.ops.triton", "mamba_ssm.ops.triton.selective_state_update", "timm", "timm.scheduler")
@@ -155,12 +160,17 @@ def _mdlm(checkout: str, same: bool) -> Any:
                            ("div_up", lambda x, y: (x + y - 1) // y)):
         OmegaConf.register_new_resolver(name, resolver, replace=True)
     tokenizer_dir = str(Path(__file__).resolve().parents[1] / "diffusion/data/shakespeare/tokenizer")
-    overrides = ["model.hidden_size=384", "model.cond_dim=128", f"model.length={SEQ_LEN}", "model.n_blocks=6",
-                 "model.n_heads=6", "training.ema=0", f"loader.global_batch_size={BATCH}",
-                 f"eval.gen_ppl_eval_model_name_or_path={tokenizer_dir}"]
+    shape = shape or {"hidden_size": 384, "cond_dim": 128, "length": SEQ_LEN, "n_blocks": 6, "n_heads": 6}
+    overrides = [f"model.{key}={value}" for key, value in shape.items()] + [
+        "training.ema=0", f"loader.global_batch_size={BATCH}", f"eval.gen_ppl_eval_model_name_or_path={tokenizer_dir}"]
     with initialize_config_dir(config_dir=str(Path(checkout).resolve() / "configs"), version_base=None):
         config = compose(config_name="config", overrides=overrides)
-    import diffusion as mdlm_diffusion
+    mdlm_diffusion = sys.modules.get("mdlm_diffusion")
+    if mdlm_diffusion is None:
+        spec = importlib.util.spec_from_file_location("mdlm_diffusion", Path(checkout) / "diffusion.py")
+        mdlm_diffusion = importlib.util.module_from_spec(spec)
+        sys.modules["mdlm_diffusion"] = mdlm_diffusion
+        spec.loader.exec_module(mdlm_diffusion)
 
     tokenizer = types.SimpleNamespace(vocab_size=TOKENS, mask_token=None, pad_token_id=None)
     torch.manual_seed(0)
