@@ -65,7 +65,11 @@ class DDiTConfig(PretrainedConfig):
             SEDD's and MDLM's models drop only the two outputs: ``attention_dropout=0.0`` trains as they do.
         rope_theta: rotary base.
         layer_norm_eps: LayerNorm epsilon.
-        initializer_range: std of the normal initialisation.
+        initializer_range: std of the normal initialisation (``init_scheme="normal"``).
+        init_scheme: ``"normal"``: every Linear and the embedding N(0, initializer_range), projections into the residual
+            stream scaled by ``1/sqrt(2 n_layers)`` (GPT-2); ``"fan_in"``: the reference DiT code's (SEDD's, MDLM's):
+            PyTorch's default Linear init (uniform, bound ``1/sqrt(fan_in)``), a kaiming-uniform embedding and a zero
+            output head.  adaLN modulations start at zero in both.
         process: ``"absorbing"``, ``"uniform"``, ``"bridge"`` (the Discrete Markov Bridge: a score model whose
             learnable rate matrix, MASK last, lives in its weights) or ``"nearest_neighbour"`` (D3PM's nearest-neighbour
             transitions over the real tokens, no MASK: the neighbour lists live in its weights and their number in
@@ -75,6 +79,8 @@ class DDiTConfig(PretrainedConfig):
             ``"score"`` (log-scores).
         time_conditioning: adaLN-zero conditioning on sigma_bar; defaults to on for ``score`` and ``x0`` and off
             for ``subs`` (a time-free network, which makes exact sampler caching possible).
+        constant_modulation: a time-free model that keeps the adaLN-zero modulations, fed the noise embedding of
+            sigma_bar = 0 (a learnt constant), as MDLM's time-free DIT is; the network still reads no time.
         scale_by_sigma: shift score outputs by ``-log(e^sigma_bar - 1) - log N`` (``score`` models of the absorbing
             and bridge processes only; default on there).
         mask_token_id: id of MASK (absorbing, bridge: must be ``vocab_size - 1``; uniform: None).
@@ -110,6 +116,8 @@ class DDiTConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         attention_block_size: int | None = None,
         trained_length: int | None = None,
+        constant_modulation: bool = False,
+        init_scheme: str = "normal",
         **kwargs,
     ) -> None:
         if process not in _PROCESSES:
@@ -167,6 +175,10 @@ class DDiTConfig(PretrainedConfig):
             raise ValueError(f"the {process} process has no MASK state; got mask_token_id={mask_token_id!r}")
         if time_conditioning is None:
             time_conditioning = parameterization != "subs"
+        if init_scheme not in ("normal", "fan_in"):
+            raise ValueError(f"init_scheme must be 'normal' or 'fan_in', got init_scheme={init_scheme!r}")
+        if constant_modulation and time_conditioning:
+            raise ValueError("constant_modulation is for a time-free model; it needs time_conditioning=False")
         if scale_by_sigma is None:
             scale_by_sigma = parameterization == "score" and process in _WITH_MASK
         if scale_by_sigma and not (parameterization == "score" and process in _WITH_MASK):
@@ -196,6 +208,8 @@ class DDiTConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.attention_block_size = attention_block_size
         self.trained_length = trained_length
+        self.constant_modulation = bool(constant_modulation)
+        self.init_scheme = init_scheme
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
@@ -366,7 +380,8 @@ class DDiTBlock(nn.Module):
         self.dropout = Dropout(config.dropout)  # diffusion/dropout.py: a quarter of the random draws on a CPU
         self.attention_dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         # adaLN-zero: shift, scale and gate for both sub-layers, initialised to zero (identity block).
-        self.modulation = nn.Linear(config.cond_dim, 6 * hidden) if config.time_conditioning else None
+        modulated = config.time_conditioning or getattr(config, "constant_modulation", False)
+        self.modulation = nn.Linear(config.cond_dim, 6 * hidden) if modulated else None
         _tag(self.modulation, "zero")
         _tag(self.attn_out, "residual")
         _tag(self.mlp_out, "residual")
@@ -475,6 +490,9 @@ class DDiTPreTrainedModel(PreTrainedModel):
         # Called once per leaf module (transformers skips containers without own parameters),
         # so the role of a Linear is read from the tag its owner gave it.
         std = self.config.initializer_range
+        if getattr(self.config, "init_scheme", "normal") == "fan_in":
+            self._init_fan_in(module)
+            return
         if isinstance(module, nn.Linear):
             role = getattr(module, "_ddit_init", None)
             if role == "zero":  # adaLN-zero modulation: every block starts as the identity
@@ -487,6 +505,23 @@ class DDiTPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, BridgeRates):
+            module.reset_parameters()
+
+    def _init_fan_in(self, module: nn.Module) -> None:
+        """The reference DiT code's initialisation (``init_scheme="fan_in"``): PyTorch's default Linear init,
+        a kaiming-uniform embedding, zero adaLN modulations and a zero output head (the head is tagged ``zero``)."""
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+            head = getattr(module, "_ddit_head", False) and not self.config.tie_word_embeddings  # tied: the embedding
+            if getattr(module, "_ddit_init", None) == "zero" or head:
+                nn.init.zeros_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, BridgeRates):
@@ -598,12 +633,14 @@ class DDiTModel(DDiTPreTrainedModel):
         super().__init__(config)
         hidden = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
-        self.noise_embed = NoiseEmbedding(config.cond_dim) if config.time_conditioning else None
+        modulated = config.time_conditioning or getattr(config, "constant_modulation", False)
+        self.noise_embed = NoiseEmbedding(config.cond_dim) if modulated else None
         self.blocks = nn.ModuleList(DDiTBlock(config) for _ in range(config.num_hidden_layers))
         self.norm_final = nn.LayerNorm(hidden, eps=config.layer_norm_eps, bias=False)
-        self.final_modulation = nn.Linear(config.cond_dim, 2 * hidden) if config.time_conditioning else None
+        self.final_modulation = nn.Linear(config.cond_dim, 2 * hidden) if modulated else None
         _tag(self.final_modulation, "zero")
         self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+        self.lm_head._ddit_head = True  # zero at init under init_scheme="fan_in"
         self.bridge_rates = BridgeRates(config.vocab_size) if config.process == "bridge" else None
         self.neighbour_graph = NeighbourGraph(config.vocab_size, config.transition_neighbours) \
             if config.process == "nearest_neighbour" else None
@@ -722,7 +759,10 @@ class DDiTModel(DDiTPreTrainedModel):
                              f", got {tuple(input_weights.shape)}")
         else:
             x = input_weights.to(self.embed_tokens.weight.dtype) @ self.embed_tokens.weight
-        cond = F.silu(self.noise_embed(sigma_bar)) if self.noise_embed is not None else None
+        if self.noise_embed is not None and not self.config.time_conditioning:  # constant modulation: sigma_bar = 0
+            cond = F.silu(self.noise_embed(torch.zeros(batch, device=input_ids.device)))
+        else:
+            cond = F.silu(self.noise_embed(sigma_bar)) if self.noise_embed is not None else None
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         cos, sin = _rotary_tables(positions, head_dim, self.config.rope_theta)
         key_positions = positions if past_key_values is None else torch.cat([positions, past_key_values.positions])

@@ -50,9 +50,16 @@ OBJECTIVES = {"masked_elbo": "mdlm", "score_entropy": "sedd"}
 EVAL_SEED = 1234
 
 
-def ddlm_train_args(objective: str, seed: int, output_dir: Path) -> list[str]:
+MODEL_FLAGS = {  # --ddlm-model: ddlm's model as the run builds it
+    "normal": {},
+    "fan_in": {"masked_elbo": ["--init-scheme", "fan_in", "--constant-modulation", "true"],
+               "score_entropy": ["--init-scheme", "fan_in"]},
+}
+
+
+def ddlm_train_args(objective: str, seed: int, output_dir: Path, model: str = "normal") -> list[str]:
     """``ddlm-train`` arguments of one ddlm run (also what the peers' data pipeline is built from)."""
-    return ["--output-dir", str(output_dir), "--overwrite", "true", "--objective", objective, "--seed", str(seed),
+    return MODEL_FLAGS[model].get(objective, []) + ["--output-dir", str(output_dir), "--overwrite", "true", "--objective", objective, "--seed", str(seed),
             "--hidden-size", str(SHAPE["hidden_size"]), "--num-layers", str(SHAPE["num_layers"]),
             "--num-heads", str(SHAPE["num_heads"]), "--cond-dim", str(SHAPE["cond_dim"]),
             "--seq-len", str(SHAPE["seq_len"]), "--batch-size", str(BATCH), "--lr", str(LR),
@@ -64,11 +71,11 @@ def ddlm_train_args(objective: str, seed: int, output_dir: Path) -> list[str]:
 
 # ----- training (one subprocess each) -----------------------------------------------------------------------
 
-def train_ddlm(objective: str, seed: int, run_dir: Path) -> dict[int, str]:
+def train_ddlm(objective: str, seed: int, run_dir: Path, model: str = "normal") -> dict[int, str]:
     """Train with ddlm's own command; returns the checkpoint model folder of every evaluation step."""
     from diffusion.cli.train import main
 
-    code = main(ddlm_train_args(objective, seed, run_dir))
+    code = main(ddlm_train_args(objective, seed, run_dir, model))
     if code != 0:
         raise RuntimeError(f"ddlm-train exited with {code}")
     found = {int(p.parent.name.split("-")[-1]): str(p) for p in (run_dir / "checkpoints").glob("*/model")}
@@ -253,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mdlm", help="checkout of kuleshov-group/mdlm")
     parser.add_argument("--sedd", help="checkout of louaaron/Score-Entropy-Discrete-Diffusion")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--ddlm-model", choices=sorted(MODEL_FLAGS), default="normal",
+                        help="ddlm's model: normal (N(0, 0.02) init) or fan_in (--init-scheme fan_in, and a masked "
+                             "model's --constant-modulation: MDLM's time-free DIT)")
     parser.add_argument("--eval-blocks", type=int, default=256)
     parser.add_argument("--eval-draws", type=int, default=4)
     parser.add_argument("--work", default="runs/parity", help="folder for the runs and checkpoints")
@@ -264,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         kind, *rest = args.worker
         if kind == "ddlm":
-            objective, seed, run_dir = rest
-            result = {"checkpoints": train_ddlm(objective, int(seed), Path(run_dir))}
+            objective, seed, run_dir, model = rest
+            result = {"checkpoints": train_ddlm(objective, int(seed), Path(run_dir), model)}
         elif kind == "peer":
             peer, checkout, seed, run_dir = rest
             result = train_peer(peer, checkout, int(seed), Path(run_dir))
@@ -286,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"shape": SHAPE, "batch": BATCH, "lr": LR, "warmup": WARMUP, "steps": STEPS, "seeds": args.seeds,
+    report: dict = {"ddlm_model": args.ddlm_model, "shape": SHAPE, "batch": BATCH, "lr": LR, "warmup": WARMUP, "steps": STEPS, "seeds": args.seeds,
                     "eval_blocks": args.eval_blocks, "eval_draws": args.eval_draws, "threads": torch.get_num_threads(),
                     "comparisons": {}}
     for objective, peer in OBJECTIVES.items():
@@ -296,16 +306,22 @@ def main(argv: list[str] | None = None) -> int:
         timing: dict = {"ddlm": {}, "peer": {}}
         ddlm_own: dict = {}
         for seed in args.seeds:
-            run_dir = work / f"ddlm-{objective}-{seed}"
+            run_dir = work / f"ddlm-{args.ddlm_model}-{objective}-{seed}"
             start = time.perf_counter()
-            runs["ddlm"][seed] = _subprocess(["--worker", "ddlm", objective, str(seed), str(run_dir)])["checkpoints"]
+            runs["ddlm"][seed] = _subprocess(["--worker", "ddlm", objective, str(seed), str(run_dir),
+                                              args.ddlm_model])["checkpoints"]
             timing["ddlm"][seed] = time.perf_counter() - start
             ddlm_own[seed] = _ddlm_eval_losses(run_dir)
             print(f"{objective}: ddlm seed {seed} trained in {timing['ddlm'][seed]:.0f} s", flush=True)
             start = time.perf_counter()
-            out = _subprocess(["--worker", "peer", peer, checkouts[peer], str(seed), str(work / f"{peer}-{seed}")])
+            peer_dir = work / f"{peer}-{seed}"
+            if (peer_dir / "result.json").is_file():  # the peer's run does not depend on ddlm: kept from a run before
+                out = json.loads((peer_dir / "result.json").read_text())
+            else:
+                out = _subprocess(["--worker", "peer", peer, checkouts[peer], str(seed), str(peer_dir)])
+                (peer_dir / "result.json").write_text(json.dumps(out))
             runs["peer"][seed] = out["checkpoints"]
-            timing["peer"][seed] = time.perf_counter() - start
+            timing["peer"][seed] = out["train_s"]
             print(f"{objective}: {peer} seed {seed} trained in {timing['peer'][seed]:.0f} s", flush=True)
         blocks_path = work / "held_out_blocks.safetensors"
         if not blocks_path.exists():

@@ -78,6 +78,10 @@ class TrainConfig:
     attention_dropout: float | None = _f(None, "dropout on attention probabilities (None: --dropout; SEDD and MDLM "
                                                "train with 0)")
     tie_embeddings: bool = _f(False, "share the output head with the token embedding")
+    init_scheme: str = _f("normal", "initialisation of a fresh model: normal (N(0, 0.02), GPT-2's residual scaling) or "
+                                    "fan_in (the reference DiT code's: PyTorch's default Linear init, a zero head)")
+    constant_modulation: bool = _f(False, "a time-free model keeps adaLN-zero modulations fed a learnt constant "
+                                          "(MDLM's time-free DIT); needs --time-conditioning off or auto for subs")
     max_position_embeddings: int = _f(1024, "longest sequence the model will accept")
     attention: str = _f("sdpa", "attention implementation: sdpa (scaled_dot_product_attention) or eager (faster on "
                         "CPUs in bf16)", choices=["sdpa", "eager"])
@@ -212,6 +216,12 @@ class TrainConfig:
         for name, ok, message in checks:
             if not ok:
                 raise ValueError(f"{name} {message}, got {name}={getattr(self, name)!r}")
+        if self.init_scheme not in ("normal", "fan_in"):
+            raise ValueError(f"init_scheme must be 'normal' or 'fan_in', got init_scheme={self.init_scheme!r}")
+        if self.constant_modulation and self.objective != "autoregressive" and self.resolved_time_conditioning:
+            raise ValueError("constant_modulation is for a time-free model, but this run's model reads the time "
+                             f"(time_conditioning={self.time_conditioning!r}, parameterization="
+                             f"{self.resolved_parameterization!r})")
         if self.stop_after_steps is not None and not 1 <= self.stop_after_steps <= self.max_steps:
             raise ValueError(f"stop_after_steps must be in [1, max_steps={self.max_steps}], got {self.stop_after_steps!r}")
         if self.objective in MASKED_OBJECTIVES and self.process != "absorbing":

@@ -114,6 +114,8 @@ def build_model_config(config: TrainConfig, tokenizer: Any) -> DDiTConfig:
         attn_implementation=config.attention,
         trained_length=config.seq_len,
         attention_block_size=config.block_size,
+        init_scheme=config.init_scheme,
+        constant_modulation=config.constant_modulation,
         **({"scale_by_sigma": False, "glauber_sweeps": config.glauber_sweeps} if config.objective == "glauber" else {}),
         **({"transition_neighbours": config.neighbours} if config.process == "nearest_neighbour" else {}),
     )
@@ -316,7 +318,9 @@ def _resume(path: Path, state: _State, config: TrainConfig, acc: Any) -> None:
     stream and share of the batch change), so that needs ``--allow-inexact-resume``.
     """
     saved = read_json(path / "trainer_state.json")
-    check_resumable(saved.get("config", {}), config.to_dict(), RESUMABLE_CHANGES, path)
+    # a checkpoint written before a field existed ran with that field's old (and default) behaviour
+    written = {"init_scheme": "normal", "constant_modulation": False, **saved.get("config", {})}
+    check_resumable(written, config.to_dict(), RESUMABLE_CHANGES, path)
     written_by = saved.get("num_processes")
     if written_by != acc.num_processes and not config.allow_inexact_resume:
         raise CheckpointError(
