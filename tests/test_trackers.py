@@ -21,7 +21,7 @@ def _run(tmp_path, report_to):
         for key, value in record.items():
             if key != "step":
                 expected[(key, record["step"])] = float(value)
-    assert len(expected) == 5 * 3 + 2 * 3  # 3 training records of 5 scalars, 3 held-out records of 2
+    assert len(expected) == 5 * 3 + 3 * 3  # 3 training records of 5 scalars, 3 held-out records of 3 (nats, ppl, bits/byte)
     return expected
 
 
