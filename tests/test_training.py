@@ -59,11 +59,13 @@ def test_short_run_lowers_held_out_loss_and_changes_every_parameter(tmp_path):
     assert DDiTConfig.from_pretrained(result.final_dir).vocab_size == 4097
 
 
-def test_resume_is_bit_exact(tmp_path):
-    straight = train(tiny(tmp_path / "a", dropout=0.1, ema_decay=0.9))
-    first_half = train(tiny(tmp_path / "b", dropout=0.1, ema_decay=0.9, stop_after_steps=3))
+@pytest.mark.parametrize("tied", [False, True])
+def test_resume_is_bit_exact(tmp_path, tied):
+    """Also with the output head tied to the embedding: the shared tensor is stored once and tied again on load."""
+    straight = train(tiny(tmp_path / "a", dropout=0.1, ema_decay=0.9, tie_embeddings=tied))
+    first_half = train(tiny(tmp_path / "b", dropout=0.1, ema_decay=0.9, stop_after_steps=3, tie_embeddings=tied))
     assert first_half.final_dir is None
-    resumed = train(tiny(tmp_path / "b", dropout=0.1, ema_decay=0.9, resume="auto"))
+    resumed = train(tiny(tmp_path / "b", dropout=0.1, ema_decay=0.9, resume="auto", tie_embeddings=tied))
     state = next((tmp_path / "a/run/checkpoints/step-00000006/state").glob("*.safetensors")).relative_to(
         tmp_path / "a/run/checkpoints/step-00000006")
     assert any(k.startswith("optim.") for k in _weights(tmp_path / "a/run/checkpoints/step-00000006" / state))
@@ -74,6 +76,11 @@ def test_resume_is_bit_exact(tmp_path):
         for key in a:
             assert torch.equal(a[key], b[key]), (sub, key)
     assert _weights(straight.final_dir / "model.safetensors").keys() == _weights(resumed.final_dir / "model.safetensors").keys()
+    if tied:
+        from diffusion import DDiTModel
+
+        model = DDiTModel.from_pretrained(str(resumed.final_dir))
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     records_a = [json.loads(x) for x in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()]
     records_b = [json.loads(x) for x in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
     train_a = [(r["step"], r["loss"]) for r in records_a if "loss" in r]

@@ -295,7 +295,8 @@ def _flat_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: A
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    flat = {f"model.{k}": v for k, v in model_state.items()}
+    aliases = _tied_aliases(model_state)
+    flat = {f"model.{k}": v for k, v in model_state.items() if k not in aliases}
     for name, entries in optim_state["state"].items():
         for key, value in entries.items():
             if not isinstance(value, Tensor):
@@ -304,6 +305,22 @@ def _flat_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: A
     if ema is not None:
         flat.update({f"ema.{k}": v for k, v in ema.shadow.items()})
     return flat, optim_state["param_groups"]
+
+
+def _tied_aliases(state: dict[str, Tensor]) -> dict[str, str]:
+    """Keys of ``state`` whose tensor is an earlier key's (tied weights: an output head sharing the embedding),
+    mapped to that key.  safetensors stores a tensor once, so the alias is left out of the files and restored
+    from its source on load."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for key, value in state.items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        ident = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.dtype)
+        if local.numel() and ident in first:
+            aliases[key] = first[ident]
+        else:
+            first.setdefault(ident, key)
+    return aliases
 
 
 def _distributed() -> bool:
@@ -346,7 +363,7 @@ def load_train_state(directory: Path, model: nn.Module, optimizer: torch.optim.O
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_state_dict
 
     if not (directory / "state").is_dir():
         raise CheckpointError(f"checkpoint {directory} has no state/ folder (weights, optimizer and EMA state)")
@@ -362,6 +379,8 @@ def load_train_state(directory: Path, model: nn.Module, optimizer: torch.optim.O
         raise CheckpointError(f"the state in {directory / 'state'} cannot be read into this run (a corrupt file, or "
                               f"another model's): {first}") from err
     model_state = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    model_state.update({alias: model_state[source] for alias, source in
+                        _tied_aliases(get_model_state_dict(model)).items()})
     optim_state: dict[str, dict[str, Tensor]] = {}
     for key, value in flat.items():
         if key.startswith("optim."):
