@@ -22,6 +22,8 @@ from pathlib import Path
 
 BASE = {"--hidden-size": "128", "--num-layers": "2", "--num-heads": "4", "--seq-len": "64", "--batch-size": "32",
         "--lr": "2e-3", "--max-steps": "1000", "--warmup-steps": "50", "--eval-every": "250", "--attention": "eager"}
+MAIN_JOB = {"--warmup-steps": "200", "--max-steps": "3000", "--eval-every": "500", "--init-scheme": "fan_in",
+            "--constant-modulation": "true"}
 VARIANTS = {  # name: (what changes, flags over BASE)
     "before": ("the main job until this change: lr 2e-3, 50 warm-up steps, 1000 steps", {}),
     "warmup200": ("200 warm-up steps", {"--warmup-steps": "200"}),
@@ -47,6 +49,12 @@ VARIANTS = {  # name: (what changes, flags over BASE)
                     "--eval-every": "400"}),
     "128x4-2600": ("4 blocks, warm-up 200, 2600 steps (about the same time)",
                    {"--num-layers": "4", "--warmup-steps": "200", "--max-steps": "2600", "--eval-every": "650"}),
+    **{f"main-job-{name}": (f"README's main job (3000 steps) with {what}",
+                            {**MAIN_JOB, "--tokenizer": spec}) for name, what, spec in (
+        ("builtin", "the built-in 4096-token BPE", "builtin"),
+        ("bpe1024", "a 1024-token byte-level BPE trained on the training plays", "train:1024"),
+        ("bpe512", "a 512-token byte-level BPE trained on the training plays", "train:512"),
+        ("bytes", "bytes (a BPE with no merges: 256 bytes and EOS)", "train:257"))},
 }
 
 
@@ -61,15 +69,15 @@ def score(run_dir: Path, eval_seeds: int) -> list[float]:
     from accelerate import Accelerator
 
     from diffusion.modeling_ddit import DDiTModel
-    from diffusion.spec import DiffusionSpec
     from diffusion.training.config import TrainConfig
-    from diffusion.training.loop import _diffusion_objective, evaluate_loss, held_out_objective
+    from diffusion.training.loop import build_model_and_objective, evaluate_loss, held_out_objective
     from diffusion.training.run_data import load_run_data
 
     config = TrainConfig(**json.loads((run_dir / "train_config.json").read_text()))
     model = DDiTModel.from_pretrained(str(run_dir / "final")).float()
     blocks = load_run_data(config, Accelerator(cpu=True)).valid_blocks
-    objective = held_out_objective(_diffusion_objective(config, DiffusionSpec.of(model)), not model.config.needs_sigma)
+    _, trained = build_model_and_objective(config, None, model)  # every variant here is a masked model
+    objective = held_out_objective(trained, not model.config.needs_sigma)
     return [evaluate_loss(model, objective, blocks, config.eval_batch_size, seed) for seed in range(eval_seeds)]
 
 
@@ -96,17 +104,22 @@ def main(argv: list[str] | None = None) -> int:
             curve = [[r["step"], r["eval_loss"]] for r in rows if "eval_loss" in r]
             speed = statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
             scores = score(run_dir, args.eval_seeds)
+            last = [r for r in rows if "eval_bits_per_byte" in r][-1]  # same blocks: the same tokens-per-byte factor
+            per_byte = last["eval_bits_per_byte"] / last["eval_loss"]
             report["runs"].append({"variant": variant, "change": VARIANTS[variant][0], "seed": seed, "wall_s": wall,
                                    "tokens_per_s": speed, "curve": curve, "final_scores": scores,
-                                   "final_mean": statistics.fmean(scores)})
+                                   "final_mean": statistics.fmean(scores),
+                                   "final_bits_per_byte": statistics.fmean(scores) * per_byte})
             print(f"{variant:>12} seed {seed}: {wall:5.0f} s, {speed:6.0f} tok/s, held-out "
-                  f"{statistics.fmean(scores):.3f} (draws {min(scores):.3f}-{max(scores):.3f})", flush=True)
+                  f"{statistics.fmean(scores):.3f} nats/token (draws {min(scores):.3f}-{max(scores):.3f}), "
+                  f"{statistics.fmean(scores) * per_byte:.3f} bits/byte", flush=True)
             Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f"\n{'variant':>12} {'mean over seeds':>16} {'seeds':>24} {'wall s':>7}")
+    print(f"\n{'variant':>12} {'mean over seeds':>16} {'seeds':>24} {'bits/byte':>9} {'wall s':>7}")
     for variant in args.variants:
         runs = [r for r in report["runs"] if r["variant"] == variant]
         means = [r["final_mean"] for r in runs]
         print(f"{variant:>12} {statistics.fmean(means):>16.3f} {' '.join(f'{m:.3f}' for m in means):>24} "
+              f"{statistics.fmean(r['final_bits_per_byte'] for r in runs):>9.3f} "
               f"{statistics.fmean(r['wall_s'] for r in runs):>7.0f}")
     return 0
 
