@@ -148,3 +148,33 @@ def test_the_gpu_benchmark_falls_back_without_a_gpu_and_measures_on_the_cpu(tmp_
     result = json.loads((tmp_path / "g.json").read_text())
     train = [r for r in result["rows"] if r["part"] == "train"]
     assert train and all(r["tokens_per_s"] > 0 and 0 < r["mfu_executed"] < r["mfu_6n"] for r in train), result
+
+
+def test_the_results_table_trains_every_diffusion_row_with_the_recipe_and_keeps_its_scorer(monkeypatch):
+    """results.py's recipe: fan-in init and 200 warm-up steps for every diffusion row, constant modulation exactly
+    for the time-free rows; the AR baseline (the scorer of every gen-ppl in README) keeps 50 warm-up steps and
+    its own init. Every row's config passes TrainConfig's validation."""
+    import argparse
+    import sys
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    sys.modules.pop("results", None)
+    import results
+    from diffusion.training.config import TrainConfig
+
+    args = argparse.Namespace(max_steps=1000, warmup_steps=200, init_scheme="fan_in", constant_modulation=True)
+    modulated = set()
+    for label, (_, overrides) in results.MODELS.items():
+        row = results.recipe(overrides, args)
+        config = TrainConfig(output_dir="-", **row)
+        if label == "autoregressive baseline":
+            assert (config.warmup_steps, config.init_scheme, config.constant_modulation) == (50, "normal", False)
+            continue
+        assert (config.warmup_steps, config.init_scheme) == (200, "fan_in")
+        assert config.constant_modulation == (not config.resolved_time_conditioning)
+        if config.constant_modulation:
+            modulated.add(label)
+    assert modulated == {"masked ELBO (time-free)", "ARDM", "D3PM absorbing, T=1000, lambda 0.01"}
+    before = argparse.Namespace(max_steps=1000, warmup_steps=50, init_scheme="normal", constant_modulation=False)
+    masked = TrainConfig(output_dir="-", **results.recipe(results.MODELS["masked ELBO (time-free)"][1], before))
+    assert (masked.warmup_steps, masked.init_scheme, masked.constant_modulation) == (50, "normal", False)
