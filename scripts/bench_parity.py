@@ -54,6 +54,11 @@ MODEL_FLAGS = {  # --ddlm-model: ddlm's model as the run builds it
     "normal": {},
     "fan_in": {"masked_elbo": ["--init-scheme", "fan_in", "--constant-modulation", "true"],
                "score_entropy": ["--init-scheme", "fan_in"]},
+    # SEDD's loss is a sum over the 64 positions, ddlm's a mean per token: the same clipping at 1 caps SEDD's
+    # gradient 64 times more often.  Clipping ddlm's at 1/64 gives its AdamW SEDD's updates exactly (Adam does not
+    # see a constant scale of the loss, apart from its eps).
+    "fan_in_clip": {"masked_elbo": ["--init-scheme", "fan_in", "--constant-modulation", "true"],
+                    "score_entropy": ["--init-scheme", "fan_in", "--grad-clip", str(1 / 64)]},
 }
 
 
@@ -261,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sedd", help="checkout of louaaron/Score-Entropy-Discrete-Diffusion")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--ddlm-model", choices=sorted(MODEL_FLAGS), default="normal",
-                        help="ddlm's model: normal (N(0, 0.02) init) or fan_in (--init-scheme fan_in, and a masked "
-                             "model's --constant-modulation: MDLM's time-free DIT)")
+                        help="ddlm's model: normal (N(0, 0.02) init), fan_in (--init-scheme fan_in, and a masked "
+                             "model's --constant-modulation: MDLM's time-free DIT) or fan_in_clip (fan_in, and the "
+                             "score model's gradient clipped at 1/64, what SEDD's clip at 1 of a loss summed over 64 "
+                             "positions is)")
     parser.add_argument("--eval-blocks", type=int, default=256)
     parser.add_argument("--eval-draws", type=int, default=4)
     parser.add_argument("--work", default="runs/parity", help="folder for the runs and checkpoints")

@@ -55,6 +55,10 @@ VARIANTS = {  # name: (what changes, flags over BASE)
         ("bpe1024", "a 1024-token byte-level BPE trained on the training plays", "train:1024"),
         ("bpe512", "a 512-token byte-level BPE trained on the training plays", "train:512"),
         ("bytes", "bytes (a BPE with no merges: 256 bytes and EOS)", "train:257"))},
+    "main-job-seq128": ("README's main job (3000 steps) with 128-token blocks, 16 a step (the same tokens)",
+                        {**MAIN_JOB, "--seq-len": "128", "--batch-size": "16"}),
+    "main-job-ema0.99": ("README's main job (3000 steps) with EMA decay 0.99 instead of 0.999",
+                         {**MAIN_JOB, "--ema-decay": "0.99"}),
 }
 
 
