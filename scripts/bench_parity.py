@@ -19,6 +19,9 @@ same order for a seed (ddlm's own data pipeline feeds the peers); the shape of R
 and a cosine decay to 0.1 over 1000 steps (ddlm's ``lr_factor`` drives the peers' optimizer); gradient clipping
 at 1; bf16 autocast; no EMA.  Each code keeps its own loss and its own reduction (MDLM a mean over tokens, SEDD a
 mean over sequences of per-sequence sums, as their training scripts do) and its own initialisation.
+``--ddlm-model`` picks ddlm's model: ``normal`` (its default init), ``fan_in`` (the reference DiT code's init and,
+for the time-free model, constant modulation) or ``fan_in_clip`` (``fan_in``, and the score model's gradient
+clipped at 1/64: with a per-token mean that is what SEDD's clip at 1 of a sum over 64 positions is).
 
 Every checkpoint (steps 250, 500, 750, 1000) of both codes is then scored by **the peer's own loss** in float32 on
 the same held-out blocks (the first ``--eval-blocks`` of the held-out plays, ``--eval-draws`` draws of t and of

@@ -57,6 +57,8 @@ VARIANTS = {  # name: (what changes, flags over BASE)
         ("bytes", "bytes (a BPE with no merges: 256 bytes and EOS)", "train:257"))},
     "main-job-seq128": ("README's main job (3000 steps) with 128-token blocks, 16 a step (the same tokens)",
                         {**MAIN_JOB, "--seq-len": "128", "--batch-size": "16"}),
+    "main-job-clip": ("README's main job (3000 steps) with the gradient clipped at 1/64 (what a loss summed over "
+                      "64 positions clipped at 1 is, as SEDD's code does)", {**MAIN_JOB, "--grad-clip": str(1 / 64)}),
     "main-job-ema0.99": ("README's main job (3000 steps) with EMA decay 0.99 instead of 0.999",
                          {**MAIN_JOB, "--ema-decay": "0.99"}),
 }
