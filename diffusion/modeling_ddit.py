@@ -50,6 +50,9 @@ _WITH_MASK = ("absorbing", "bridge")  # MASK is the last state
 _PARAMETERIZATIONS = ("subs", "score", "x0")
 
 
+INIT_SCHEMES = ("normal", "fan_in")  # DDiTConfig.init_scheme: GPT-2's N(0, std), or the reference DiT code's
+
+
 class DDiTConfig(PretrainedConfig):
     """Configuration of a :class:`DDiTModel`; it also records the diffusion the model was trained for.
 
@@ -175,8 +178,8 @@ class DDiTConfig(PretrainedConfig):
             raise ValueError(f"the {process} process has no MASK state; got mask_token_id={mask_token_id!r}")
         if time_conditioning is None:
             time_conditioning = parameterization != "subs"
-        if init_scheme not in ("normal", "fan_in"):
-            raise ValueError(f"init_scheme must be 'normal' or 'fan_in', got init_scheme={init_scheme!r}")
+        if init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"init_scheme must be one of {list(INIT_SCHEMES)}, got init_scheme={init_scheme!r}")
         if constant_modulation and time_conditioning:
             raise ValueError("constant_modulation is for a time-free model; it needs time_conditioning=False")
         if scale_by_sigma is None:

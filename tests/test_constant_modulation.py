@@ -66,8 +66,9 @@ def test_the_fields_round_trip_and_old_configs_keep_the_old_model(tmp_path):
 
 
 def test_bad_values_are_refused_by_name():
-    with pytest.raises(ValueError, match="init_scheme must be 'normal' or 'fan_in', got init_scheme='xavier'"):
-        TrainConfig(init_scheme="xavier")
+    for build in (TrainConfig, DDiTConfig):
+        with pytest.raises(ValueError, match=r"init_scheme must be one of \['normal', 'fan_in'\], got init_scheme='xavier'"):
+            build(init_scheme="xavier")
     with pytest.raises(ValueError, match="constant_modulation is for a time-free model"):
         TrainConfig(constant_modulation=True, time_conditioning="on")
     with pytest.raises(ValueError, match="constant_modulation is for a time-free model"):

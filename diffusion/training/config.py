@@ -13,6 +13,7 @@ from typing import Any
 from ..data.loading import TEXT_SPLITS
 from ..data.prepare import is_prepared
 from ..data.tokenizer import parse_trained_vocab
+from ..modeling_ddit import INIT_SCHEMES
 from ..objectives import MASKED_OBJECTIVES, OBJECTIVES
 from ..processes import MODEL_PROCESSES
 from ..schedules import SCHEDULES, get_schedule
@@ -79,7 +80,8 @@ class TrainConfig:
                                                "train with 0)")
     tie_embeddings: bool = _f(False, "share the output head with the token embedding")
     init_scheme: str = _f("normal", "initialisation of a fresh model: normal (N(0, 0.02), GPT-2's residual scaling) or "
-                                    "fan_in (the reference DiT code's: PyTorch's default Linear init, a zero head)")
+                                    "fan_in (the reference DiT code's: PyTorch's default Linear init, a zero head)",
+                        choices=list(INIT_SCHEMES))
     constant_modulation: bool = _f(False, "a time-free model keeps adaLN-zero modulations fed a learnt constant "
                                           "(MDLM's time-free DIT); needs --time-conditioning off or auto for subs")
     max_position_embeddings: int = _f(1024, "longest sequence the model will accept")
@@ -216,8 +218,6 @@ class TrainConfig:
         for name, ok, message in checks:
             if not ok:
                 raise ValueError(f"{name} {message}, got {name}={getattr(self, name)!r}")
-        if self.init_scheme not in ("normal", "fan_in"):
-            raise ValueError(f"init_scheme must be 'normal' or 'fan_in', got init_scheme={self.init_scheme!r}")
         if self.constant_modulation and self.objective != "autoregressive" and self.resolved_time_conditioning:
             raise ValueError("constant_modulation is for a time-free model, but this run's model reads the time "
                              f"(time_conditioning={self.time_conditioning!r}, parameterization="
