@@ -26,7 +26,7 @@ DEFAULTS = {"max_steps": 150, "lr": 1e-3}  # this command's own settings for the
 
 
 def _parser() -> Any:
-    from diffusion.cli.args import ArgumentParser, Derived, _bool, add_dataclass_arguments
+    from diffusion.cli.args import ArgumentParser, Derived, parse_bool, add_dataclass_arguments
 
     from .config import GRPOConfig
 
@@ -50,7 +50,7 @@ def _parser() -> Any:
                       help="an extra reward callable, imported from the working directory first; repeatable (default: none)")
     task.add_argument("--reward-weight", action="append", type=float, default=[],
                       help="weight of each --reward, in order; repeatable (default: none, so 1.0 for each)")
-    task.add_argument("--task-rewards", type=_bool, default=True,
+    task.add_argument("--task-rewards", type=parse_bool, default=True,
                       help="score with the task's rewards (false: only the --reward functions; the held-out check "
                            "still reports the task's) (default: %(default)s)")
     task.add_argument("--eval-prompts", type=int, default=256,

@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["ArgumentParser", "Derived", "add_dataclass_arguments", "dataclass_from_namespace"]
+__all__ = ["ArgumentParser", "Derived", "add_dataclass_arguments", "dataclass_from_namespace", "parse_bool"]
 
 T = TypeVar("T")
 
@@ -37,7 +37,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """A command-line boolean: 1/true/yes/on or 0/false/no/off (any case); anything else is an argparse error."""
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -69,7 +70,7 @@ def _parser_for(annotation: Any) -> Any:
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
         return _optional(_parser_for(args[0]))
     if annotation is bool:
-        return _bool
+        return parse_bool
     if annotation is dict or origin is dict:
         return _json_dict
     if annotation in (int, float, str):

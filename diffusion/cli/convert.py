@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 
 def _parser() -> Any:
-    from .args import ArgumentParser, _bool
+    from .args import ArgumentParser, parse_bool
 
     parser = ArgumentParser(prog="ddlm-convert", description=__doc__)
     parser.add_argument("--model", required=True, help="a causal LM folder or Hub id (LLaMA, Qwen, GPT-2, ...)")
@@ -29,7 +29,7 @@ def _parser() -> Any:
     parser.add_argument("--mask-token-id", type=int, default=None,
                         help="use this reserved id as the mask instead of adding a token (default: the tokenizer's "
                              "mask token, else a new one)")
-    parser.add_argument("--shift-logits", type=_bool, default=True,
+    parser.add_argument("--shift-logits", type=parse_bool, default=True,
                         help="the output at position i-1 predicts token i (default: %(default)s)")
     parser.add_argument("--attention", choices=["bidirectional", "block"], default="bidirectional",
                         help="attention of the denoiser (default: %(default)s)")
