@@ -70,10 +70,12 @@ def flags(variant: str, seed: int, output_dir: Path) -> list[str]:
         "--overwrite", "true", "--num-samples", "0", "--no-plot", "--progress", "false"]
 
 
-def score(run_dir: Path, eval_seeds: int) -> list[float]:
-    """The final model's held-out bound (nats/token) under ``eval_seeds`` evaluation draws."""
+def score(run_dir: Path, eval_seeds: int) -> tuple[list[float], tuple[int, int]]:
+    """The final model's held-out bound (nats/token) under ``eval_seeds`` evaluation draws, and the scored tokens
+    and UTF-8 bytes of the held-out blocks (for bits per byte: token counts differ between tokenizers)."""
     from accelerate import Accelerator
 
+    from diffusion.evaluation.held_out import scored_bytes
     from diffusion.modeling_ddit import DDiTModel
     from diffusion.training.config import TrainConfig
     from diffusion.training.loop import build_model_and_objective, evaluate_loss, held_out_objective
@@ -81,10 +83,12 @@ def score(run_dir: Path, eval_seeds: int) -> list[float]:
 
     config = TrainConfig(**json.loads((run_dir / "train_config.json").read_text()))
     model = DDiTModel.from_pretrained(str(run_dir / "final")).float()
-    blocks = load_run_data(config, Accelerator(cpu=True)).valid_blocks
+    data = load_run_data(config, Accelerator(cpu=True))
     _, trained = build_model_and_objective(config, None, model)  # every variant here is a masked model
     objective = held_out_objective(trained, not model.config.needs_sigma)
-    return [evaluate_loss(model, objective, blocks, config.eval_batch_size, seed) for seed in range(eval_seeds)]
+    scores = [evaluate_loss(model, objective, data.valid_blocks, config.eval_batch_size, seed)
+              for seed in range(eval_seeds)]
+    return scores, scored_bytes(data.valid_blocks, data.tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="runs/recipe")
     parser.add_argument("--json", default="benchmarks/bench_recipe.json")
     args = parser.parse_args(argv)
+    from diffusion.evaluation.held_out import bits_per_byte
+
     if args.eval_seeds < 1:
         parser.error(f"--eval-seeds must be >= 1, got {args.eval_seeds}")
     report: dict = {"base": BASE, "eval_seeds": args.eval_seeds, "runs": []}
@@ -109,16 +115,15 @@ def main(argv: list[str] | None = None) -> int:
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             curve = [[r["step"], r["eval_loss"]] for r in rows if "eval_loss" in r]
             speed = statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
-            scores = score(run_dir, args.eval_seeds)
-            last = [r for r in rows if "eval_bits_per_byte" in r][-1]  # same blocks: the same tokens-per-byte factor
-            per_byte = last["eval_bits_per_byte"] / last["eval_loss"]
+            scores, tokens_and_bytes = score(run_dir, args.eval_seeds)
+            per_byte = bits_per_byte(statistics.fmean(scores), *tokens_and_bytes)
             report["runs"].append({"variant": variant, "change": VARIANTS[variant][0], "seed": seed, "wall_s": wall,
                                    "tokens_per_s": speed, "curve": curve, "final_scores": scores,
                                    "final_mean": statistics.fmean(scores),
-                                   "final_bits_per_byte": statistics.fmean(scores) * per_byte})
+                                   "final_bits_per_byte": per_byte})
             print(f"{variant:>12} seed {seed}: {wall:5.0f} s, {speed:6.0f} tok/s, held-out "
                   f"{statistics.fmean(scores):.3f} nats/token (draws {min(scores):.3f}-{max(scores):.3f}), "
-                  f"{statistics.fmean(scores) * per_byte:.3f} bits/byte", flush=True)
+                  f"{per_byte:.3f} bits/byte", flush=True)
             Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"\n{'variant':>12} {'mean over seeds':>16} {'seeds':>24} {'bits/byte':>9} {'wall s':>7}")
     for variant in args.variants:
